@@ -1,0 +1,35 @@
+//! Shared inputs for garret's benchmarks.
+
+/// Deterministic bytes with the texture of build outputs: runs of repeated
+/// phrases mixed with noise, compressing about 3:1 with zstd-3 (see the
+/// ratio the store bench prints), so neither compression extreme flatters us.
+pub fn build_output_like(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&[u8]; 8] = [
+        b"/nix/store/",
+        b"lib",
+        b"\x7fELF\x02\x01\x01",
+        b"_ZN4core3fmt",
+        b"\0\0\0\0\0\0\0\0",
+        b"GLIBC_2.34",
+        b".so.6",
+        b"#include <stdio.h>\n",
+    ];
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut out = Vec::with_capacity(len + 32);
+    while out.len() < len {
+        let r = next();
+        if r % 3 == 0 {
+            out.extend_from_slice(&r.to_le_bytes());
+        } else {
+            out.extend_from_slice(WORDS[(r >> 8) as usize % WORDS.len()]);
+        }
+    }
+    out.truncate(len);
+    out
+}

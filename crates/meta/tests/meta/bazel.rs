@@ -1,0 +1,81 @@
+use garret_meta::{BlobId, MetaError};
+
+use crate::support::{GRACE, TestDb, blob, both, h};
+
+both! {
+    async fn cas_entries_reference_blobs_per_cache(db: TestDb) {
+        let main = db.cache_named("main").await;
+        let other = db.cache_named("other").await;
+        let b = db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap().blob_id;
+
+        assert!(db.put_cas_entry(main, b, 1).await.unwrap());
+        assert!(!db.put_cas_entry(main, b, 2).await.unwrap());
+        assert_eq!(db.blob_state(h(1)).await.unwrap(), (1, None));
+        assert!(db.put_cas_entry(other, b, 3).await.unwrap());
+        assert_eq!(db.blob_state(h(1)).await.unwrap(), (2, None));
+
+        assert_eq!(db.cas_blob(main, &h(1)).await.unwrap().unwrap().id, b);
+        assert_eq!(db.cas_blob(main, &h(2)).await.unwrap(), None);
+
+        let third = db.cache_named("third").await;
+        assert_eq!(db.cas_blob(third, &h(1)).await.unwrap(), None);
+        let asked = [h(2), h(1), h(2), h(3)];
+        assert_eq!(db.find_missing_cas(main, &asked).await.unwrap(), [h(2), h(3)]);
+        assert_eq!(db.find_missing_cas(third, &asked).await.unwrap(), [h(2), h(1), h(3)]);
+
+        db.touch_cas(main, &[h(1), h(2)], 50).await.unwrap();
+        let touched: Vec<(i64,)> = match &db.raw {
+            crate::support::Raw::Postgres(p) => {
+                sqlx::query_as("SELECT accessed_at FROM cas_entries ORDER BY cache_id")
+                    .fetch_all(p)
+                    .await
+            }
+            crate::support::Raw::Sqlite(p) => {
+                sqlx::query_as("SELECT accessed_at FROM cas_entries ORDER BY cache_id")
+                    .fetch_all(p)
+                    .await
+            }
+        }
+        .unwrap();
+        assert_eq!(touched, [(50,), (3,)]);
+
+        let err = db.put_cas_entry(main, BlobId(b.0 + 100), 4).await.unwrap_err();
+        assert!(matches!(err, MetaError::NotFound("blob")), "{err}");
+        db.assert_refcounts_consistent().await;
+    }
+
+    async fn find_missing_cas_in_batches(db: TestDb) {
+        let cache = db.cache_named("main").await;
+        for i in (0..150).step_by(7) {
+            let b = db.commit_blob(&blob(i, &[(i + 1000, 1)]), 0).await.unwrap().blob_id;
+            db.put_cas_entry(cache, b, 0).await.unwrap();
+        }
+        let asked: Vec<[u8; 32]> = (0..150).map(h).collect();
+        let expected: Vec<[u8; 32]> = (0..150).filter(|i| i % 7 != 0).map(h).collect();
+        assert_eq!(db.find_missing_cas(cache, &asked).await.unwrap(), expected);
+    }
+
+    async fn action_results_round_trip(db: TestDb) {
+        let main = db.cache_named("main").await;
+        let other = db.cache_named("other").await;
+        assert_eq!(db.get_action_result(main, &h(1)).await.unwrap(), None);
+        db.put_action_result(main, &h(1), b"\x0a\x02first", 1).await.unwrap();
+        assert_eq!(db.get_action_result(main, &h(1)).await.unwrap().unwrap(), b"\x0a\x02first");
+        assert_eq!(db.get_action_result(other, &h(1)).await.unwrap(), None);
+        db.put_action_result(main, &h(1), b"second", 2).await.unwrap();
+        assert_eq!(db.get_action_result(main, &h(1)).await.unwrap().unwrap(), b"second");
+        assert_eq!(db.count("action_results").await, 1);
+    }
+
+    async fn unreferenced_cas_blob_expires(db: TestDb) {
+        // A blob committed for the CAS but never entered is swept after the
+        // grace period; once entered, it stays.
+        let cache = db.cache_named("main").await;
+        db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap();
+        let kept = db.commit_blob(&blob(2, &[(11, 5)]), 0).await.unwrap().blob_id;
+        db.put_cas_entry(cache, kept, 1).await.unwrap();
+        assert_eq!(db.gc_sweep_blobs(GRACE, 10).await.unwrap(), 1);
+        assert_eq!(db.blob_by_hash(&h(1)).await.unwrap(), None);
+        assert!(db.blob_by_hash(&h(2)).await.unwrap().is_some());
+    }
+}

@@ -1,0 +1,10 @@
+//! garret-meta against SQLite and a real Postgres: every test runs on both.
+
+mod support;
+
+mod bazel;
+mod blobs;
+mod caches;
+mod gc;
+mod nix;
+mod schema;

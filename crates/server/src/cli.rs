@@ -1,0 +1,129 @@
+//! Command-line interface. Each subcommand is a thin shell over a library call.
+
+use std::io::{self, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use garret_nix::nar;
+use garret_nix::signing::SigningKey;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "garret",
+    version,
+    about = "A cache plane for Nix and Bazel on one chunked store"
+)]
+pub struct Cli {
+    /// Log filter (tracing syntax); `GARRET_LOG` overrides it.
+    #[arg(long, global = true, default_value = "info", env = "GARRET_LOG_LEVEL")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Nix binary cache signing keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// NAR (Nix ARchive) tools, byte-compatible with `nix-store --dump`.
+    #[command(subcommand)]
+    Nar(NarCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Generates an ed25519 key pair in Nix's `name:base64` formats, like
+    /// `nix-store --generate-binary-cache-key`.
+    Generate {
+        /// Key name, conventionally the cache's host name plus a number.
+        name: String,
+        /// Where to write the secret key (created with mode 0600).
+        secret_file: PathBuf,
+        /// Where to write the public key.
+        public_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NarCommand {
+    /// Serialises a path as a NAR on standard output.
+    Dump { path: PathBuf },
+    /// Prints the NAR hash (`sha256:<nix32>`) and NAR size of a path.
+    Hash { path: PathBuf },
+    /// Validates a NAR read from a file or standard input (`-`) and prints its
+    /// hash and size; exits non-zero on the first grammar error.
+    Verify { file: PathBuf },
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Key(KeyCommand::Generate {
+                name,
+                secret_file,
+                public_file,
+            }) => generate_key(&name, &secret_file, &public_file),
+            Command::Nar(NarCommand::Dump { path }) => {
+                let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
+                nar::dump_path(&path, &mut out)
+                    .with_context(|| format!("dumping {}", path.display()))?;
+                out.flush()?;
+                Ok(())
+            }
+            Command::Nar(NarCommand::Hash { path }) => {
+                let mut hasher = garret_nix::Sha256Hasher::new();
+                nar::dump_path(&path, &mut hasher)
+                    .with_context(|| format!("dumping {}", path.display()))?;
+                print_hash(hasher.finish());
+                Ok(())
+            }
+            Command::Nar(NarCommand::Verify { file }) => {
+                let input: Box<dyn Read> = if file.as_os_str() == "-" {
+                    Box::new(io::stdin().lock())
+                } else {
+                    Box::new(
+                        std::fs::File::open(&file)
+                            .with_context(|| format!("opening {}", file.display()))?,
+                    )
+                };
+                print_hash(verify_nar(input)?);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn print_hash((hash, size): (garret_nix::Sha256Hash, u64)) {
+    println!("{hash} {size}");
+}
+
+fn verify_nar(mut input: impl Read) -> anyhow::Result<(garret_nix::Sha256Hash, u64)> {
+    let mut verifier = nar::Verifier::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = input.read(&mut buf).context("reading NAR")?;
+        if n == 0 {
+            break;
+        }
+        verifier.update(&buf[..n]).context("invalid NAR")?;
+    }
+    verifier.finish().context("invalid NAR")
+}
+
+fn generate_key(name: &str, secret_file: &PathBuf, public_file: &PathBuf) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let key = SigningKey::generate(name)?;
+    let mut secret = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(secret_file)
+        .with_context(|| format!("creating {}", secret_file.display()))?;
+    secret.write_all(key.to_secret_string().as_bytes())?;
+    std::fs::write(public_file, key.verifying_key().to_string())
+        .with_context(|| format!("writing {}", public_file.display()))?;
+    Ok(())
+}

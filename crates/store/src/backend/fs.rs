@@ -1,0 +1,143 @@
+//! Chunk objects as files under a root directory.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::{BackendError, ObjectStore};
+
+/// Local-disk backend, the embedded default.
+///
+/// Writes go to a temporary file in the same filesystem, are fsynced, renamed
+/// into place and the directory is fsynced: a crash leaves either the whole
+/// object or nothing, never a short file under the final name.
+#[derive(Debug, Clone)]
+pub struct FsBackend {
+    root: Arc<PathBuf>,
+}
+
+impl FsBackend {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, BackendError> {
+        let root = root.into();
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|source| BackendError::Io {
+            key: tmp.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            root: Arc::new(root),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, BackendError> {
+        // Keys are ours, but a key that could escape the root is a bug worth
+        // refusing loudly rather than a path to follow.
+        if key.is_empty()
+            || key.starts_with('/')
+            || key.split('/').any(|s| s.is_empty() || s == "..")
+        {
+            return Err(BackendError::Config(format!("invalid object key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn put_blocking(root: &Path, path: &Path, key: &str, data: &[u8]) -> std::io::Result<()> {
+        let dir = path.parent().expect("object keys have a directory");
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(root.join("tmp"))?;
+        tmp.write_all(data)?;
+        tmp.as_file().sync_data()?;
+        tmp.persist(path).map_err(|e| e.error)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        tracing::trace!(key, bytes = data.len(), "stored object");
+        Ok(())
+    }
+}
+
+fn io_err(key: &str) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            BackendError::NotFound(key.to_owned())
+        } else {
+            BackendError::Io {
+                key: key.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    key: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Io {
+            key: key.to_owned(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(io_err(key))
+}
+
+impl ObjectStore for FsBackend {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        let root = Arc::clone(&self.root);
+        let owned_key = key.to_owned();
+        blocking(key, move || {
+            Self::put_blocking(&root, &path, &owned_key, &data)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let path = self.path(key)?;
+        blocking(key, move || std::fs::read(path).map(Bytes::from)).await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        let path = self.path(key)?;
+        blocking(key, move || path.try_exists()).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        blocking(key, move || match std::fs::remove_file(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = FsBackend::new(dir.path()).unwrap();
+        super::super::conformance::run(&backend).await;
+        // Nothing is left behind in the temporary directory.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn refuses_escaping_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = FsBackend::new(dir.path()).unwrap();
+        for key in ["../x", "/etc/passwd", "a//b", ""] {
+            assert!(
+                matches!(backend.get(key).await, Err(BackendError::Config(_))),
+                "{key}"
+            );
+        }
+    }
+}

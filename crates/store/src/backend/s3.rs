@@ -1,0 +1,217 @@
+//! Chunk objects in an S3-compatible bucket (RustFS in production).
+
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectError;
+use aws_sdk_s3::operation::head_object::HeadObjectError;
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+
+use super::{BackendError, ObjectStore};
+
+/// How to reach the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// e.g. `http://attic-rustfs:9000`; `None` means AWS's own endpoints.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    /// Object keys go under this prefix (no leading or trailing `/`), so one
+    /// bucket can hold several deployments.
+    pub prefix: String,
+    /// RustFS, MinIO and most on-prem servers need path-style addressing.
+    pub path_style: bool,
+    /// Static credentials; when absent, `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN` are read at start.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub connect_timeout: Duration,
+    /// Per attempt; objects are one chunk, so this bounds a single small
+    /// transfer, not a whole upload.
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: "us-east-1".into(),
+            bucket: String::new(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: None,
+            secret_access_key: None,
+            connect_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(30),
+            max_attempts: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Backend {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Backend {
+    pub fn new(config: &S3Config) -> Result<Self, BackendError> {
+        if config.bucket.is_empty() {
+            return Err(BackendError::Config("S3 bucket name is empty".into()));
+        }
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let access_key = config
+            .access_key_id
+            .clone()
+            .or_else(|| env("AWS_ACCESS_KEY_ID"));
+        let secret_key = config
+            .secret_access_key
+            .clone()
+            .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+        let (Some(access_key), Some(secret_key)) = (access_key, secret_key) else {
+            return Err(BackendError::Config(
+                "S3 credentials missing: set access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into(),
+            ));
+        };
+        let credentials = Credentials::new(
+            access_key,
+            secret_key,
+            env("AWS_SESSION_TOKEN"),
+            None,
+            "garret",
+        );
+        let mut builder = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(config.region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(config.path_style)
+            // Checksums only where S3 demands them: on-prem servers differ in
+            // their support for the newer trailing-checksum encodings, and our
+            // chunks are verified by content hash anyway.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .operation_attempt_timeout(config.attempt_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(config.max_attempts));
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Ok(Self {
+            client: Client::from_conf(builder.build()),
+            bucket: config.bucket.clone(),
+            prefix: config.prefix.trim_matches('/').to_owned(),
+        })
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+}
+
+fn s3_error<E, R>(operation: &'static str, key: &str, err: SdkError<E, R>) -> BackendError
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    BackendError::S3 {
+        operation,
+        key: key.to_owned(),
+        source: Box::new(err),
+    }
+}
+
+impl ObjectStore for S3Backend {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .content_length(i64::try_from(data.len()).expect("object fits in i64"))
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| s3_error("PutObject", key, e))?;
+        Ok(())
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let output = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(output) => output,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(GetObjectError::is_no_such_key) =>
+            {
+                return Err(BackendError::NotFound(key.to_owned()));
+            }
+            Err(e) => return Err(s3_error("GetObject", key, e)),
+        };
+        let body = output.body.collect().await.map_err(|e| BackendError::S3 {
+            operation: "GetObject body",
+            key: key.to_owned(),
+            source: Box::new(e),
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(HeadObjectError::is_not_found) =>
+            {
+                Ok(false)
+            }
+            // Some servers answer HEAD of a missing key with a bare 404 that
+            // the SDK cannot classify.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
+            Err(e) => Err(s3_error("HeadObject", key, e)),
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("NoSuchKey") => Ok(()),
+            Err(e) => Err(s3_error("DeleteObject", key, e)),
+        }
+    }
+}

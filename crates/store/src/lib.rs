@@ -1,0 +1,80 @@
+//! garret's data plane: blobs cut into content-defined chunks, each stored as
+//! one zstd frame in an object store, and streamed back whole or by range.
+//!
+//! This crate knows no SQL. Which chunks exist is asked through the
+//! [`ChunkIndex`] seam, which the metadata layer implements, and the
+//! [`Manifest`] an ingest returns is what the caller commits.
+
+pub mod backend;
+pub mod chunk;
+pub mod chunker;
+pub mod codec;
+mod error;
+mod ingest;
+mod read;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use backend::{Backend, FsBackend, ObjectStore, S3Backend, S3Config};
+pub use chunk::{ChunkId, ChunkRef, Manifest};
+pub use chunker::{Chunker, ChunkerConfig};
+pub use error::StoreError;
+pub use ingest::ChunkIndex;
+
+use std::sync::Arc;
+
+/// Tuning knobs of the chunk store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub chunker: ChunkerConfig,
+    pub zstd_level: i32,
+    /// Chunks compressed at once; about one per core keeps every core busy.
+    pub compress_concurrency: usize,
+    /// Chunk uploads in flight; hides object-store latency.
+    pub upload_concurrency: usize,
+    /// Chunks asked about per index query: one round trip per batch, never one
+    /// per chunk.
+    pub lookup_batch: usize,
+    /// Chunks fetched ahead of the reader.
+    pub read_prefetch: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        Self {
+            chunker: ChunkerConfig::default(),
+            zstd_level: codec::DEFAULT_LEVEL,
+            compress_concurrency: cores + 1,
+            upload_concurrency: 16,
+            lookup_batch: 64,
+            read_prefetch: 8,
+        }
+    }
+}
+
+/// The chunked blob store over one object-store backend.
+#[derive(Debug, Clone)]
+pub struct ChunkStore<B> {
+    backend: B,
+    chunker: Arc<Chunker>,
+    config: StoreConfig,
+}
+
+impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
+    pub fn new(backend: B, config: StoreConfig) -> Self {
+        Self {
+            backend,
+            chunker: Arc::new(Chunker::new(config.chunker)),
+            config,
+        }
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+}

@@ -1,0 +1,338 @@
+//! The chunk store against both real backends: the local filesystem and an S3
+//! protocol server (s3s-fs) over loopback HTTP with SigV4.
+
+// Test data is indexed by u64 offsets on 64-bit hosts.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use garret_nix::Sha256Hash;
+use garret_store::testing::{MemoryIndex, S3TestServer};
+use garret_store::{
+    Backend, ChunkStore, FsBackend, Manifest, ObjectStore, S3Backend, StoreConfig, StoreError,
+};
+
+/// Deterministic data that compresses about 2:1, like typical build outputs.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b"abcdefghijklmnop"[(state % 16) as usize]
+        })
+        .collect()
+}
+
+/// Splits `bytes` into uneven pieces, as a network body would arrive.
+fn body(bytes: &[u8]) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + use<> {
+    let pieces: Vec<_> = bytes
+        .chunks(7919)
+        .map(Bytes::copy_from_slice)
+        .map(Ok)
+        .collect();
+    stream::iter(pieces)
+}
+
+async fn read_all(
+    store: &ChunkStore<Backend>,
+    m: &Manifest,
+    range: Range<u64>,
+) -> Result<Vec<u8>, StoreError> {
+    let parts: Vec<Bytes> = store.read(m.chunks.clone(), range).try_collect().await?;
+    Ok(parts.concat())
+}
+
+struct Fixture {
+    store: ChunkStore<Backend>,
+    _dir: tempfile::TempDir,
+}
+
+// Async to share the shape of `s3_store` in `both_backends!`.
+#[allow(clippy::unused_async)]
+async fn fs_store() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::Fs(FsBackend::new(dir.path().join("objects")).unwrap());
+    Fixture {
+        store: ChunkStore::new(backend, StoreConfig::default()),
+        _dir: dir,
+    }
+}
+
+async fn s3_store() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let server = S3TestServer::start(&dir.path().join("s3"), "garret")
+        .await
+        .unwrap();
+    let backend = Backend::S3(S3Backend::new(&server.config).unwrap());
+    Fixture {
+        store: ChunkStore::new(backend, StoreConfig::default()),
+        _dir: dir,
+    }
+}
+
+/// Every test body runs against both backends.
+macro_rules! both_backends {
+    ($($name:ident,)*) => {
+        mod fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::fs_store().await).await } )* }
+        mod s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::s3_store().await).await } )* }
+    };
+}
+
+both_backends! {
+    round_trips,
+    range_reads_at_every_boundary,
+    dedups_shared_content,
+    missing_chunk_fails_loudly,
+    concurrent_writers_store_once,
+    streams_one_gibibyte,
+    input_errors_and_limits,
+}
+
+async fn round_trips(f: Fixture) {
+    let index = MemoryIndex::default();
+    let max = f.store.config().chunker.max_size as usize;
+    for (name, len) in [
+        ("empty", 0),
+        ("tiny", 1),
+        ("small", 1000),
+        ("one max chunk", max),
+        ("max chunk + 1", max + 1),
+        ("several", 5 * max + 17),
+    ] {
+        let content = data(len, len as u64 + 3);
+        let m = f.store.ingest(body(&content), &index, None).await.unwrap();
+        index.commit(&m);
+        assert_eq!(m.size, len as u64, "{name}");
+        assert_eq!(m.hash, Sha256Hash::of(&content), "{name}");
+        assert!(m.chunks.iter().all(|c| c.size as usize <= max), "{name}");
+        assert_eq!(
+            read_all(&f.store, &m, 0..m.size).await.unwrap(),
+            content,
+            "{name}"
+        );
+
+        // The stored frames are one zstd stream whose hash is the file hash.
+        let frames: Vec<Bytes> = f
+            .store
+            .read_frames(m.chunks.clone(), 0..m.file_size)
+            .try_collect()
+            .await
+            .unwrap();
+        let file = frames.concat();
+        assert_eq!(
+            (Sha256Hash::of(&file), file.len() as u64),
+            (m.file_hash, m.file_size),
+            "{name}"
+        );
+        if len == 0 {
+            // No chunks, no frames: the empty blob is an empty file.
+            assert!(file.is_empty() && m.chunks.is_empty());
+        } else {
+            assert_eq!(
+                zstd::stream::decode_all(&file[..]).unwrap(),
+                content,
+                "{name}"
+            );
+        }
+    }
+}
+
+async fn range_reads_at_every_boundary(f: Fixture) {
+    let index = MemoryIndex::default();
+    let content = data(1 << 20, 11);
+    let m = f.store.ingest(body(&content), &index, None).await.unwrap();
+    assert!(m.chunks.len() > 4);
+    let mut points = vec![0, 1, m.size - 1, m.size];
+    for c in &m.chunks {
+        points.extend([
+            c.offset.saturating_sub(1),
+            c.offset,
+            c.offset + 1,
+            c.end() - 1,
+            c.end(),
+        ]);
+    }
+    points.sort_unstable();
+    points.dedup();
+    let around_boundaries: Vec<(u64, u64)> = points
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .chain(points.iter().map(|&p| (p, (p + 70_000).min(m.size))))
+        .collect();
+    for (start, end) in around_boundaries {
+        let got = read_all(&f.store, &m, start..end).await.unwrap();
+        assert_eq!(
+            got,
+            &content[start as usize..end as usize],
+            "{start}..{end}"
+        );
+        // Only the overlapping chunks need be passed in, as the metadata selects them.
+        let overlapping = m
+            .chunks
+            .iter()
+            .filter(|c| c.offset < end && start < c.end())
+            .copied()
+            .collect();
+        let parts: Vec<Bytes> = f
+            .store
+            .read(overlapping, start..end)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(parts.concat(), &content[start as usize..end as usize]);
+    }
+    // Ranges over the stored frames line up with the file.
+    let whole: Vec<Bytes> = f
+        .store
+        .read_frames(m.chunks.clone(), 0..m.file_size)
+        .try_collect()
+        .await
+        .unwrap();
+    let whole = whole.concat();
+    for c in &m.chunks {
+        let (s, e) = (c.file_offset + 1, c.file_end() + 3);
+        let e = e.min(m.file_size);
+        let part: Vec<Bytes> = f
+            .store
+            .read_frames(m.chunks.clone(), s..e)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(part.concat(), &whole[s as usize..e as usize]);
+    }
+}
+
+async fn count_objects(store: &ChunkStore<Backend>, m: &Manifest) -> usize {
+    let mut n = 0;
+    for c in &m.chunks {
+        if store.backend().exists(&c.id.object_key()).await.unwrap() {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn dedups_shared_content(f: Fixture) {
+    let index = MemoryIndex::default();
+    let first = data(4 << 20, 5);
+    // The second blob shares everything but a 100-byte insertion in the middle.
+    let mut second = first.clone();
+    second.splice(2 << 20..2 << 20, data(100, 99));
+    let a = f.store.ingest(body(&first), &index, None).await.unwrap();
+    index.commit(&a);
+    let after_first = index.len();
+    let b = f.store.ingest(body(&second), &index, None).await.unwrap();
+    index.commit(&b);
+    let new_chunks = index.len() - after_first;
+    assert!(
+        new_chunks <= 3,
+        "an insertion should touch at most a few chunks, got {new_chunks} of {}",
+        b.chunks.len()
+    );
+    assert_eq!(count_objects(&f.store, &b).await, b.chunks.len());
+    assert_eq!(read_all(&f.store, &b, 0..b.size).await.unwrap(), second);
+}
+
+async fn missing_chunk_fails_loudly(f: Fixture) {
+    let index = MemoryIndex::default();
+    let content = data(1 << 20, 21);
+    let m = f.store.ingest(body(&content), &index, None).await.unwrap();
+    let victim = m.chunks[m.chunks.len() / 2].id;
+    f.store
+        .backend()
+        .delete(&victim.object_key())
+        .await
+        .unwrap();
+    let err = read_all(&f.store, &m, 0..m.size).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::MissingChunk(id) if id == victim),
+        "{err:?}"
+    );
+    let frames: Result<Vec<Bytes>, _> = f
+        .store
+        .read_frames(m.chunks.clone(), 0..m.file_size)
+        .try_collect()
+        .await;
+    assert!(matches!(frames, Err(StoreError::MissingChunk(_))));
+    // The bytes before the hole still arrive, but the stream never ends cleanly.
+    let mut stream = std::pin::pin!(f.store.read(m.chunks.clone(), 0..m.size));
+    let mut clean_end = true;
+    while let Some(item) = stream.next().await {
+        if item.is_err() {
+            clean_end = false;
+            break;
+        }
+    }
+    assert!(!clean_end);
+}
+
+async fn concurrent_writers_store_once(f: Fixture) {
+    let index = MemoryIndex::default();
+    let content = data(2 << 20, 31);
+    let (a, b) = tokio::join!(
+        f.store.ingest(body(&content), &index, None),
+        f.store.ingest(body(&content), &index, None)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b);
+    index.commit(&a);
+    index.commit(&b);
+    assert_eq!(index.len(), a.chunks.len());
+    assert_eq!(read_all(&f.store, &a, 0..a.size).await.unwrap(), content);
+}
+
+async fn streams_one_gibibyte(f: Fixture) {
+    // 1 GiB made of a repeating 8 MiB pattern: the whole stream goes through
+    // chunking, hashing and compression, while content-defined chunking
+    // dedups the repeats so the test stays light on disk.
+    const GIB: u64 = 1 << 30;
+    let pattern = Bytes::from(data(8 << 20, 41));
+    let pieces = (GIB / pattern.len() as u64) as usize;
+    let input = stream::iter((0..pieces).map(move |_| Ok::<_, std::io::Error>(pattern.clone())));
+    let index = MemoryIndex::default();
+    let m = f.store.ingest(input, &index, None).await.unwrap();
+    assert_eq!(m.size, GIB);
+    let unique: std::collections::HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
+    assert!(unique.len() < 400, "{} unique chunks", unique.len());
+
+    let pattern = data(8 << 20, 41);
+    let mut hasher = garret_nix::Sha256Hasher::new();
+    let mut reader = std::pin::pin!(f.store.read(m.chunks.clone(), 0..m.size));
+    let mut at = 0usize;
+    while let Some(part) = reader.next().await {
+        let part = part.unwrap();
+        let p = at % pattern.len();
+        let n = part.len().min(pattern.len() - p);
+        assert_eq!(&part[..n], &pattern[p..p + n]);
+        hasher.update(&part);
+        at += part.len();
+    }
+    assert_eq!(hasher.finish(), (m.hash, GIB));
+}
+
+async fn input_errors_and_limits(f: Fixture) {
+    let index = MemoryIndex::default();
+    let failing = stream::iter(vec![
+        Ok(Bytes::from(data(300_000, 1))),
+        Err(std::io::Error::other("client went away")),
+    ]);
+    assert!(matches!(
+        f.store.ingest(failing, &index, None).await,
+        Err(StoreError::Input(_))
+    ));
+    let content = data(100_000, 2);
+    assert!(matches!(
+        f.store.ingest(body(&content), &index, Some(99_999)).await,
+        Err(StoreError::TooLarge { limit: 99_999 })
+    ));
+    assert!(
+        f.store
+            .ingest(body(&content), &index, Some(100_000))
+            .await
+            .is_ok()
+    );
+}

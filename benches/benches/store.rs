@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{StreamExt, stream};
 use garret_benches::build_output_like;
 use garret_store::testing::{MemoryIndex, S3TestServer};
@@ -121,24 +121,33 @@ fn through_backends(c: &mut Criterion) {
         let store = ChunkStore::new(backend, StoreConfig::default());
         let mut seed = 0;
         group.bench_function(format!("{name}_ingest_new"), |b| {
-            b.iter(|| {
-                // Fresh content each time, so every chunk is compressed and uploaded.
-                seed += 1;
-                let data = Bytes::from(build_output_like(LEN, seed));
-                rt.block_on(store.ingest(body(&data), &MemoryIndex::default(), None))
-                    .unwrap()
-            });
+            // Fresh content each time, generated outside the measurement, so
+            // every chunk is compressed and uploaded.
+            b.iter_batched(
+                || {
+                    seed += 1;
+                    Bytes::from(build_output_like(LEN, seed))
+                },
+                |data| {
+                    rt.block_on(store.ingest(body(&data), &MemoryIndex::default(), None))
+                        .unwrap()
+                        .manifest
+                },
+                BatchSize::PerIteration,
+            );
         });
         let data = Bytes::from(build_output_like(LEN, 1_000));
         let index = MemoryIndex::default();
         let manifest = rt
             .block_on(store.ingest(body(&data), &index, None))
-            .unwrap();
+            .unwrap()
+            .manifest;
         index.commit(&manifest);
         group.bench_function(format!("{name}_ingest_dedup"), |b| {
             b.iter(|| {
                 rt.block_on(store.ingest(body(&data), &index, None))
                     .unwrap()
+                    .manifest
             });
         });
         group.bench_function(format!("{name}_read"), |b| {

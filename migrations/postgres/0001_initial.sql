@@ -26,6 +26,7 @@ CREATE TABLE chunks (
     hash         BYTEA  NOT NULL UNIQUE CHECK (length(hash) = 32),
     size         BIGINT NOT NULL CHECK (size > 0),
     stored_size  BIGINT NOT NULL CHECK (stored_size > 0),
+    frame_hash   BYTEA  NOT NULL CHECK (length(frame_hash) = 32),
     compression  TEXT   NOT NULL CHECK (compression IN ('zstd', 'none')),
     refcount     BIGINT NOT NULL CHECK (refcount >= 0),
     deletable_at BIGINT,
@@ -49,16 +50,19 @@ CREATE TABLE blobs (
 );
 CREATE INDEX blobs_gc ON blobs (deletable_at) WHERE refcount = 0;
 
--- byte_offset is the chunk's start in the uncompressed blob, so a range read
--- finds its first chunk with one probe of blob_chunks_offset.
+-- byte_offset is the chunk's start in the uncompressed blob and file_offset
+-- the start of its stored frame in the blob's file (the frames concatenated),
+-- so a range read of either finds its first chunk with one index probe.
 CREATE TABLE blob_chunks (
     blob_id     BIGINT NOT NULL REFERENCES blobs (id),
     seq         BIGINT NOT NULL CHECK (seq >= 0),
     chunk_id    BIGINT NOT NULL REFERENCES chunks (id),
     byte_offset BIGINT NOT NULL CHECK (byte_offset >= 0),
+    file_offset BIGINT NOT NULL CHECK (file_offset >= 0),
     PRIMARY KEY (blob_id, seq)
 );
 CREATE UNIQUE INDEX blob_chunks_offset ON blob_chunks (blob_id, byte_offset);
+CREATE UNIQUE INDEX blob_chunks_file_offset ON blob_chunks (blob_id, file_offset);
 CREATE INDEX blob_chunks_chunk ON blob_chunks (chunk_id);
 
 CREATE TABLE nix_objects (

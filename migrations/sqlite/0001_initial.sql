@@ -24,6 +24,7 @@ CREATE TABLE chunks (
     hash         BLOB    NOT NULL UNIQUE CHECK (length(hash) = 32),
     size         INTEGER NOT NULL CHECK (size > 0),
     stored_size  INTEGER NOT NULL CHECK (stored_size > 0),
+    frame_hash   BLOB    NOT NULL CHECK (length(frame_hash) = 32),
     compression  TEXT    NOT NULL CHECK (compression IN ('zstd', 'none')),
     refcount     INTEGER NOT NULL CHECK (refcount >= 0),
     deletable_at INTEGER,
@@ -52,9 +53,11 @@ CREATE TABLE blob_chunks (
     seq         INTEGER NOT NULL CHECK (seq >= 0),
     chunk_id    INTEGER NOT NULL REFERENCES chunks (id),
     byte_offset INTEGER NOT NULL CHECK (byte_offset >= 0),
+    file_offset INTEGER NOT NULL CHECK (file_offset >= 0),
     PRIMARY KEY (blob_id, seq)
 ) STRICT, WITHOUT ROWID;
 CREATE UNIQUE INDEX blob_chunks_offset ON blob_chunks (blob_id, byte_offset);
+CREATE UNIQUE INDEX blob_chunks_file_offset ON blob_chunks (blob_id, file_offset);
 CREATE INDEX blob_chunks_chunk ON blob_chunks (chunk_id);
 
 CREATE TABLE nix_objects (

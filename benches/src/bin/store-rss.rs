@@ -50,7 +50,7 @@ async fn main() {
         .map(|i| Ok::<_, std::io::Error>(Bytes::from(build_output_like(PIECE, i as u64 + 1))));
     let started = Instant::now();
     let index = MemoryIndex::default();
-    let manifest = store.ingest(input, &index, None).await.unwrap();
+    let manifest = store.ingest(input, &index, None).await.unwrap().manifest;
     let write_secs = started.elapsed().as_secs_f64();
 
     let started = Instant::now();

@@ -1,12 +1,19 @@
-//! Chunks and blobs: the write path (`missing_chunks`, then `commit_blob`)
+//! Chunks and blobs: the write path (`present_chunks`, then `commit_blob`)
 //! and the read path (`blob_by_hash`, `blob_chunks`).
 //!
-//! A writer cuts its stream into chunks, asks [`Meta::missing_chunks`] which
-//! ones the store lacks, uploads those objects, and then records the blob with
-//! [`Meta::commit_blob`]. Between the two calls GC keeps running; the lease
-//! taken by `missing_chunks` and the checks in `commit_blob` are what make
-//! that safe.
+//! A writer cuts its stream into chunks, asks [`Meta::present_chunks`] which
+//! ones the store already holds (and the hash of each one's stored frame),
+//! uploads the others, and then records the blob with [`Meta::commit_blob`].
+//! Between the two calls GC keeps running; the lease taken by
+//! `present_chunks` and the checks in `commit_blob` are what make that safe.
+//!
+//! A blob's "file", what a client downloading its stored form receives, is
+//! the concatenation of its chunks' stored frames. Every chunk row records
+//! its frame's size and SHA-256, and every `blob_chunks` row the frame's
+//! offset in the file, so byte ranges of either the content or the file map
+//! to chunks with one index probe.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
@@ -44,13 +51,21 @@ pub struct NewChunkRef {
     pub hash: [u8; 32],
     /// Uncompressed size, never 0.
     pub size: u64,
+    /// Size of the stored object (the chunk's frame), never 0.
     pub stored_size: u64,
+    /// SHA-256 of the stored object. For a chunk the writer did not upload,
+    /// the one [`Meta::present_chunks`] reported; it must match the chunk's
+    /// row at commit.
+    pub frame_hash: [u8; 32],
     pub compression: Compression,
     /// Start of the chunk in the uncompressed blob: the sum of the sizes
     /// before it.
     pub offset: u64,
+    /// Start of the chunk's frame in the blob's file: the sum of the stored
+    /// sizes before it.
+    pub file_offset: u64,
     /// Whether this writer put the object in the backend itself, because
-    /// [`Meta::missing_chunks`] reported it missing. A chunk it skipped must
+    /// [`Meta::present_chunks`] did not report it. A chunk it skipped must
     /// still have a row at commit; if the row is gone (the writer outlived the
     /// grace period and GC took the chunk) the commit fails with
     /// [`MetaError::ChunkGone`] rather than recording a chunk with no object.
@@ -90,6 +105,16 @@ pub struct Blob {
     pub chunk_count: u64,
 }
 
+/// Totals over the recorded chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkStats {
+    pub count: u64,
+    /// Uncompressed bytes.
+    pub size: u64,
+    /// Bytes in the blob backend.
+    pub stored_size: u64,
+}
+
 /// A recorded chunk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chunk {
@@ -97,6 +122,8 @@ pub struct Chunk {
     pub hash: [u8; 32],
     pub size: u64,
     pub stored_size: u64,
+    /// SHA-256 of the stored object.
+    pub frame_hash: [u8; 32],
     pub compression: Compression,
 }
 
@@ -106,7 +133,20 @@ pub struct BlobChunk {
     pub seq: u64,
     /// Start of the chunk in the uncompressed blob.
     pub offset: u64,
+    /// Start of the chunk's stored frame in the blob's file.
+    pub file_offset: u64,
     pub chunk: Chunk,
+}
+
+/// Which chunks of a blob [`Meta::blob_chunks`] returns: those overlapping a
+/// half-open byte range of either form of the blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkRange {
+    /// A range of the uncompressed content.
+    Content(Range<u64>),
+    /// A range of the file (the stored frames concatenated), as a client
+    /// downloading the stored form asks for with `Range:`.
+    File(Range<u64>),
 }
 
 pub(crate) const BLOB_COLUMNS: &str =
@@ -126,21 +166,26 @@ pub(crate) fn blob_from_row(row: BlobRow) -> Result<Blob> {
     })
 }
 
-pub(crate) type ChunkRow = (i64, Vec<u8>, i64, i64, String);
+/// `id, hash, size, stored_size, frame_hash, compression` of a chunk.
+pub(crate) type ChunkRow = (i64, Vec<u8>, i64, i64, Vec<u8>, String);
 
-/// `seq, byte_offset` and then a [`ChunkRow`].
-type BlobChunkRow = (i64, i64, i64, Vec<u8>, i64, i64, String);
+/// `seq, byte_offset, file_offset` and then a [`ChunkRow`].
+type BlobChunkRow = (i64, i64, i64, i64, Vec<u8>, i64, i64, Vec<u8>, String);
 
 pub(crate) fn chunk_from_row(row: ChunkRow) -> Result<Chunk> {
-    let (id, hash, size, stored_size, compression) = row;
+    let (id, hash, size, stored_size, frame_hash, compression) = row;
     Ok(Chunk {
         id: ChunkId(id),
         hash: sql::digest(hash, "chunk hash")?,
         size: sql::from_db(size, "chunk size")?,
         stored_size: sql::from_db(stored_size, "chunk stored_size")?,
+        frame_hash: sql::digest(frame_hash, "chunk frame_hash")?,
         compression: Compression::parse(&compression)?,
     })
 }
+
+/// `hash, frame_hash, refcount, deletable_at, state` of a chunk.
+type ChunkLookupRow = (Vec<u8>, Vec<u8>, i64, Option<i64>, String);
 
 /// All uses of one chunk within a blob being committed.
 struct ChunkUse<'a> {
@@ -150,12 +195,14 @@ struct ChunkUse<'a> {
     uploaded: bool,
 }
 
-/// Checks that the chunks tile the blob exactly and merges repeated chunks.
+/// Checks that the chunks tile the blob and its file exactly and merges
+/// repeated chunks, which must describe the same object every time.
 /// Returned in hash order, so that concurrent commits lock shared chunk rows
 /// in the same order.
 fn chunk_uses(blob: &NewBlob) -> Result<BTreeMap<[u8; 32], ChunkUse<'_>>> {
     let mut uses: BTreeMap<[u8; 32], ChunkUse<'_>> = BTreeMap::new();
     let mut end = 0u64;
+    let mut file_end = 0u64;
     for (seq, chunk) in blob.chunks.iter().enumerate() {
         if chunk.size == 0 || chunk.stored_size == 0 {
             return Err(MetaError::Invalid(format!("chunk {seq} is empty")));
@@ -166,21 +213,42 @@ fn chunk_uses(blob: &NewBlob) -> Result<BTreeMap<[u8; 32], ChunkUse<'_>>> {
                 chunk.offset
             )));
         }
+        if chunk.file_offset != file_end {
+            return Err(MetaError::Invalid(format!(
+                "chunk {seq}'s frame starts at {} but the frames before it end at {file_end}",
+                chunk.file_offset
+            )));
+        }
         end = end
             .checked_add(chunk.size)
             .ok_or_else(|| MetaError::Invalid("chunk sizes overflow".into()))?;
-        let entry = uses.entry(chunk.hash).or_insert(ChunkUse {
-            chunk,
-            uses: 0,
-            uploaded: false,
-        });
-        if entry.chunk.size != chunk.size {
-            return Err(MetaError::Invalid(format!(
-                "chunk {seq} repeats an earlier chunk with a different size"
-            )));
+        file_end = file_end
+            .checked_add(chunk.stored_size)
+            .ok_or_else(|| MetaError::Invalid("chunk stored sizes overflow".into()))?;
+        match uses.entry(chunk.hash) {
+            Entry::Vacant(entry) => {
+                entry.insert(ChunkUse {
+                    chunk,
+                    uses: 1,
+                    uploaded: chunk.uploaded,
+                });
+            }
+            Entry::Occupied(mut entry) => {
+                let first = entry.get().chunk;
+                let same_object = first.size == chunk.size
+                    && first.stored_size == chunk.stored_size
+                    && first.frame_hash == chunk.frame_hash
+                    && first.compression == chunk.compression;
+                if !same_object {
+                    return Err(MetaError::Invalid(format!(
+                        "chunk {seq} repeats an earlier chunk with a different size or frame"
+                    )));
+                }
+                let entry = entry.get_mut();
+                entry.uses += 1;
+                entry.uploaded |= chunk.uploaded;
+            }
         }
-        entry.uses += 1;
-        entry.uploaded |= chunk.uploaded;
     }
     if end != blob.size {
         return Err(MetaError::Invalid(format!(
@@ -188,14 +256,35 @@ fn chunk_uses(blob: &NewBlob) -> Result<BTreeMap<[u8; 32], ChunkUse<'_>>> {
             blob.size
         )));
     }
+    if file_end != blob.file_size {
+        return Err(MetaError::Invalid(format!(
+            "frames cover {file_end} bytes of a {}-byte file",
+            blob.file_size
+        )));
+    }
     Ok(uses)
+}
+
+/// Checks that a chunk row the commit is about to use describes the object
+/// the writer built its file from: a writer racing another that stored the
+/// same chunk with a different zstd build would otherwise record file
+/// offsets that disagree with the row.
+fn check_frame(chunk: &NewChunkRef, stored_size: i64, frame_hash: &[u8]) -> Result<()> {
+    if sql::from_db(stored_size, "chunk stored_size")? == chunk.stored_size
+        && frame_hash == chunk.frame_hash
+    {
+        Ok(())
+    } else {
+        Err(MetaError::FrameMismatch(chunk.hash))
+    }
 }
 
 /// Adds `$1` uses to the valid chunks among `n` hashes.
 fn add_uses_sql(n: usize) -> String {
     format!(
         "UPDATE chunks SET refcount = refcount + $1, deletable_at = NULL \
-         WHERE state = 'valid' AND hash IN ({}) RETURNING id, hash",
+         WHERE state = 'valid' AND hash IN ({}) \
+         RETURNING id, hash, stored_size, frame_hash",
         sql::params(2, n)
     )
 }
@@ -205,28 +294,34 @@ fn add_uses_sql(n: usize) -> String {
 /// (the WHERE skips it and RETURNING omits it).
 fn insert_chunks_sql(n: usize) -> String {
     format!(
-        "INSERT INTO chunks (hash, size, stored_size, compression, refcount, state, created_at) \
+        "INSERT INTO chunks \
+           (hash, size, stored_size, frame_hash, compression, refcount, state, created_at) \
          VALUES {} \
          ON CONFLICT (hash) DO UPDATE \
            SET refcount = chunks.refcount + excluded.refcount, deletable_at = NULL \
            WHERE chunks.state = 'valid' \
-         RETURNING id, hash",
-        sql::rows(2, n, 5, "", ", 'valid', $1")
+         RETURNING id, hash, stored_size, frame_hash",
+        sql::rows(2, n, 6, "", ", 'valid', $1")
     )
 }
+
+/// `id, hash, stored_size, frame_hash` of a chunk row a commit added uses to.
+type UsedChunkRow = (i64, Vec<u8>, i64, Vec<u8>);
 
 /// Inserts `n` chunk positions of blob `$1`.
 fn insert_blob_chunks_sql(n: usize) -> String {
     format!(
-        "INSERT INTO blob_chunks (blob_id, seq, chunk_id, byte_offset) VALUES {}",
-        sql::rows(2, n, 3, "$1, ", "")
+        "INSERT INTO blob_chunks (blob_id, seq, chunk_id, byte_offset, file_offset) VALUES {}",
+        sql::rows(2, n, 4, "$1, ", "")
     )
 }
 
 impl Meta {
-    /// The chunks in `hashes` that have no row, in the caller's order without
-    /// repeats: the ones the caller must upload before
-    /// [`Meta::commit_blob`].
+    /// The chunks in `hashes` that have a row, each with the SHA-256 of its
+    /// stored frame. The caller must upload the others before
+    /// [`Meta::commit_blob`]; for one it skips, its file is made of the stored
+    /// frame, so if its own frame hashes differently it must fetch the stored
+    /// one to get the file right.
     ///
     /// The chunks it does find are leased: any without references gets
     /// `deletable_at` pushed to at least `now + grace`, so GC cannot take a
@@ -237,26 +332,30 @@ impl Meta {
     /// garbage-collected: its object may vanish at any moment, and uploading
     /// it again now could race that delete, so the caller must wait until GC
     /// has forgotten the row and then upload.
-    pub async fn missing_chunks(&self, hashes: &[[u8; 32]], now: i64) -> Result<Vec<[u8; 32]>> {
+    pub async fn present_chunks(
+        &self,
+        hashes: &[[u8; 32]],
+        now: i64,
+    ) -> Result<HashMap<[u8; 32], [u8; 32]>> {
         let lease = self.lease(now);
         let hashes = sql::dedup(hashes);
-        let mut missing = Vec::new();
+        let mut present = HashMap::new();
         for batch in hashes.chunks(READ_BATCH) {
             let n = sql::in_list_len(batch.len());
             let lookup = format!(
-                "SELECT hash, refcount, deletable_at, state FROM chunks WHERE hash IN ({})",
+                "SELECT hash, frame_hash, refcount, deletable_at, state FROM chunks \
+                 WHERE hash IN ({})",
                 sql::params(1, n)
             );
-            let rows: Vec<(Vec<u8>, i64, Option<i64>, String)> = on_reader!(self, |pool| async {
+            let rows: Vec<ChunkLookupRow> = on_reader!(self, |pool| async {
                 let mut query = sqlx::query_as(&lookup);
                 for i in 0..n {
                     query = query.bind(&sql::padded(batch, i)[..]);
                 }
                 query.fetch_all(pool).await
             })?;
-            let mut found = HashSet::with_capacity(rows.len());
             let mut to_lease = Vec::new();
-            for (hash, refcount, deletable_at, state) in rows {
+            for (hash, frame_hash, refcount, deletable_at, state) in rows {
                 let hash = sql::digest(hash, "chunk hash")?;
                 if state != "valid" {
                     return Err(MetaError::ChunkGone(hash));
@@ -266,14 +365,13 @@ impl Meta {
                 if refcount == 0 && deletable_at.is_none_or(|t| t < lease) {
                     to_lease.push(hash);
                 }
-                found.insert(hash);
+                present.insert(hash, sql::digest(frame_hash, "chunk frame_hash")?);
             }
             if !to_lease.is_empty() {
                 self.lease_chunks(&to_lease, lease).await?;
             }
-            missing.extend(batch.iter().filter(|h| !found.contains(*h)));
         }
-        Ok(missing)
+        Ok(present)
     }
 
     /// Extends the lease of unreferenced chunks that were valid a moment ago.
@@ -312,7 +410,8 @@ impl Meta {
     ///
     /// Fails with [`MetaError::ChunkGone`], having written nothing, if a chunk
     /// is being garbage-collected or a chunk the caller did not upload has
-    /// no row.
+    /// no row, and with [`MetaError::FrameMismatch`] if a chunk's row records
+    /// a different stored frame than `blob` does.
     #[expect(
         clippy::too_many_lines,
         reason = "one transaction, written inline so that it expands once per backend"
@@ -394,9 +493,13 @@ impl Meta {
                     for i in 0..n {
                         query = query.bind(&sql::padded(batch, i)[..]);
                     }
-                    let rows: Vec<(i64, Vec<u8>)> = query.fetch_all(&mut *tx).await?;
-                    for (id, hash) in rows {
-                        ids.insert(sql::digest(hash, "chunk hash")?, id);
+                    let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
+                    for (id, hash, stored_size, frame_hash) in rows {
+                        let hash = sql::digest(hash, "chunk hash")?;
+                        if let Some(u) = uses.get(&hash) {
+                            check_frame(u.chunk, stored_size, &frame_hash)?;
+                        }
+                        ids.insert(hash, id);
                     }
                 }
             }
@@ -419,12 +522,19 @@ impl Meta {
                         .bind(&u.chunk.hash[..])
                         .bind(sql::to_db(u.chunk.size, "chunk size")?)
                         .bind(sql::to_db(u.chunk.stored_size, "chunk stored size")?)
+                        .bind(&u.chunk.frame_hash[..])
                         .bind(u.chunk.compression.as_str())
                         .bind(u.uses);
                 }
-                let rows: Vec<(i64, Vec<u8>)> = query.fetch_all(&mut *tx).await?;
-                for (id, hash) in rows {
-                    ids.insert(sql::digest(hash, "chunk hash")?, id);
+                // A row a concurrent writer inserted meanwhile comes back as
+                // it stands, so it is checked like the existing ones above.
+                let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
+                for (id, hash, stored_size, frame_hash) in rows {
+                    let hash = sql::digest(hash, "chunk hash")?;
+                    if let Some(u) = uses.get(&hash) {
+                        check_frame(u.chunk, stored_size, &frame_hash)?;
+                    }
+                    ids.insert(hash, id);
                 }
             }
             if let Some(gone) = uses.keys().find(|h| !ids.contains_key(*h)) {
@@ -441,7 +551,8 @@ impl Meta {
                     query = query
                         .bind(sql::to_db(seq, "chunk seq")?)
                         .bind(ids[&chunk.hash])
-                        .bind(sql::to_db(chunk.offset, "chunk offset")?);
+                        .bind(sql::to_db(chunk.offset, "chunk offset")?)
+                        .bind(sql::to_db(chunk.file_offset, "chunk file offset")?);
                 }
                 query.execute(&mut *tx).await?;
             }
@@ -451,6 +562,25 @@ impl Meta {
                 blob_id: BlobId(blob_id),
                 already_existed: false,
             })
+        })
+    }
+
+    /// Totals over every chunk row: what the store holds, for dedup checks,
+    /// metrics and capacity planning.
+    pub async fn chunk_stats(&self) -> Result<ChunkStats> {
+        let (count, size, stored_size): (i64, Option<i64>, Option<i64>) =
+            on_reader!(self, |pool| async {
+                sqlx::query_as(
+                    "SELECT COUNT(*), CAST(SUM(size) AS BIGINT), CAST(SUM(stored_size) AS BIGINT) \
+                     FROM chunks",
+                )
+                .fetch_one(pool)
+                .await
+            })?;
+        Ok(ChunkStats {
+            count: sql::from_db(count, "chunk count")?,
+            size: sql::from_db(size.unwrap_or(0), "chunk bytes")?,
+            stored_size: sql::from_db(stored_size.unwrap_or(0), "chunk stored bytes")?,
         })
     }
 
@@ -465,57 +595,62 @@ impl Meta {
         row.map(blob_from_row).transpose()
     }
 
-    /// The chunks of a blob in order, or only those overlapping the
-    /// half-open byte `range` of its uncompressed content. The range costs one
-    /// index probe for its first chunk however large the blob is.
+    /// The chunks of a blob in order, or only those overlapping `range` (of
+    /// the uncompressed content or of the file). A range costs one index
+    /// probe for its first chunk however large the blob is.
     pub async fn blob_chunks(
         &self,
         blob: BlobId,
-        range: Option<Range<u64>>,
+        range: Option<ChunkRange>,
     ) -> Result<Vec<BlobChunk>> {
-        const SELECT: &str = "SELECT bc.seq, bc.byte_offset, \
-               c.id, c.hash, c.size, c.stored_size, c.compression \
+        const SELECT: &str = "SELECT bc.seq, bc.byte_offset, bc.file_offset, \
+               c.id, c.hash, c.size, c.stored_size, c.frame_hash, c.compression \
              FROM blob_chunks bc JOIN chunks c ON c.id = bc.chunk_id \
              WHERE bc.blob_id = $1";
-        let rows: Vec<BlobChunkRow> = match range {
+        let (offset, size, range) = match range {
             None => {
                 let sql = format!("{SELECT} ORDER BY bc.seq");
-                on_reader!(self, |pool| async {
+                let rows: Vec<BlobChunkRow> = on_reader!(self, |pool| async {
                     sqlx::query_as(&sql).bind(blob.0).fetch_all(pool).await
-                })?
+                })?;
+                return rows.into_iter().map(blob_chunk_from_row).collect();
             }
-            Some(range) if range.is_empty() => Vec::new(),
-            Some(range) => {
-                // The first chunk is the last one starting at or before
-                // `range.start`; the size test drops it when the range starts
-                // past the end of the blob.
-                let sql = format!(
-                    "{SELECT} AND bc.byte_offset < $3 AND bc.byte_offset + c.size > $2 \
-                       AND bc.byte_offset >= COALESCE((SELECT byte_offset FROM blob_chunks \
-                         WHERE blob_id = $1 AND byte_offset <= $2 \
-                         ORDER BY byte_offset DESC LIMIT 1), 0) \
-                     ORDER BY bc.seq"
-                );
-                let start = i64::try_from(range.start).unwrap_or(i64::MAX);
-                let end = i64::try_from(range.end).unwrap_or(i64::MAX);
-                on_reader!(self, |pool| async {
-                    sqlx::query_as(&sql)
-                        .bind(blob.0)
-                        .bind(start)
-                        .bind(end)
-                        .fetch_all(pool)
-                        .await
-                })?
-            }
+            Some(ChunkRange::Content(range)) => ("byte_offset", "c.size", range),
+            Some(ChunkRange::File(range)) => ("file_offset", "c.stored_size", range),
         };
-        rows.into_iter()
-            .map(|(seq, offset, id, hash, size, stored_size, compression)| {
-                Ok(BlobChunk {
-                    seq: sql::from_db(seq, "chunk seq")?,
-                    offset: sql::from_db(offset, "chunk offset")?,
-                    chunk: chunk_from_row((id, hash, size, stored_size, compression))?,
-                })
-            })
-            .collect()
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The first chunk is the last one starting at or before `range.start`
+        // (one probe of the offset's index); the size test drops it when the
+        // range starts past the end of the blob.
+        let sql = format!(
+            "{SELECT} AND bc.{offset} < $3 AND bc.{offset} + {size} > $2 \
+               AND bc.{offset} >= COALESCE((SELECT {offset} FROM blob_chunks \
+                 WHERE blob_id = $1 AND {offset} <= $2 \
+                 ORDER BY {offset} DESC LIMIT 1), 0) \
+             ORDER BY bc.seq"
+        );
+        let start = i64::try_from(range.start).unwrap_or(i64::MAX);
+        let end = i64::try_from(range.end).unwrap_or(i64::MAX);
+        let rows: Vec<BlobChunkRow> = on_reader!(self, |pool| async {
+            sqlx::query_as(&sql)
+                .bind(blob.0)
+                .bind(start)
+                .bind(end)
+                .fetch_all(pool)
+                .await
+        })?;
+        rows.into_iter().map(blob_chunk_from_row).collect()
     }
+}
+
+fn blob_chunk_from_row(row: BlobChunkRow) -> Result<BlobChunk> {
+    let (seq, offset, file_offset, id, hash, size, stored_size, frame_hash, compression) = row;
+    Ok(BlobChunk {
+        seq: sql::from_db(seq, "chunk seq")?,
+        offset: sql::from_db(offset, "chunk offset")?,
+        file_offset: sql::from_db(file_offset, "chunk file_offset")?,
+        chunk: chunk_from_row((id, hash, size, stored_size, frame_hash, compression))?,
+    })
 }

@@ -14,9 +14,17 @@ pub enum MetaError {
     /// A chunk the caller needs is being garbage-collected, or vanished after
     /// the caller decided not to upload it. Nothing was written: wait a moment
     /// (GC finishes such a chunk within seconds), then redo
-    /// [`crate::Meta::missing_chunks`], upload what it reports, and commit again.
-    #[error("chunk {} is being garbage-collected; retry from missing_chunks", Hex(.0))]
+    /// [`crate::Meta::present_chunks`], upload what it does not report, and
+    /// commit again.
+    #[error("chunk {} is being garbage-collected; retry from present_chunks", Hex(.0))]
     ChunkGone([u8; 32]),
+    /// A chunk's row records a different stored frame (size or SHA-256) than
+    /// the blob being committed: another writer stored the chunk meanwhile,
+    /// compressed differently. Nothing was written: redo
+    /// [`crate::Meta::present_chunks`], which reports the stored frame's hash,
+    /// rebuild the file from the stored frame, and commit again.
+    #[error("chunk {} is stored as a different frame; retry from present_chunks", Hex(.0))]
+    FrameMismatch([u8; 32]),
     /// The caller passed something inconsistent (offsets that do not add up,
     /// an invalid cache name, a size beyond `i64::MAX`).
     #[error("invalid request: {0}")]

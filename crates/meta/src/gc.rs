@@ -49,7 +49,7 @@ const MARK_CHUNKS: (&str, &str) = claim_sql!(
      ORDER BY deletable_at LIMIT $3",
     "UPDATE chunks SET state = 'deleting', deletable_at = $2 \
      WHERE id IN (SELECT id FROM claimed) AND refcount = 0 AND deletable_at <= $1 \
-     RETURNING id, hash, size, stored_size, compression"
+     RETURNING id, hash, size, stored_size, frame_hash, compression"
 );
 
 const CLAIM_BLOBS: (&str, &str) = claim_sql!(
@@ -133,7 +133,7 @@ impl Meta {
     /// Claims up to `limit` chunks that are unreferenced and past their
     /// `deletable_at` (or were claimed by a worker that died), marking them
     /// `deleting`. From then on no commit can use them and
-    /// [`Meta::missing_chunks`] makes writers wait, so the caller can delete
+    /// [`Meta::present_chunks`] makes writers wait, so the caller can delete
     /// their objects and then call [`Meta::gc_forget_chunks`].
     pub async fn gc_mark_chunks(&self, now: i64, limit: u32) -> Result<Vec<Chunk>> {
         let mark = self.dialect(MARK_CHUNKS);

@@ -18,7 +18,7 @@
 //! `refcount` counts the Nix objects and CAS entries that name it. A row that
 //! drops to zero references gets `deletable_at = now + grace` instead of being
 //! deleted, for two reasons (as in Garage's block refcounts):
-//! - a writer that found the chunk with [`Meta::missing_chunks`] and decided
+//! - a writer that found the chunk with [`Meta::present_chunks`] and decided
 //!   not to upload it must be able to commit within the grace period;
 //! - a re-upload inside the window keeps the data instead of racing a delete.
 //!
@@ -27,7 +27,7 @@
 //! whose object is gone (see `gc.rs`).
 //!
 //! Every guarantee above assumes that a writer commits within the grace period
-//! of asking [`Meta::missing_chunks`]; a writer that takes longer gets
+//! of asking [`Meta::present_chunks`]; a writer that takes longer gets
 //! [`MetaError::ChunkGone`] for the chunks it skipped, but a chunk it uploaded
 //! itself could in the worst case have been deleted by GC after a concurrent
 //! writer recorded and released it.
@@ -52,7 +52,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Postgres, Sqlite, Transaction};
 
-pub use blobs::{Blob, BlobChunk, BlobCommit, Chunk, Compression, NewBlob, NewChunkRef};
+pub use blobs::{
+    Blob, BlobChunk, BlobCommit, Chunk, ChunkRange, ChunkStats, Compression, NewBlob, NewChunkRef,
+};
 pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
 pub use gc::Expired;
@@ -81,7 +83,7 @@ pub enum Backend {
 }
 
 /// How long an unreferenced chunk or blob survives before GC may take it.
-/// Uploads must commit within this window after [`Meta::missing_chunks`]
+/// Uploads must commit within this window after [`Meta::present_chunks`]
 /// (see there); six hours covers a multi-GiB NAR on a slow link with room
 /// to spare while still reclaiming space the same day.
 pub const DEFAULT_GRACE: Duration = Duration::from_hours(6);

@@ -10,10 +10,10 @@ use crate::{MetaError, Result};
 /// statement plans and runs in well under a millisecond.
 pub(crate) const READ_BATCH: usize = 64;
 
-/// Rows per multi-row `INSERT`. The widest one binds 5 values a row plus 1,
+/// Rows per multi-row `INSERT`. The widest one binds 6 values a row plus 1,
 /// far below SQLite's limit of 32766 bound parameters (Postgres allows 65535).
 pub(crate) const WRITE_BATCH: usize = 1000;
-const _: () = assert!(WRITE_BATCH * 5 < 32766);
+const _: () = assert!(WRITE_BATCH * 6 + 1 < 32766);
 
 /// `$first, $first+1, …` for `n` parameters.
 pub(crate) fn params(first: usize, n: usize) -> String {

@@ -31,7 +31,16 @@ enum Command {
     /// NAR (Nix ARchive) tools, byte-compatible with `nix-store --dump`.
     #[command(subcommand)]
     Nar(NarCommand),
+    /// Creates or upgrades the metadata schema (`serve` also does this at start).
+    Migrate {
+        /// Postgres (`postgres://...`) or SQLite (`sqlite:PATH`) database.
+        #[arg(long, env = "GARRET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
 }
+
+/// The embedded default: SQLite in the data directory.
+const DEFAULT_DATABASE_URL: &str = "sqlite:garret-data/garret.db";
 
 #[derive(Debug, Subcommand)]
 enum KeyCommand {
@@ -66,6 +75,7 @@ impl Cli {
                 secret_file,
                 public_file,
             }) => generate_key(&name, &secret_file, &public_file),
+            Command::Migrate { database_url } => runtime()?.block_on(migrate(&database_url)),
             Command::Nar(NarCommand::Dump { path }) => {
                 let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
                 nar::dump_path(&path, &mut out)
@@ -94,6 +104,28 @@ impl Cli {
             }
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    if let Some(path) = database_url.strip_prefix("sqlite:") {
+        let path = std::path::Path::new(path.trim_start_matches("//"));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let meta = garret_meta::Meta::connect(database_url)
+        .await
+        .context("connecting to the metadata database")?;
+    meta.migrate().await.context("applying migrations")?;
+    meta.close().await;
+    tracing::info!(backend = ?meta.backend(), "metadata schema is up to date");
+    Ok(())
 }
 
 fn print_hash((hash, size): (garret_nix::Sha256Hash, u64)) {

@@ -102,3 +102,19 @@ fn generated_keys_are_nix_keys() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sk).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 }
+
+#[test]
+fn migrate_creates_and_upgrades_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("data/garret.db").display());
+    // Twice: applying migrations to an up-to-date database is a no-op.
+    for _ in 0..2 {
+        garret(&["migrate", "--database-url", &url]);
+    }
+    assert!(dir.path().join("data/garret.db").exists());
+    let out = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .args(["migrate", "--database-url", "mysql://nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

@@ -26,6 +26,15 @@ pub trait ChunkIndex: Send + Sync {
     ) -> impl Future<Output = Result<HashMap<ChunkId, Sha256Hash>, BoxError>> + Send;
 }
 
+/// The result of an ingest: the blob's manifest, and which of its chunks this
+/// ingest uploaded (the rest were already present), which the metadata commit
+/// needs to tell a chunk it may insert from one that must already exist.
+#[derive(Debug)]
+pub struct Ingested {
+    pub manifest: Manifest,
+    pub uploaded: HashSet<ChunkId>,
+}
+
 /// A chunk after hashing and compression, before anyone asked whether it exists.
 struct Compressed {
     id: ChunkId,
@@ -110,26 +119,29 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
         Ok(())
     }
 
-    async fn finish(mut self, whole: Sha256Hasher) -> Result<Manifest, StoreError> {
+    async fn finish(mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
         while let Some(done) = self.uploads.next().await {
             done??;
         }
         let (hash, size) = whole.finish();
         let (file_hash, file_size) = self.file.finish();
         debug_assert_eq!(size, self.offset);
-        Ok(Manifest {
-            hash,
-            size,
-            file_hash,
-            file_size,
-            chunks: self.chunks,
+        Ok(Ingested {
+            manifest: Manifest {
+                hash,
+                size,
+                file_hash,
+                file_size,
+                chunks: self.chunks,
+            },
+            uploaded: self.uploaded,
         })
     }
 }
 
 impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
-    /// Stores a stream as chunks and returns its manifest once every chunk is
-    /// durable in the backend. Nothing is committed here: the caller checks
+    /// Stores a stream as chunks and returns its manifest (and which chunks
+    /// it uploaded) once every chunk is durable in the backend. Nothing is committed here: the caller checks
     /// the manifest (hash, size) and commits it to the metadata.
     ///
     /// Memory stays bounded whatever the blob size: one chunker window, the
@@ -141,7 +153,7 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         input: S,
         index: &impl ChunkIndex,
         max_size: Option<u64>,
-    ) -> Result<Manifest, StoreError>
+    ) -> Result<Ingested, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,

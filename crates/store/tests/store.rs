@@ -104,7 +104,12 @@ async fn round_trips(f: Fixture) {
         ("several", 5 * max + 17),
     ] {
         let content = data(len, len as u64 + 3);
-        let m = f.store.ingest(body(&content), &index, None).await.unwrap();
+        let m = f
+            .store
+            .ingest(body(&content), &index, None)
+            .await
+            .unwrap()
+            .manifest;
         index.commit(&m);
         assert_eq!(m.size, len as u64, "{name}");
         assert_eq!(m.hash, Sha256Hash::of(&content), "{name}");
@@ -144,7 +149,12 @@ async fn round_trips(f: Fixture) {
 async fn range_reads_at_every_boundary(f: Fixture) {
     let index = MemoryIndex::default();
     let content = data(1 << 20, 11);
-    let m = f.store.ingest(body(&content), &index, None).await.unwrap();
+    let m = f
+        .store
+        .ingest(body(&content), &index, None)
+        .await
+        .unwrap()
+        .manifest;
     assert!(m.chunks.len() > 4);
     let mut points = vec![0, 1, m.size - 1, m.size];
     for c in &m.chunks {
@@ -222,10 +232,20 @@ async fn dedups_shared_content(f: Fixture) {
     // The second blob shares everything but a 100-byte insertion in the middle.
     let mut second = first.clone();
     second.splice(2 << 20..2 << 20, data(100, 99));
-    let a = f.store.ingest(body(&first), &index, None).await.unwrap();
+    let a = f
+        .store
+        .ingest(body(&first), &index, None)
+        .await
+        .unwrap()
+        .manifest;
     index.commit(&a);
     let after_first = index.len();
-    let b = f.store.ingest(body(&second), &index, None).await.unwrap();
+    let b = f
+        .store
+        .ingest(body(&second), &index, None)
+        .await
+        .unwrap()
+        .manifest;
     index.commit(&b);
     let new_chunks = index.len() - after_first;
     assert!(
@@ -240,7 +260,12 @@ async fn dedups_shared_content(f: Fixture) {
 async fn missing_chunk_fails_loudly(f: Fixture) {
     let index = MemoryIndex::default();
     let content = data(1 << 20, 21);
-    let m = f.store.ingest(body(&content), &index, None).await.unwrap();
+    let m = f
+        .store
+        .ingest(body(&content), &index, None)
+        .await
+        .unwrap()
+        .manifest;
     let victim = m.chunks[m.chunks.len() / 2].id;
     f.store
         .backend()
@@ -277,7 +302,7 @@ async fn concurrent_writers_store_once(f: Fixture) {
         f.store.ingest(body(&content), &index, None),
         f.store.ingest(body(&content), &index, None)
     );
-    let (a, b) = (a.unwrap(), b.unwrap());
+    let (a, b) = (a.unwrap().manifest, b.unwrap().manifest);
     assert_eq!(a, b);
     index.commit(&a);
     index.commit(&b);
@@ -294,7 +319,7 @@ async fn streams_one_gibibyte(f: Fixture) {
     let pieces = (GIB / pattern.len() as u64) as usize;
     let input = stream::iter((0..pieces).map(move |_| Ok::<_, std::io::Error>(pattern.clone())));
     let index = MemoryIndex::default();
-    let m = f.store.ingest(input, &index, None).await.unwrap();
+    let m = f.store.ingest(input, &index, None).await.unwrap().manifest;
     assert_eq!(m.size, GIB);
     let unique: std::collections::HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
     assert!(unique.len() < 400, "{} unique chunks", unique.len());

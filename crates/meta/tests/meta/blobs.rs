@@ -1,29 +1,41 @@
-use garret_meta::{BlobChunk, MetaError};
+use std::collections::HashMap;
+use std::ops::Range;
 
-use crate::support::{GRACE, TestDb, blob, both, deduplicated, h};
+use garret_meta::{BlobChunk, ChunkRange, MetaError};
+
+use crate::support::{GRACE, TestDb, blob, both, deduplicated, frame, h};
+
+/// A kind of [`ChunkRange`], and the extent `(start, len)` of a chunk in the
+/// bytes it ranges over.
+type RangeKind = (fn(Range<u64>) -> ChunkRange, fn(&BlobChunk) -> (u64, u64));
 
 both! {
-    async fn missing_chunks_reports_only_unknown_ones(db: TestDb) {
+    async fn present_chunks_reports_known_ones_with_frames(db: TestDb) {
         db.commit_blob(&blob(1, &[(10, 5), (11, 7)]), 0).await.unwrap();
         let asked = [h(12), h(10), h(12), h(13), h(11)];
-        assert_eq!(db.missing_chunks(&asked, 1).await.unwrap(), [h(12), h(13)]);
-        assert_eq!(db.missing_chunks(&[], 1).await.unwrap(), Vec::<[u8; 32]>::new());
+        assert_eq!(
+            db.present_chunks(&asked, 1).await.unwrap(),
+            HashMap::from([(h(10), frame(10)), (h(11), frame(11))])
+        );
+        assert_eq!(db.present_chunks(&[], 1).await.unwrap(), HashMap::new());
 
         // Several batches, with known chunks spread among them.
         let known = blob(2, &(100..300).step_by(3).map(|i| (i, 1)).collect::<Vec<_>>());
         db.commit_blob(&known, 0).await.unwrap();
         let asked: Vec<[u8; 32]> = (100..300).map(h).collect();
-        let expected: Vec<[u8; 32]> = (100..300).filter(|i| (i - 100) % 3 != 0).map(h).collect();
-        assert_eq!(db.missing_chunks(&asked, 1).await.unwrap(), expected);
+        let expected: HashMap<[u8; 32], [u8; 32]> =
+            (100..300).step_by(3).map(|i| (h(i), frame(i))).collect();
+        assert_eq!(db.present_chunks(&asked, 1).await.unwrap(), expected);
     }
 
     async fn dedup_upload_skips_known_chunks(db: TestDb) {
         // A second blob sharing a chunk uploads only its own and marks the
-        // shared one as not uploaded.
+        // shared one as not uploaded, describing it by the stored frame.
         db.commit_blob(&blob(1, &[(10, 5), (11, 7)]), 0).await.unwrap();
-        let missing = db.missing_chunks(&[h(11), h(12)], 1).await.unwrap();
-        assert_eq!(missing, [h(12)]);
+        let present = db.present_chunks(&[h(11), h(12)], 1).await.unwrap();
+        assert_eq!(present, HashMap::from([(h(11), frame(11))]));
         let mut second = blob(2, &[(11, 7), (12, 3)]);
+        assert_eq!(second.chunks[0].frame_hash, present[&h(11)]);
         second.chunks[0].uploaded = false;
         let commit = db.commit_blob(&second, 1).await.unwrap();
         assert!(!commit.already_existed);
@@ -109,12 +121,15 @@ both! {
         // Rolled back: no blob, and the valid chunk's refcount is unchanged.
         assert_eq!(db.blob_by_hash(&h(2)).await.unwrap(), None);
         assert_eq!(db.chunk_state(h(11)).await, before);
-        let err = db.missing_chunks(&[h(11), h(10)], 2 * GRACE).await.unwrap_err();
+        let err = db.present_chunks(&[h(11), h(10)], 2 * GRACE).await.unwrap_err();
         assert!(matches!(err, MetaError::ChunkGone(c) if c == h(10)), "{err}");
 
         // Once GC has forgotten it, it is plainly missing: upload and commit.
         db.gc_forget_chunks(&[marked[0].id]).await.unwrap();
-        assert_eq!(db.missing_chunks(&[h(11), h(10)], 2 * GRACE).await.unwrap(), [h(10)]);
+        assert_eq!(
+            db.present_chunks(&[h(11), h(10)], 2 * GRACE).await.unwrap(),
+            HashMap::from([(h(11), frame(11))])
+        );
         let mut b = blob(2, &[(11, 2), (10, 5)]);
         // A chunk the writer skipped but that has no row is gone too.
         b.chunks[1].uploaded = false;
@@ -136,11 +151,60 @@ both! {
         empty_chunk.size = 0;
         let mut resized = blob(4, &[(10, 5), (10, 6)]);
         resized.chunks[1].size = 6;
-        for b in [gap, short, empty_chunk, resized] {
+        // Stored sizes 3 and 3: the second frame must start at 3.
+        let mut file_gap = blob(5, &[(10, 5), (11, 5)]);
+        file_gap.chunks[1].file_offset = 4;
+        file_gap.file_size = 7;
+        let mut file_short = blob(6, &[(10, 5)]);
+        file_short.file_size += 1;
+        // A repeat whose frame differs, with offsets that still add up.
+        let mut restored = blob(7, &[(10, 5), (10, 5)]);
+        restored.chunks[1].stored_size += 1;
+        restored.file_size += 1;
+        let mut reframed = blob(8, &[(10, 5), (10, 5)]);
+        reframed.chunks[1].frame_hash = frame(99);
+        for (b, why) in [
+            (gap, "starts at 6"),
+            (short, "5 bytes of a 6-byte blob"),
+            (empty_chunk, "is empty"),
+            (resized, "repeats"),
+            (file_gap, "frame starts at 4"),
+            (file_short, "3 bytes of a 4-byte file"),
+            (restored, "repeats"),
+            (reframed, "repeats"),
+        ] {
             let err = db.commit_blob(&b, 0).await.unwrap_err();
-            assert!(matches!(err, MetaError::Invalid(_)), "{err}");
+            assert!(matches!(&err, MetaError::Invalid(m) if m.contains(why)), "{why}: {err}");
         }
         assert_eq!(db.count("chunks").await, 0);
+    }
+
+    async fn commit_blob_rejects_other_frames_of_stored_chunks(db: TestDb) {
+        db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap();
+        let before = db.chunk_state(h(10)).await;
+        // A writer that skipped chunk 10 but built its file from another
+        // frame, and one that uploaded a differently sized frame of it.
+        let mut other_hash = blob(2, &[(11, 2), (10, 5)]);
+        other_hash.chunks[1].uploaded = false;
+        other_hash.chunks[1].frame_hash = frame(99);
+        let mut other_size = blob(2, &[(11, 2), (10, 5)]);
+        other_size.chunks[1].stored_size += 1;
+        other_size.file_size += 1;
+        for b in [other_hash, other_size] {
+            let err = db.commit_blob(&b, 1).await.unwrap_err();
+            assert!(matches!(err, MetaError::FrameMismatch(c) if c == h(10)), "{err}");
+        }
+        // Rolled back: no blob, no chunk 11, chunk 10 unchanged.
+        assert_eq!(db.blob_by_hash(&h(2)).await.unwrap(), None);
+        assert_eq!(db.chunk_state(h(11)).await, None);
+        assert_eq!(db.chunk_state(h(10)).await, before);
+
+        // Described by the stored frame, the same blob commits.
+        let mut b = blob(2, &[(11, 2), (10, 5)]);
+        b.chunks[1].uploaded = false;
+        db.commit_blob(&b, 1).await.unwrap();
+        assert_eq!(db.chunk_state(h(10)).await.unwrap().0, 2);
+        db.assert_refcounts_consistent().await;
     }
 
     async fn large_blob_spans_insert_batches(db: TestDb) {
@@ -155,6 +219,10 @@ both! {
         for (seq, (got, want)) in listed.iter().zip(&b.chunks).enumerate() {
             assert_eq!(got.seq, seq as u64);
             assert_eq!((got.offset, got.chunk.hash, got.chunk.size), (want.offset, want.hash, want.size));
+            assert_eq!(
+                (got.file_offset, got.chunk.stored_size, got.chunk.frame_hash),
+                (want.file_offset, want.stored_size, want.frame_hash)
+            );
         }
         db.assert_refcounts_consistent().await;
     }
@@ -163,28 +231,46 @@ both! {
         let commit = db.commit_blob(&blob(1, &[]), 0).await.unwrap();
         assert_eq!(db.blob_by_hash(&h(1)).await.unwrap().unwrap().size, 0);
         assert_eq!(db.blob_chunks(commit.blob_id, None).await.unwrap(), []);
-        assert_eq!(db.blob_chunks(commit.blob_id, Some(0..10)).await.unwrap(), []);
+        for range in [ChunkRange::Content(0..10), ChunkRange::File(0..10)] {
+            assert_eq!(db.blob_chunks(commit.blob_id, Some(range)).await.unwrap(), []);
+        }
     }
 
     async fn range_reads_at_every_boundary(db: TestDb) {
-        let b = blob(1, &[(10, 3), (11, 1), (12, 4), (10, 3), (13, 2)]);
+        let b = blob(1, &[(10, 3), (11, 1), (12, 4), (10, 3), (13, 4)]);
         let id = db.commit_blob(&b, 0).await.unwrap().blob_id;
         let all = db.blob_chunks(id, None).await.unwrap();
         assert_eq!(all.iter().map(|c| c.offset).collect::<Vec<_>>(), [0, 3, 4, 8, 11]);
+        // Frames of 2, 1, 3, 2 and 3 bytes: the last one ends before its
+        // content would, so a range past the file's end must not reach it.
+        assert_eq!(all.iter().map(|c| c.file_offset).collect::<Vec<_>>(), [0, 2, 3, 6, 8]);
         assert_eq!(all[3].chunk.id, all[0].chunk.id);
-        // Every range within and around the 13 bytes, against the obvious
-        // definition of overlap.
-        for start in 0..=15 {
-            for end in 0..=16 {
-                let want: Vec<&BlobChunk> = all
-                    .iter()
-                    .filter(|c| start < end && c.offset < end && start < c.offset + c.chunk.size)
-                    .collect();
-                let got = db.blob_chunks(id, Some(start..end)).await.unwrap();
-                assert_eq!(got.iter().collect::<Vec<_>>(), want, "{start}..{end}");
+        assert_eq!(all[4].chunk.frame_hash, frame(13));
+        // Every range within and around the 15 bytes of content and the 11
+        // bytes of file, against the obvious definition of overlap.
+        let kinds: [RangeKind; 2] = [
+            (ChunkRange::Content, |c| (c.offset, c.chunk.size)),
+            (ChunkRange::File, |c| (c.file_offset, c.chunk.stored_size)),
+        ];
+        for (kind, extent) in kinds {
+            for start in 0..=17 {
+                for end in 0..=18 {
+                    let want: Vec<&BlobChunk> = all
+                        .iter()
+                        .filter(|c| {
+                            let (offset, size) = extent(c);
+                            start < end && offset < end && start < offset + size
+                        })
+                        .collect();
+                    let range = kind(start..end);
+                    let got = db.blob_chunks(id, Some(range.clone())).await.unwrap();
+                    assert_eq!(got.iter().collect::<Vec<_>>(), want, "{range:?}");
+                }
             }
         }
-        let huge = db.blob_chunks(id, Some(12..u64::MAX)).await.unwrap();
-        assert_eq!(huge.len(), 1);
+        let huge = db.blob_chunks(id, Some(ChunkRange::Content(12..u64::MAX))).await.unwrap();
+        assert_eq!(huge.iter().map(|c| c.seq).collect::<Vec<_>>(), [4]);
+        let huge = db.blob_chunks(id, Some(ChunkRange::File(7..u64::MAX))).await.unwrap();
+        assert_eq!(huge.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4]);
     }
 }

@@ -1,8 +1,9 @@
+use std::collections::HashMap;
 use std::time::Duration;
 
 use garret_meta::{CachePatch, ChunkId, Expired, MetaError};
 
-use crate::support::{GRACE, TestDb, blob, both, deduplicated, h};
+use crate::support::{GRACE, TestDb, blob, both, deduplicated, frame, h};
 
 /// Ids of marked chunks, by digest, for readable assertions.
 fn hashes(chunks: &[garret_meta::Chunk]) -> Vec<[u8; 32]> {
@@ -42,13 +43,17 @@ both! {
         assert!(db.gc_mark_chunks(t + GRACE - 1, 100).await.unwrap().is_empty(), "grace not over");
         let marked = db.gc_mark_chunks(t + GRACE, 100).await.unwrap();
         assert_eq!(hashes(&marked), [h(13)]);
-        assert_eq!(marked[0].size, 5);
+        assert_eq!((marked[0].size, marked[0].stored_size), (5, 3));
+        assert_eq!(marked[0].frame_hash, frame(13));
         assert_eq!(db.chunk_state(h(13)).await.unwrap().2, "deleting");
         // (The caller deletes the objects here.)
         let ids: Vec<ChunkId> = marked.iter().map(|c| c.id).collect();
         assert_eq!(db.gc_forget_chunks(&ids).await.unwrap(), 1);
         assert_eq!(db.chunk_state(h(13)).await, None);
-        assert_eq!(db.missing_chunks(&[h(12), h(13)], t + GRACE).await.unwrap(), [h(13)]);
+        assert_eq!(
+            db.present_chunks(&[h(12), h(13)], t + GRACE).await.unwrap(),
+            HashMap::from([(h(12), frame(12))])
+        );
         db.assert_refcounts_consistent().await;
     }
 
@@ -64,7 +69,7 @@ both! {
         db.assert_refcounts_consistent().await;
     }
 
-    async fn missing_chunks_leases_unreferenced_chunks(db: TestDb) {
+    async fn present_chunks_leases_unreferenced_chunks(db: TestDb) {
         // Chunk 10 is unreferenced and collectable from 2*GRACE on.
         db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap();
         db.gc_sweep_blobs(GRACE, 100).await.unwrap();
@@ -72,7 +77,7 @@ both! {
 
         // A writer finds it just before then and decides not to upload it.
         let now = 2 * GRACE - 1;
-        assert!(db.missing_chunks(&[h(10)], now).await.unwrap().is_empty());
+        assert_eq!(db.present_chunks(&[h(10)], now).await.unwrap(), HashMap::from([(h(10), frame(10))]));
         assert_eq!(db.chunk_state(h(10)).await.unwrap().1, Some(now + GRACE));
         // GC cannot take it while the writer's upload is in flight...
         assert!(db.gc_mark_chunks(2 * GRACE, 100).await.unwrap().is_empty());
@@ -84,8 +89,8 @@ both! {
         // An earlier lease is never shortened by a later look.
         db.commit_blob(&blob(3, &[(11, 5)]), 0).await.unwrap();
         db.gc_sweep_blobs(GRACE, 100).await.unwrap();
-        db.missing_chunks(&[h(11)], 10 * GRACE).await.unwrap();
-        db.missing_chunks(&[h(11)], 5 * GRACE).await.unwrap();
+        db.present_chunks(&[h(11)], 10 * GRACE).await.unwrap();
+        db.present_chunks(&[h(11)], 5 * GRACE).await.unwrap();
         assert_eq!(db.chunk_state(h(11)).await.unwrap().1, Some(11 * GRACE));
     }
 
@@ -94,7 +99,7 @@ both! {
         // pointing at a deleted object.
         db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap();
         db.gc_sweep_blobs(GRACE, 100).await.unwrap();
-        assert!(db.missing_chunks(&[h(10)], GRACE).await.unwrap().is_empty());
+        assert_eq!(db.present_chunks(&[h(10)], GRACE).await.unwrap(), HashMap::from([(h(10), frame(10))]));
         let marked = db.gc_mark_chunks(2 * GRACE, 100).await.unwrap();
         let ids: Vec<ChunkId> = marked.iter().map(|c| c.id).collect();
         db.gc_forget_chunks(&ids).await.unwrap();
@@ -117,7 +122,7 @@ both! {
         assert!(db.gc_mark_chunks(t + GRACE - 1, 100).await.unwrap().is_empty());
         // ...and writers keep away from them meanwhile.
         assert!(matches!(
-            db.missing_chunks(&[h(10)], t + 1).await,
+            db.present_chunks(&[h(10)], t + 1).await,
             Err(MetaError::ChunkGone(_))
         ));
         // After the grace period the dead worker's marks are reclaimed; the

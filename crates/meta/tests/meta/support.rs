@@ -174,10 +174,19 @@ pub fn h(n: u32) -> [u8; 32] {
     out
 }
 
+/// The stored frame's SHA-256 of chunk `h(n)` in [`blob`].
+pub fn frame(n: u32) -> [u8; 32] {
+    let mut out = [0xfb; 32];
+    out[..4].copy_from_slice(&n.to_be_bytes());
+    out
+}
+
 /// A blob named `name` made of chunks `(id, size)` in order, all of which
-/// this writer uploaded.
+/// this writer uploaded. Chunk `id` is stored as a frame of `size / 2 + 1`
+/// bytes hashing to `frame(id)`.
 pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
     let mut offset = 0;
+    let mut file_offset = 0;
     let chunks: Vec<NewChunkRef> = chunks
         .iter()
         .map(|&(id, size)| {
@@ -185,11 +194,14 @@ pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
                 hash: h(id),
                 size,
                 stored_size: size / 2 + 1,
+                frame_hash: frame(id),
                 compression: Compression::Zstd,
                 offset,
+                file_offset,
                 uploaded: true,
             };
-            offset += size;
+            offset += chunk.size;
+            file_offset += chunk.stored_size;
             chunk
         })
         .collect();
@@ -197,7 +209,7 @@ pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
         hash: h(name),
         size: offset,
         file_hash: h(name + 1_000_000),
-        file_size: chunks.iter().map(|c| c.stored_size).sum(),
+        file_size: file_offset,
         chunks,
     }
 }

@@ -37,7 +37,8 @@ enum State {
 /// It enforces the same rules as the decoder (entry order, names, targets,
 /// depth), so whatever it writes decodes. Calls out of order and rule breaks are
 /// [`io::ErrorKind::InvalidInput`] errors, the latter wrapping a [`NarError`].
-/// After any error the writer refuses further calls, so that a half-written
+/// A call out of order writes nothing and can be followed by a correct one; any
+/// other error makes the writer refuse all further calls, so that a half-written
 /// node can never be passed off as a complete archive by [`finish`](Self::finish).
 ///
 /// Tokens are written in small pieces: give it a buffered sink.

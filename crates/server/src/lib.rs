@@ -1,0 +1,4 @@
+//! The garret server as a library: the pieces `garret serve` wires together,
+//! importable by end-to-end tests and benchmarks.
+
+pub mod blobs;

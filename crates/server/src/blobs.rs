@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
-use garret_meta::{BlobChunk, BlobId, ChunkRange, Compression, Meta, MetaError, NewBlob, NewChunkRef};
+use garret_meta::{
+    BlobChunk, BlobId, ChunkRange, Compression, Meta, MetaError, NewBlob, NewChunkRef,
+};
 use garret_nix::Sha256Hash;
 use garret_store::{
     Backend, ChunkId, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest, StoreError,
@@ -28,7 +30,10 @@ const GONE_BACKOFF: Duration = Duration::from_millis(100);
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     #[error("content hash mismatch: expected {expected}, got {actual}")]
-    HashMismatch { expected: Sha256Hash, actual: Sha256Hash },
+    HashMismatch {
+        expected: Sha256Hash,
+        actual: Sha256Hash,
+    },
     #[error("content size mismatch: expected {expected} bytes, got {actual}")]
     SizeMismatch { expected: u64, actual: u64 },
     #[error(transparent)]
@@ -87,7 +92,12 @@ impl ChunkIndex for MetaIndex<'_> {
         };
         Ok(present
             .into_iter()
-            .map(|(id, frame)| (ChunkId(Sha256Hash::from_bytes(id)), Sha256Hash::from_bytes(frame)))
+            .map(|(id, frame)| {
+                (
+                    ChunkId(Sha256Hash::from_bytes(id)),
+                    Sha256Hash::from_bytes(frame),
+                )
+            })
             .collect())
     }
 }
@@ -156,14 +166,23 @@ impl Blobs {
         E: Into<BoxError>,
     {
         let now = unix_now();
-        let index = MetaIndex { meta: &self.meta, now };
+        let index = MetaIndex {
+            meta: &self.meta,
+            now,
+        };
         let Ingested { manifest, uploaded } =
             self.store.ingest(input, &index, expect.max_size).await?;
         if let Some(expected) = expect.size.filter(|s| *s != manifest.size) {
-            return Err(BlobError::SizeMismatch { expected, actual: manifest.size });
+            return Err(BlobError::SizeMismatch {
+                expected,
+                actual: manifest.size,
+            });
         }
         if let Some(expected) = expect.hash.filter(|h| *h != manifest.hash) {
-            return Err(BlobError::HashMismatch { expected, actual: manifest.hash });
+            return Err(BlobError::HashMismatch {
+                expected,
+                actual: manifest.hash,
+            });
         }
         let blob = new_blob(&manifest, &|id| uploaded.contains(&id));
         let commit = self.meta.commit_blob(&blob, now).await?;
@@ -184,8 +203,13 @@ impl Blobs {
         blob: BlobId,
         range: Range<u64>,
     ) -> Result<impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static, BlobError> {
-        let chunks = self.meta.blob_chunks(blob, Some(ChunkRange::Content(range.clone()))).await?;
-        Ok(self.store.read(chunks.iter().map(chunk_ref).collect(), range))
+        let chunks = self
+            .meta
+            .blob_chunks(blob, Some(ChunkRange::Content(range.clone())))
+            .await?;
+        Ok(self
+            .store
+            .read(chunks.iter().map(chunk_ref).collect(), range))
     }
 
     /// Streams `range` of a blob's stored frames (its zstd file), unchanged.
@@ -194,7 +218,12 @@ impl Blobs {
         blob: BlobId,
         range: Range<u64>,
     ) -> Result<impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static, BlobError> {
-        let chunks = self.meta.blob_chunks(blob, Some(ChunkRange::File(range.clone()))).await?;
-        Ok(self.store.read_frames(chunks.iter().map(chunk_ref).collect(), range))
+        let chunks = self
+            .meta
+            .blob_chunks(blob, Some(ChunkRange::File(range.clone())))
+            .await?;
+        Ok(self
+            .store
+            .read_frames(chunks.iter().map(chunk_ref).collect(), range))
     }
 }

@@ -204,12 +204,9 @@ impl Blobs {
         range: Range<u64>,
     ) -> Result<impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static, BlobError> {
         let chunks = self
-            .meta
-            .blob_chunks(blob, Some(ChunkRange::Content(range.clone())))
+            .chunks(blob, ChunkRange::Content(range.clone()))
             .await?;
-        Ok(self
-            .store
-            .read(chunks.iter().map(chunk_ref).collect(), range))
+        Ok(self.store.read(chunks, range))
     }
 
     /// Streams `range` of a blob's stored frames (its zstd file), unchanged.
@@ -218,12 +215,13 @@ impl Blobs {
         blob: BlobId,
         range: Range<u64>,
     ) -> Result<impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static, BlobError> {
-        let chunks = self
-            .meta
-            .blob_chunks(blob, Some(ChunkRange::File(range.clone())))
-            .await?;
-        Ok(self
-            .store
-            .read_frames(chunks.iter().map(chunk_ref).collect(), range))
+        let chunks = self.chunks(blob, ChunkRange::File(range.clone())).await?;
+        Ok(self.store.read_frames(chunks, range))
+    }
+
+    /// The chunks overlapping `range`, as the store wants them.
+    async fn chunks(&self, blob: BlobId, range: ChunkRange) -> Result<Vec<ChunkRef>, BlobError> {
+        let chunks = self.meta.blob_chunks(blob, Some(range)).await?;
+        Ok(chunks.iter().map(chunk_ref).collect())
     }
 }

@@ -12,32 +12,10 @@ use garret_meta::Meta;
 use garret_meta::testing::PgCluster;
 use garret_nix::Sha256Hash;
 use garret_server::blobs::{BlobError, Blobs, Expect, StoredBlob};
-use garret_store::testing::S3TestServer;
+use garret_store::testing::{S3TestServer, body, text};
 use garret_store::{
     Backend, ChunkStore, FsBackend, ObjectStore, S3Backend, StoreConfig, StoreError,
 };
-
-/// Deterministic data that compresses about 2:1.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b"abcdefghijklmnop"[(state % 16) as usize]
-        })
-        .collect()
-}
-
-fn body(bytes: &[u8]) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + use<> {
-    let pieces: Vec<_> = bytes
-        .chunks(65_521)
-        .map(Bytes::copy_from_slice)
-        .map(Ok)
-        .collect();
-    stream::iter(pieces)
-}
 
 struct Fixture {
     blobs: Blobs,
@@ -109,7 +87,7 @@ async fn put(blobs: &Blobs, content: &[u8]) -> StoredBlob {
 async fn round_trips(f: Fixture) {
     let max = f.blobs.store().config().chunker.max_size as usize;
     for len in [0, 1, 1000, max, max + 1, 5 * max + 17] {
-        let content = data(len, len as u64 + 7);
+        let content = text(len, len as u64 + 7);
         let expect = Expect {
             hash: Some(Sha256Hash::of(&content)),
             size: Some(len as u64),
@@ -147,7 +125,7 @@ async fn round_trips(f: Fixture) {
 }
 
 async fn range_reads_at_every_boundary(f: Fixture) {
-    let content = data(1 << 20, 3);
+    let content = text(1 << 20, 3);
     let b = put(&f.blobs, &content).await;
     let chunks = f.blobs.meta().blob_chunks(b.id, None).await.unwrap();
     assert!(chunks.len() > 4);
@@ -210,9 +188,9 @@ async fn range_reads_at_every_boundary(f: Fixture) {
 }
 
 async fn dedups_across_blobs(f: Fixture) {
-    let first = data(4 << 20, 5);
+    let first = text(4 << 20, 5);
     let mut second = first.clone();
-    second.splice(1 << 20..1 << 20, data(64, 77));
+    second.splice(1 << 20..1 << 20, text(64, 77));
     let a = put(&f.blobs, &first).await;
     let after_first = f.blobs.meta().chunk_stats().await.unwrap();
     let b = put(&f.blobs, &second).await;
@@ -227,7 +205,7 @@ async fn dedups_across_blobs(f: Fixture) {
 }
 
 async fn missing_chunk_fails_loudly(f: Fixture) {
-    let content = data(1 << 20, 9);
+    let content = text(1 << 20, 9);
     let b = put(&f.blobs, &content).await;
     let chunks = f.blobs.meta().blob_chunks(b.id, None).await.unwrap();
     let victim = garret_store::ChunkId(Sha256Hash::from_bytes(chunks[chunks.len() / 2].chunk.hash));
@@ -251,7 +229,7 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
 }
 
 async fn concurrent_writers_store_once(f: Fixture) {
-    let content = data(3 << 20, 13);
+    let content = text(3 << 20, 13);
     let (a, b) = tokio::join!(put(&f.blobs, &content), put(&f.blobs, &content));
     assert_eq!(a.id, b.id);
     assert!(
@@ -268,7 +246,7 @@ async fn concurrent_writers_store_once(f: Fixture) {
 }
 
 async fn rejects_lies_and_stores_nothing(f: Fixture) {
-    let content = data(600_000, 17);
+    let content = text(600_000, 17);
     let wrong_hash = Expect {
         hash: Some(Sha256Hash::of(b"something else")),
         ..Expect::default()
@@ -314,7 +292,7 @@ async fn rejects_lies_and_stores_nothing(f: Fixture) {
 
 async fn streams_one_gibibyte(f: Fixture) {
     const GIB: u64 = 1 << 30;
-    let pattern = Bytes::from(data(8 << 20, 41));
+    let pattern = Bytes::from(text(8 << 20, 41));
     let pieces = (GIB / pattern.len() as u64) as usize;
     let input = stream::iter((0..pieces).map(move |_| Ok::<_, std::io::Error>(pattern.clone())));
     let b = f
@@ -328,7 +306,7 @@ async fn streams_one_gibibyte(f: Fixture) {
         )
         .await
         .unwrap();
-    let pattern = data(8 << 20, 41);
+    let pattern = text(8 << 20, 41);
     let mut hasher = garret_nix::Sha256Hasher::new();
     let mut reader = std::pin::pin!(f.blobs.read(b.id, 0..b.size).await.unwrap());
     let mut at = 0usize;

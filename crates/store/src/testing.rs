@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use bytes::Bytes;
+use futures::Stream;
 use garret_nix::Sha256Hash;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
@@ -92,4 +94,28 @@ impl ChunkIndex for MemoryIndex {
             .filter_map(|id| chunks.get(id).map(|h| (*id, *h)))
             .collect())
     }
+}
+
+/// Deterministic bytes that compress about 2:1 (16 symbols of noise), so tests
+/// exercise real compression without storing much.
+pub fn text(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b"abcdefghijklmnop"[usize::try_from(state % 16).expect("below 16")]
+        })
+        .collect()
+}
+
+/// `bytes` as a body stream in uneven pieces, as a network body arrives.
+pub fn body(bytes: &[u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + use<> {
+    let pieces: Vec<_> = bytes
+        .chunks(7919)
+        .map(Bytes::copy_from_slice)
+        .map(Ok)
+        .collect();
+    futures::stream::iter(pieces)
 }

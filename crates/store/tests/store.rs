@@ -9,32 +9,18 @@ use std::ops::Range;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use garret_nix::Sha256Hash;
-use garret_store::testing::{MemoryIndex, S3TestServer};
+use garret_store::testing::{MemoryIndex, S3TestServer, body, text};
 use garret_store::{
     Backend, ChunkStore, FsBackend, Manifest, ObjectStore, S3Backend, StoreConfig, StoreError,
 };
 
-/// Deterministic data that compresses about 2:1, like typical build outputs.
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b"abcdefghijklmnop"[(state % 16) as usize]
-        })
-        .collect()
-}
-
-/// Splits `bytes` into uneven pieces, as a network body would arrive.
-fn body(bytes: &[u8]) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + use<> {
-    let pieces: Vec<_> = bytes
-        .chunks(7919)
-        .map(Bytes::copy_from_slice)
-        .map(Ok)
-        .collect();
-    stream::iter(pieces)
+/// Ingests `content` that must succeed, returning its manifest.
+async fn ingest(store: &ChunkStore<Backend>, index: &MemoryIndex, content: &[u8]) -> Manifest {
+    store
+        .ingest(body(content), index, None)
+        .await
+        .unwrap()
+        .manifest
 }
 
 async fn read_all(
@@ -103,13 +89,8 @@ async fn round_trips(f: Fixture) {
         ("max chunk + 1", max + 1),
         ("several", 5 * max + 17),
     ] {
-        let content = data(len, len as u64 + 3);
-        let m = f
-            .store
-            .ingest(body(&content), &index, None)
-            .await
-            .unwrap()
-            .manifest;
+        let content = text(len, len as u64 + 3);
+        let m = ingest(&f.store, &index, &content).await;
         index.commit(&m);
         assert_eq!(m.size, len as u64, "{name}");
         assert_eq!(m.hash, Sha256Hash::of(&content), "{name}");
@@ -148,13 +129,8 @@ async fn round_trips(f: Fixture) {
 
 async fn range_reads_at_every_boundary(f: Fixture) {
     let index = MemoryIndex::default();
-    let content = data(1 << 20, 11);
-    let m = f
-        .store
-        .ingest(body(&content), &index, None)
-        .await
-        .unwrap()
-        .manifest;
+    let content = text(1 << 20, 11);
+    let m = ingest(&f.store, &index, &content).await;
     assert!(m.chunks.len() > 4);
     let mut points = vec![0, 1, m.size - 1, m.size];
     for c in &m.chunks {
@@ -228,24 +204,14 @@ async fn count_objects(store: &ChunkStore<Backend>, m: &Manifest) -> usize {
 
 async fn dedups_shared_content(f: Fixture) {
     let index = MemoryIndex::default();
-    let first = data(4 << 20, 5);
+    let first = text(4 << 20, 5);
     // The second blob shares everything but a 100-byte insertion in the middle.
     let mut second = first.clone();
-    second.splice(2 << 20..2 << 20, data(100, 99));
-    let a = f
-        .store
-        .ingest(body(&first), &index, None)
-        .await
-        .unwrap()
-        .manifest;
+    second.splice(2 << 20..2 << 20, text(100, 99));
+    let a = ingest(&f.store, &index, &first).await;
     index.commit(&a);
     let after_first = index.len();
-    let b = f
-        .store
-        .ingest(body(&second), &index, None)
-        .await
-        .unwrap()
-        .manifest;
+    let b = ingest(&f.store, &index, &second).await;
     index.commit(&b);
     let new_chunks = index.len() - after_first;
     assert!(
@@ -259,13 +225,8 @@ async fn dedups_shared_content(f: Fixture) {
 
 async fn missing_chunk_fails_loudly(f: Fixture) {
     let index = MemoryIndex::default();
-    let content = data(1 << 20, 21);
-    let m = f
-        .store
-        .ingest(body(&content), &index, None)
-        .await
-        .unwrap()
-        .manifest;
+    let content = text(1 << 20, 21);
+    let m = ingest(&f.store, &index, &content).await;
     let victim = m.chunks[m.chunks.len() / 2].id;
     f.store
         .backend()
@@ -297,7 +258,7 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
 
 async fn concurrent_writers_store_once(f: Fixture) {
     let index = MemoryIndex::default();
-    let content = data(2 << 20, 31);
+    let content = text(2 << 20, 31);
     let (a, b) = tokio::join!(
         f.store.ingest(body(&content), &index, None),
         f.store.ingest(body(&content), &index, None)
@@ -315,7 +276,7 @@ async fn streams_one_gibibyte(f: Fixture) {
     // chunking, hashing and compression, while content-defined chunking
     // dedups the repeats so the test stays light on disk.
     const GIB: u64 = 1 << 30;
-    let pattern = Bytes::from(data(8 << 20, 41));
+    let pattern = Bytes::from(text(8 << 20, 41));
     let pieces = (GIB / pattern.len() as u64) as usize;
     let input = stream::iter((0..pieces).map(move |_| Ok::<_, std::io::Error>(pattern.clone())));
     let index = MemoryIndex::default();
@@ -324,7 +285,7 @@ async fn streams_one_gibibyte(f: Fixture) {
     let unique: std::collections::HashSet<_> = m.chunks.iter().map(|c| c.id).collect();
     assert!(unique.len() < 400, "{} unique chunks", unique.len());
 
-    let pattern = data(8 << 20, 41);
+    let pattern = text(8 << 20, 41);
     let mut hasher = garret_nix::Sha256Hasher::new();
     let mut reader = std::pin::pin!(f.store.read(m.chunks.clone(), 0..m.size));
     let mut at = 0usize;
@@ -342,14 +303,14 @@ async fn streams_one_gibibyte(f: Fixture) {
 async fn input_errors_and_limits(f: Fixture) {
     let index = MemoryIndex::default();
     let failing = stream::iter(vec![
-        Ok(Bytes::from(data(300_000, 1))),
+        Ok(Bytes::from(text(300_000, 1))),
         Err(std::io::Error::other("client went away")),
     ]);
     assert!(matches!(
         f.store.ingest(failing, &index, None).await,
         Err(StoreError::Input(_))
     ));
-    let content = data(100_000, 2);
+    let content = text(100_000, 2);
     assert!(matches!(
         f.store.ingest(body(&content), &index, Some(99_999)).await,
         Err(StoreError::TooLarge { limit: 99_999 })

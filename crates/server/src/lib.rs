@@ -1,4 +1,5 @@
 //! The garret server as a library: the pieces `garret serve` wires together,
 //! importable by end-to-end tests and benchmarks.
 
+pub mod auth;
 pub mod blobs;

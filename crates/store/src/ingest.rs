@@ -1,4 +1,5 @@
-//! The write path: stream in, cut, hash, compress, upload what is missing.
+//! The write path: stream in, cut, hash, then compress and upload what is
+//! missing while fetching the stored frames of what is present.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -35,25 +36,76 @@ pub struct Ingested {
     pub uploaded: HashSet<ChunkId>,
 }
 
-/// A chunk after hashing and compression, before anyone asked whether it exists.
-struct Compressed {
+/// A chunk cut and hashed. Whether it is compressed depends on whether the
+/// store already has it: a present chunk's stored frame is fetched instead,
+/// so deduplicated content costs a read, not a compression.
+struct Hashed {
+    id: ChunkId,
+    data: Bytes,
+}
+
+/// A chunk's stored frame, ready to take its place in the blob.
+struct Framed {
     id: ChunkId,
     size: u32,
     frame: Bytes,
     frame_hash: Sha256Hash,
+    /// This ingest must upload the frame (first sight of a missing chunk).
+    upload: bool,
 }
 
-fn compress_chunk(data: &Bytes, level: i32) -> Result<Compressed, StoreError> {
-    let frame = codec::compress(data, level)?;
-    Ok(Compressed {
-        id: ChunkId::of(data),
-        size: u32::try_from(data.len()).expect("chunks are at most 16 MiB"),
+fn hash_chunk(data: Bytes) -> Hashed {
+    Hashed {
+        id: ChunkId::of(&data),
+        data,
+    }
+}
+
+fn compress_chunk(chunk: &Hashed, level: i32, upload: bool) -> Result<Framed, StoreError> {
+    let frame = codec::compress(&chunk.data, level)?;
+    Ok(Framed {
+        id: chunk.id,
+        size: chunk_size(&chunk.data),
         frame_hash: Sha256Hash::of(&frame),
         frame,
+        upload,
     })
 }
 
-/// Builds the manifest in blob order while chunk uploads run concurrently.
+fn chunk_size(data: &[u8]) -> u32 {
+    u32::try_from(data.len()).expect("chunks are at most 16 MiB")
+}
+
+/// Fetches the stored frame of a chunk the index reported present, checking
+/// it against the recorded frame hash: a corrupt object must not become part
+/// of a new blob's file.
+async fn fetch_frame<B: ObjectStore>(
+    backend: B,
+    id: ChunkId,
+    size: u32,
+    frame_hash: Sha256Hash,
+) -> Result<Framed, StoreError> {
+    let frame = backend
+        .get(&id.object_key())
+        .await
+        .map_err(|e| StoreError::from_backend(id, e))?;
+    if Sha256Hash::of(&frame) != frame_hash {
+        return Err(StoreError::Corrupt {
+            id,
+            reason: "stored frame does not match its recorded hash".into(),
+        });
+    }
+    Ok(Framed {
+        id,
+        size,
+        frame,
+        frame_hash,
+        upload: false,
+    })
+}
+
+/// Builds the manifest in blob order while frames are produced (compressed or
+/// fetched) and uploaded concurrently.
 struct Assembler<'a, B, I> {
     store: &'a ChunkStore<B>,
     index: &'a I,
@@ -61,46 +113,53 @@ struct Assembler<'a, B, I> {
     offset: u64,
     chunks: Vec<ChunkRef>,
     uploaded: HashSet<ChunkId>,
+    framing: FuturesOrdered<JoinHandle<Result<Framed, StoreError>>>,
     uploads: FuturesUnordered<JoinHandle<Result<(), StoreError>>>,
 }
 
 impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
-    async fn add_batch(&mut self, batch: Vec<Compressed>) -> Result<(), StoreError> {
+    async fn add_batch(&mut self, batch: Vec<Hashed>) -> Result<(), StoreError> {
         let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
         let present = self.index.lookup(&ids).await.map_err(StoreError::Index)?;
+        let level = self.store.config.zstd_level;
         for chunk in batch {
-            let (frame, frame_hash) = match present.get(&chunk.id) {
-                Some(stored) if *stored == chunk.frame_hash => (chunk.frame, chunk.frame_hash),
-                // Stored by another zstd build or level: the blob's file is
-                // made of the stored frame, so hash that one.
-                Some(_) => {
-                    let stored = self
-                        .store
-                        .backend
-                        .get(&chunk.id.object_key())
-                        .await
-                        .map_err(|e| StoreError::from_backend(chunk.id, e))?;
-                    let hash = Sha256Hash::of(&stored);
-                    (stored, hash)
-                }
-                None => {
-                    if self.uploaded.insert(chunk.id) {
-                        self.upload(chunk.id, chunk.frame.clone()).await?;
-                    }
-                    (chunk.frame, chunk.frame_hash)
-                }
+            let task = if let Some(&frame_hash) = present.get(&chunk.id) {
+                tokio::spawn(fetch_frame(
+                    self.store.backend.clone(),
+                    chunk.id,
+                    chunk_size(&chunk.data),
+                    frame_hash,
+                ))
+            } else {
+                // A chunk repeated within this blob is compressed again
+                // (zstd is deterministic) but uploaded once.
+                let upload = self.uploaded.insert(chunk.id);
+                tokio::task::spawn_blocking(move || compress_chunk(&chunk, level, upload))
             };
-            self.file.update(&frame);
-            let stored_size = u32::try_from(frame.len()).expect("frames are small");
-            self.chunks.push(ChunkRef {
-                id: chunk.id,
-                offset: self.offset,
-                size: chunk.size,
-                file_offset: self.file.len() - u64::from(stored_size),
-                stored_size,
-                frame_hash,
-            });
-            self.offset += u64::from(chunk.size);
+            self.framing.push_back(task);
+            while self.framing.len() >= self.store.config.upload_concurrency {
+                let framed = self.framing.next().await.expect("framing is not empty")??;
+                self.place(framed).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a frame to the blob, in order, and starts its upload if needed.
+    async fn place(&mut self, framed: Framed) -> Result<(), StoreError> {
+        self.file.update(&framed.frame);
+        let stored_size = u32::try_from(framed.frame.len()).expect("frames are small");
+        self.chunks.push(ChunkRef {
+            id: framed.id,
+            offset: self.offset,
+            size: framed.size,
+            file_offset: self.file.len() - u64::from(stored_size),
+            stored_size,
+            frame_hash: framed.frame_hash,
+        });
+        self.offset += u64::from(framed.size);
+        if framed.upload {
+            self.upload(framed.id, framed.frame).await?;
         }
         Ok(())
     }
@@ -120,6 +179,9 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
     }
 
     async fn finish(mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
+        while let Some(framed) = self.framing.next().await {
+            self.place(framed??).await?;
+        }
         while let Some(done) = self.uploads.next().await {
             done??;
         }
@@ -145,7 +207,8 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
     /// the manifest (hash, size) and commits it to the metadata.
     ///
     /// Memory stays bounded whatever the blob size: one chunker window, the
-    /// chunks being compressed, one lookup batch and the uploads in flight.
+    /// chunks being hashed, one lookup batch, and the frames being produced
+    /// and uploaded (each bounded by the configured concurrency).
     /// An error from `input` aborts the ingest; chunk objects already written
     /// are harmless orphans (content-named, unreferenced) for GC to sweep.
     pub async fn ingest<S, E>(
@@ -160,12 +223,10 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
     {
         let mut input = pin!(input);
         let window = self.chunker.window();
-        let level = self.config.zstd_level;
         let mut buf = BytesMut::with_capacity(window * 2);
         let mut whole = Sha256Hasher::new();
         let mut eof = false;
-        let mut compressing: FuturesOrdered<JoinHandle<Result<Compressed, StoreError>>> =
-            FuturesOrdered::new();
+        let mut hashing: FuturesOrdered<JoinHandle<Hashed>> = FuturesOrdered::new();
         let mut batch = Vec::with_capacity(self.config.lookup_batch);
         let mut assembler = Assembler {
             store: self,
@@ -174,6 +235,7 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
             offset: 0,
             chunks: Vec::new(),
             uploaded: HashSet::new(),
+            framing: FuturesOrdered::new(),
             uploads: FuturesUnordered::new(),
         };
 
@@ -197,19 +259,17 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
             while !buf.is_empty() && (eof || buf.len() >= window) {
                 let len = self.chunker.cut(&buf[..buf.len().min(window)]);
                 let data = buf.split_to(len).freeze();
-                compressing.push_back(tokio::task::spawn_blocking(move || {
-                    compress_chunk(&data, level)
-                }));
-                while compressing.len() >= self.config.compress_concurrency {
-                    batch.push(compressing.next().await.expect("queue is not empty")??);
+                hashing.push_back(tokio::task::spawn_blocking(move || hash_chunk(data)));
+                while hashing.len() >= self.config.hash_concurrency {
+                    batch.push(hashing.next().await.expect("queue is not empty")?);
                     if batch.len() >= self.config.lookup_batch {
                         assembler.add_batch(std::mem::take(&mut batch)).await?;
                     }
                 }
             }
         }
-        while let Some(done) = compressing.next().await {
-            batch.push(done??);
+        while let Some(done) = hashing.next().await {
+            batch.push(done?);
         }
         if !batch.is_empty() {
             assembler.add_batch(batch).await?;

@@ -28,9 +28,10 @@ use std::sync::Arc;
 pub struct StoreConfig {
     pub chunker: ChunkerConfig,
     pub zstd_level: i32,
-    /// Chunks compressed at once; about one per core keeps every core busy.
-    pub compress_concurrency: usize,
-    /// Chunk uploads in flight; hides object-store latency.
+    /// Chunks hashed at once; about one per core keeps every core busy.
+    pub hash_concurrency: usize,
+    /// Frames being compressed or fetched, and uploads, in flight: hides
+    /// object-store latency.
     pub upload_concurrency: usize,
     /// Chunks asked about per index query: one round trip per batch, never one
     /// per chunk.
@@ -45,7 +46,7 @@ impl Default for StoreConfig {
         Self {
             chunker: ChunkerConfig::default(),
             zstd_level: codec::DEFAULT_LEVEL,
-            compress_concurrency: cores + 1,
+            hash_concurrency: cores + 1,
             upload_concurrency: 16,
             lookup_batch: 64,
             read_prefetch: 8,

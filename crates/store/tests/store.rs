@@ -76,6 +76,7 @@ both_backends! {
     concurrent_writers_store_once,
     streams_one_gibibyte,
     input_errors_and_limits,
+    corrupt_stored_frame_is_not_reused,
 }
 
 async fn round_trips(f: Fixture) {
@@ -320,5 +321,32 @@ async fn input_errors_and_limits(f: Fixture) {
             .ingest(body(&content), &index, Some(100_000))
             .await
             .is_ok()
+    );
+}
+
+async fn corrupt_stored_frame_is_not_reused(f: Fixture) {
+    let index = MemoryIndex::default();
+    let content = text(1 << 20, 51);
+    let m = ingest(&f.store, &index, &content).await;
+    index.commit(&m);
+    let victim = m.chunks[1].id;
+    f.store
+        .backend()
+        .put(
+            &victim.object_key(),
+            Bytes::from_static(b"not a zstd frame"),
+        )
+        .await
+        .unwrap();
+    // A second writer of overlapping content fetches the stored frame of each
+    // present chunk for its file hash, and refuses one that does not match.
+    let err = f
+        .store
+        .ingest(body(&content), &index, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Corrupt { id, .. } if id == victim),
+        "{err:?}"
     );
 }

@@ -185,6 +185,12 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
         while let Some(done) = self.uploads.next().await {
             done??;
         }
+        let keys: Vec<String> = self.uploaded.iter().map(ChunkId::object_key).collect();
+        self.store
+            .backend
+            .sync(&keys)
+            .await
+            .map_err(StoreError::Backend)?;
         let (hash, size) = whole.finish();
         let (file_hash, file_size) = self.file.finish();
         debug_assert_eq!(size, self.offset);

@@ -10,9 +10,11 @@ use super::{BackendError, ObjectStore};
 
 /// Local-disk backend, the embedded default.
 ///
-/// Writes go to a temporary file in the same filesystem, are fsynced, renamed
-/// into place and the directory is fsynced: a crash leaves either the whole
-/// object or nothing, never a short file under the final name.
+/// Writes go to a temporary file in the same filesystem, are fsynced and
+/// renamed into place: a crash leaves either the whole object or nothing,
+/// never a short file under the final name. The directory fsync that makes a
+/// rename durable is deferred to [`ObjectStore::sync`], which does it once per
+/// fan-out directory for a whole upload rather than once per chunk.
 #[derive(Debug, Clone)]
 pub struct FsBackend {
     root: Arc<PathBuf>,
@@ -45,12 +47,19 @@ impl FsBackend {
 
     fn put_blocking(root: &Path, path: &Path, key: &str, data: &[u8]) -> std::io::Result<()> {
         let dir = path.parent().expect("object keys have a directory");
-        std::fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            // A new fan-out directory is made durable at once (rare: a few
+            // hundred in a store's life), so `sync` only has to care about
+            // the entries inside it.
+            std::fs::create_dir_all(dir)?;
+            if let Some(parent) = dir.parent() {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
+        }
         let mut tmp = tempfile::NamedTempFile::new_in(root.join("tmp"))?;
         tmp.write_all(data)?;
         tmp.as_file().sync_data()?;
         tmp.persist(path).map_err(|e| e.error)?;
-        std::fs::File::open(dir)?.sync_all()?;
         tracing::trace!(key, bytes = data.len(), "stored object");
         Ok(())
     }
@@ -89,6 +98,25 @@ impl ObjectStore for FsBackend {
         let owned_key = key.to_owned();
         blocking(key, move || {
             Self::put_blocking(&root, &path, &owned_key, &data)
+        })
+        .await
+    }
+
+    async fn sync(&self, keys: &[String]) -> Result<(), BackendError> {
+        let mut dirs = std::collections::BTreeSet::new();
+        for key in keys {
+            let path = self.path(key)?;
+            dirs.insert(
+                path.parent()
+                    .expect("object keys have a directory")
+                    .to_owned(),
+            );
+        }
+        blocking("sync", move || {
+            for dir in dirs {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
         })
         .await
     }

@@ -37,9 +37,15 @@ pub enum BackendError {
 
 /// The operations the chunk store needs from an object store.
 pub trait ObjectStore: Send + Sync {
-    /// Stores an object durably: once this returns, a crash does not lose it.
-    /// Writing the same key twice is harmless because keys name content.
+    /// Stores an object. It is durable once [`ObjectStore::sync`] has
+    /// returned for its key: batching that last step lets a backend pay for
+    /// it once per upload instead of once per chunk. Writing the same key
+    /// twice is harmless because keys name content.
     fn put(&self, key: &str, data: Bytes) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Makes the earlier puts of `keys` durable: after it returns, a crash
+    /// loses none of them.
+    fn sync(&self, keys: &[String]) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Fetches a whole object, or [`BackendError::NotFound`].
     fn get(&self, key: &str) -> impl Future<Output = Result<Bytes, BackendError>> + Send;
@@ -64,6 +70,13 @@ impl ObjectStore for Backend {
         match self {
             Self::Fs(b) => b.put(key, data).await,
             Self::S3(b) => b.put(key, data).await,
+        }
+    }
+
+    async fn sync(&self, keys: &[String]) -> Result<(), BackendError> {
+        match self {
+            Self::Fs(b) => b.sync(keys).await,
+            Self::S3(b) => b.sync(keys).await,
         }
     }
 

@@ -151,6 +151,11 @@ impl ObjectStore for S3Backend {
         Ok(())
     }
 
+    /// S3 acknowledges a PUT only once the object is durable.
+    async fn sync(&self, _keys: &[String]) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
         let output = match self
             .client

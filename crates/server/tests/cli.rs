@@ -118,3 +118,426 @@ fn migrate_creates_and_upgrades_the_schema() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+// `garret token create`: the printed JWT is checked with the library's own
+// verifier, as the server will check it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use garret_server::auth::{
+    AuthError, CacheName, Permission, Token, TokenAuthority, TokenRejection,
+};
+
+const HS256_ENV: &str = "GARRET_TOKEN_HS256_SECRET_BASE64";
+const RS256_ENV: &str = "GARRET_TOKEN_RS256_SECRET_BASE64";
+
+fn hs_secret() -> String {
+    STANDARD.encode("garret cli tests: an HS256 secret; never use it anywhere")
+}
+
+fn testdata(file: &str) -> String {
+    format!("{}/testdata/{file}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `garret token create ARGS` with exactly the key variables in `env`, so the
+/// developer's own environment cannot leak in. The caller judges the exit.
+fn token_create(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_garret"))
+        .args(["token", "create"])
+        .args(args)
+        .env_remove(HS256_ENV)
+        .env_remove(RS256_ENV)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// The JWT of a successful run: one line on stdout and nothing else.
+fn minted(out: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "token create: {stderr}");
+    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
+    let jwt = stdout.strip_suffix('\n').expect("a trailing newline");
+    assert_eq!(jwt.split('.').count(), 3, "{stdout:?}");
+    assert!(!jwt.contains(char::is_whitespace), "{stdout:?}");
+    jwt.to_owned()
+}
+
+/// The message of a refused run, which must print nothing on stdout.
+fn refused(out: &std::process::Output) -> String {
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn perm(token: &Token, cache: &str) -> Permission {
+    token.permission_for(&CacheName::new(cache).unwrap())
+}
+
+#[test]
+fn token_create_hs256_from_env_grants_per_pattern() {
+    let secret = hs_secret();
+    let validity = Duration::from_hours(90 * 24).as_secs();
+    let before = unix_now();
+    let out = token_create(
+        &[
+            "--sub",
+            "ci-bot",
+            "--validity",
+            "90d",
+            "--pull",
+            "team-*",
+            "--create-cache",
+            "team-*",
+            // An exact name replaces `team-*` for itself: grant both flags.
+            "--push",
+            "team-ci",
+            "--pull",
+            "team-ci",
+            "--delete",
+            "scratch?",
+            "--destroy-cache",
+            "old-*",
+            // Last, so that it is only the fallback.
+            "--configure-cache",
+            "*",
+            "--configure-cache-retention",
+            "*",
+        ],
+        &[(HS256_ENV, &secret)],
+    );
+    let after = unix_now();
+    let jwt = minted(&out);
+    // `team-ci` lacks `team-*`'s cc and `*`'s cr/cq, as warned.
+    let stderr = String::from_utf8(out.stderr.clone()).unwrap();
+    let warnings: Vec<&str> = stderr.lines().collect();
+    assert_eq!(warnings.len(), 2, "{stderr}");
+    assert!(
+        warnings[0].contains("add --create-cache team-ci"),
+        "{stderr}"
+    );
+    assert!(
+        warnings[1].contains("add --configure-cache team-ci --configure-cache-retention team-ci"),
+        "{stderr}"
+    );
+
+    let token = TokenAuthority::hs256_base64(&secret)
+        .unwrap()
+        .verify(&jwt)
+        .unwrap();
+    assert_eq!(token.sub(), Some("ci-bot"));
+    let fallback = Permission::CONFIGURE_CACHE.union(Permission::CONFIGURE_CACHE_RETENTION);
+    let cases = [
+        ("team-a", Permission::PULL.union(Permission::CREATE_CACHE)),
+        ("team-ci", Permission::PULL.union(Permission::PUSH)),
+        ("scratch1", Permission::DELETE),
+        ("scratch12", fallback),
+        ("old-x", Permission::DESTROY_CACHE),
+        ("elsewhere", fallback),
+    ];
+    for (cache, expected) in cases {
+        assert_eq!(perm(&token, cache), expected, "{cache}");
+    }
+    // The token keeps the command-line order, which decides between patterns.
+    let keys: Vec<&str> = token
+        .claims()
+        .access
+        .caches
+        .keys()
+        .map(garret_server::auth::CacheNamePattern::as_str)
+        .collect();
+    assert_eq!(keys, ["team-*", "team-ci", "scratch?", "old-*", "*"]);
+
+    let claims = token.claims();
+    let (exp, nbf) = (claims.exp.unwrap(), claims.nbf.unwrap());
+    assert!(
+        (before..=after).contains(&nbf),
+        "{before} <= {nbf} <= {after}"
+    );
+    assert!(
+        (before + validity..=after + validity).contains(&exp),
+        "exp {exp} is not now + 90d"
+    );
+    assert_eq!((claims.iss.as_ref(), claims.aud.as_ref()), (None, None));
+
+    // A server with another secret refuses it.
+    let other = STANDARD.encode("another server entirely, another 32+ byte secret");
+    assert_eq!(
+        TokenAuthority::hs256_base64(&other)
+            .unwrap()
+            .verify(&jwt)
+            .unwrap_err(),
+        AuthError::InvalidToken(TokenRejection::BadSignature)
+    );
+}
+
+#[test]
+fn token_create_hs256_from_file_with_issuer_and_audiences() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("hs256.secret");
+    // As `openssl rand 64 | base64 > file` leaves it, newline included.
+    std::fs::write(&secret_file, format!("{}\n", hs_secret())).unwrap();
+    let out = token_create(
+        &[
+            "--sub",
+            "bazel",
+            "--validity",
+            "12h",
+            "--pull",
+            "bazel",
+            "--issuer",
+            "https://cache.example",
+            "--audience",
+            "nix",
+            "--audience",
+            "bazel",
+            "--hs256-secret-file",
+            secret_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let jwt = minted(&out);
+    let server = TokenAuthority::hs256_base64(&hs_secret())
+        .unwrap()
+        .with_issuer("https://cache.example");
+    let token = server
+        .clone()
+        .with_audiences(["bazel"])
+        .verify(&jwt)
+        .unwrap();
+    assert_eq!(perm(&token, "bazel"), Permission::PULL);
+    let claims = token.claims();
+    let lifetime = claims.exp.unwrap() - claims.nbf.unwrap();
+    assert_eq!(lifetime, 12 * 3600);
+    assert_eq!(
+        server
+            .clone()
+            .with_audiences(["other"])
+            .verify(&jwt)
+            .unwrap_err(),
+        AuthError::InvalidToken(TokenRejection::WrongAudience)
+    );
+    assert_eq!(
+        TokenAuthority::hs256_base64(&hs_secret())
+            .unwrap()
+            .with_issuer("https://elsewhere.example")
+            .verify(&jwt)
+            .unwrap_err(),
+        AuthError::InvalidToken(TokenRejection::WrongIssuer)
+    );
+}
+
+#[test]
+fn token_create_rs256_from_file_and_env() {
+    let args = ["--sub", "ci", "--validity", "1y", "--pull", "team-*"];
+    let verifier = |public: &str| {
+        TokenAuthority::rs256_pem(&std::fs::read(testdata(public)).unwrap()).unwrap()
+    };
+
+    let key_file = testdata("rs256-a.key.pem");
+    let out = token_create(&[&args[..], &["--rs256-key-file", &key_file]].concat(), &[]);
+    let jwt = minted(&out);
+    let token = verifier("rs256-a.pub.pem").verify(&jwt).unwrap();
+    assert_eq!(token.sub(), Some("ci"));
+    assert_eq!(perm(&token, "team-a"), Permission::PULL);
+    assert_eq!(perm(&token, "other"), Permission::NONE);
+    let claims = token.claims();
+    assert_eq!(claims.exp.unwrap() - claims.nbf.unwrap(), 365 * 86_400);
+    assert_eq!(
+        verifier("rs256-b.pub.pem").verify(&jwt).unwrap_err(),
+        AuthError::InvalidToken(TokenRejection::BadSignature)
+    );
+
+    // Attic's `token-rs256-secret-base64`: base64 of the (here PKCS#8) PEM.
+    let pem_base64 = STANDARD.encode(std::fs::read(testdata("rs256-b.key.pem")).unwrap());
+    let out = token_create(&args, &[(RS256_ENV, &pem_base64)]);
+    let jwt = minted(&out);
+    assert!(verifier("rs256-b.pub.pem").verify(&jwt).is_ok());
+    assert!(verifier("rs256-a.pub.pem").verify(&jwt).is_err());
+
+    // A public key cannot sign.
+    let public = testdata("rs256-a.pub.pem");
+    let stderr = refused(&token_create(
+        &[&args[..], &["--rs256-key-file", &public]].concat(),
+        &[],
+    ));
+    assert!(stderr.contains("--rs256-key-file"), "{stderr}");
+    assert!(stderr.contains("needs the private key"), "{stderr}");
+}
+
+#[test]
+fn token_create_grant_order_and_precedence_warnings() {
+    let secret = hs_secret();
+    let mint = |grants: &[&str]| {
+        let out = token_create(
+            &[&["--sub", "ci", "--validity", "1h"], grants].concat(),
+            &[(HS256_ENV, &secret)],
+        );
+        let jwt = minted(&out);
+        let token = TokenAuthority::hs256_base64(&secret)
+            .unwrap()
+            .verify(&jwt)
+            .unwrap();
+        (token, String::from_utf8(out.stderr).unwrap())
+    };
+
+    // An exact name replaces the pattern for itself (TokenSpec::grant).
+    let (token, stderr) = mint(&["--pull", "team-*", "--push", "team-ci"]);
+    assert_eq!(perm(&token, "team-ci"), Permission::PUSH);
+    assert_eq!(perm(&token, "team-a"), Permission::PULL);
+    assert!(stderr.starts_with("warning: `team-ci`"), "{stderr}");
+    assert!(stderr.contains("add --pull team-ci"), "{stderr}");
+
+    // Among patterns, the first one given wins.
+    let (token, stderr) = mint(&["--pull", "*", "--push", "team-*"]);
+    assert_eq!(perm(&token, "team-a"), Permission::PULL);
+    assert!(
+        stderr.contains("`team-*` comes after `*`")
+            && stderr.contains("more specific pattern first"),
+        "{stderr}"
+    );
+    let (token, stderr) = mint(&["--push", "team-*", "--pull", "*"]);
+    assert_eq!(perm(&token, "team-a"), Permission::PUSH);
+    assert_eq!(perm(&token, "other"), Permission::PULL);
+    assert!(stderr.is_empty(), "{stderr}");
+
+    // Repeating a pattern adds flags to its entry, in its first position.
+    let (token, stderr) = mint(&["--pull", "a*", "--pull", "*", "--push", "a*"]);
+    assert_eq!(perm(&token, "ab"), Permission::PULL.union(Permission::PUSH));
+    assert_eq!(perm(&token, "b"), Permission::PULL);
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+/// `--sub ci --validity 90d` followed by `extra`.
+fn sub_validity<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    [&["--sub", "ci", "--validity", "90d"], extra].concat()
+}
+
+/// Runs a refused invocation and checks that stderr names every `expected`
+/// and echoes none of the `secrets`.
+fn assert_refused(args: &[&str], env: &[(&str, &str)], expected: &[&str], secrets: &[&str]) {
+    let stderr = refused(&token_create(args, env));
+    for needle in expected {
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {needle:?} not in {stderr}"
+        );
+    }
+    for secret in secrets {
+        assert!(
+            !stderr.contains(secret),
+            "{args:?} leaked key material: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn token_create_needs_exactly_one_key() {
+    let secret = hs_secret();
+    let key_file = testdata("rs256-a.key.pem");
+    let pem_base64 = STANDARD.encode(std::fs::read(&key_file).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("hs256.secret");
+    std::fs::write(&secret_file, &secret).unwrap();
+    let secrets = [secret.as_str(), pem_base64.as_str()];
+    let pull = sub_validity(&["--pull", "team-*"]);
+
+    assert_refused(
+        &pull,
+        &[],
+        &[
+            "no signing key",
+            "--hs256-secret-file",
+            "--rs256-key-file",
+            HS256_ENV,
+            RS256_ENV,
+        ],
+        &secrets,
+    );
+    assert_refused(
+        &[&pull[..], &["--rs256-key-file", &key_file]].concat(),
+        &[(HS256_ENV, &secret)],
+        &[
+            "2 signing keys given",
+            "--rs256-key-file",
+            HS256_ENV,
+            "exactly one",
+        ],
+        &secrets,
+    );
+    assert_refused(
+        &[
+            &pull[..],
+            &["--hs256-secret-file", secret_file.to_str().unwrap()],
+        ]
+        .concat(),
+        &[(RS256_ENV, &pem_base64)],
+        &["2 signing keys given", "--hs256-secret-file", RS256_ENV],
+        &secrets,
+    );
+    assert_refused(
+        &pull,
+        &[(HS256_ENV, &secret), (RS256_ENV, &pem_base64)],
+        &["2 signing keys given", HS256_ENV, RS256_ENV],
+        &secrets,
+    );
+    let short = STANDARD.encode("too short");
+    assert_refused(
+        &pull,
+        &[(HS256_ENV, &short)],
+        &[HS256_ENV, "at least 32"],
+        &[&short],
+    );
+    assert_refused(
+        &[&pull[..], &["--hs256-secret-file", "/nonexistent/hs256"]].concat(),
+        &[],
+        &["--hs256-secret-file /nonexistent/hs256", "No such file"],
+        &[],
+    );
+}
+
+#[test]
+fn token_create_refuses_bad_grants_and_durations() {
+    let secret = hs_secret();
+    let env = [(HS256_ENV, secret.as_str())];
+    let cases: [(Vec<&str>, &[&str]); 6] = [
+        (
+            sub_validity(&[]),
+            &["no grants", "can do nothing", "--pull", "--destroy-cache"],
+        ),
+        (
+            sub_validity(&["--pull", "a/b"]),
+            &["'a/b'", "--pull <PATTERN>", "Invalid cache name `a/b`"],
+        ),
+        (
+            sub_validity(&["--pull", "ok", "--push", "team-[ab]"]),
+            &["--push <PATTERN>", "Invalid cache name"],
+        ),
+        (
+            vec!["--sub", "ci", "--validity", "1M", "--pull", "a"],
+            &["--validity", "invalid duration `1M`", "e.g. 90d"],
+        ),
+        (
+            vec!["--sub", "ci", "--pull", "a"],
+            &["--validity <DURATION>", "required"],
+        ),
+        (
+            vec!["--sub", "", "--validity", "1d", "--pull", "a"],
+            &["--sub <NAME>"],
+        ),
+    ];
+    for (args, expected) in cases {
+        assert_refused(&args, &env, expected, &[&secret]);
+    }
+}

@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use garret_nix::nar;
 use garret_nix::signing::SigningKey;
 
+mod token;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "garret",
@@ -31,6 +33,9 @@ enum Command {
     /// NAR (Nix ARchive) tools, byte-compatible with `nix-store --dump`.
     #[command(subcommand)]
     Nar(NarCommand),
+    /// Attic-compatible access tokens (JWTs) for Nix, the `attic` client and Bazel.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Creates or upgrades the metadata schema (`serve` also does this at start).
     Migrate {
         /// Postgres (`postgres://...`) or SQLite (`sqlite:PATH`) database.
@@ -75,6 +80,7 @@ impl Cli {
                 secret_file,
                 public_file,
             }) => generate_key(&name, &secret_file, &public_file),
+            Command::Token(command) => command.run(),
             Command::Migrate { database_url } => runtime()?.block_on(migrate(&database_url)),
             Command::Nar(NarCommand::Dump { path }) => {
                 let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());

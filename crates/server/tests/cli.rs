@@ -109,14 +109,52 @@ fn migrate_creates_and_upgrades_the_schema() {
     let url = format!("sqlite:{}", dir.path().join("data/garret.db").display());
     // Twice: applying migrations to an up-to-date database is a no-op.
     for _ in 0..2 {
-        garret(&["migrate", "--database-url", &url]);
+        let out = Command::new(env!("CARGO_BIN_EXE_garret"))
+            .arg("migrate")
+            .env("GARRET_DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert!(dir.path().join("data/garret.db").exists());
     let out = Command::new(env!("CARGO_BIN_EXE_garret"))
-        .args(["migrate", "--database-url", "mysql://nope"])
+        .arg("migrate")
+        .env("GARRET_DATABASE_URL", "mysql://nope")
         .output()
         .unwrap();
     assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither sqlite"));
+}
+
+#[test]
+fn check_config_validates_and_hides_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("garret.toml");
+    std::fs::write(
+        &file,
+        "database_url = \"postgres://garret:hunter2@db/garret\"\n[storage]\ntype = \"s3\"\nbucket = \"chunks\"\n",
+    )
+    .unwrap();
+    let out = garret(&["check-config", "--config", file.to_str().unwrap()]);
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("storage: s3 bucket=chunks"), "{printed}");
+    assert!(
+        printed.contains("postgres://garret:<redacted>@db/garret"),
+        "{printed}"
+    );
+    assert!(!printed.contains("hunter2"));
+
+    std::fs::write(&file, "[chunking]\navg_size = 1000\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .args(["check-config", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
 
 // `garret token create`: the printed JWT is checked with the library's own

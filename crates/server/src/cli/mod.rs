@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use garret_nix::nar;
 use garret_nix::signing::SigningKey;
+use garret_server::config::Config;
 
 mod token;
 
@@ -20,6 +21,11 @@ pub struct Cli {
     /// Log filter (tracing syntax); `GARRET_LOG` overrides it.
     #[arg(long, global = true, default_value = "info", env = "GARRET_LOG_LEVEL")]
     pub log_level: String,
+
+    /// TOML configuration file; without one, built-in defaults and
+    /// `GARRET_*` variables apply.
+    #[arg(long, global = true, env = "GARRET_CONFIG")]
+    config: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -37,15 +43,11 @@ enum Command {
     #[command(subcommand)]
     Token(token::TokenCommand),
     /// Creates or upgrades the metadata schema (`serve` also does this at start).
-    Migrate {
-        /// Postgres (`postgres://...`) or SQLite (`sqlite:PATH`) database.
-        #[arg(long, env = "GARRET_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-        database_url: String,
-    },
+    Migrate,
+    /// Loads and validates the configuration, then prints the effective
+    /// settings with secrets hidden.
+    CheckConfig,
 }
-
-/// The embedded default: SQLite in the data directory.
-const DEFAULT_DATABASE_URL: &str = "sqlite:garret-data/garret.db";
 
 #[derive(Debug, Subcommand)]
 enum KeyCommand {
@@ -81,7 +83,14 @@ impl Cli {
                 public_file,
             }) => generate_key(&name, &secret_file, &public_file),
             Command::Token(command) => command.run(),
-            Command::Migrate { database_url } => runtime()?.block_on(migrate(&database_url)),
+            Command::Migrate => {
+                let config = load_config(self.config.as_deref())?;
+                runtime()?.block_on(migrate(&config.database_url()))
+            }
+            Command::CheckConfig => {
+                print!("{}", load_config(self.config.as_deref())?.summary());
+                Ok(())
+            }
             Command::Nar(NarCommand::Dump { path }) => {
                 let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
                 nar::dump_path(&path, &mut out)
@@ -110,6 +119,10 @@ impl Cli {
             }
         }
     }
+}
+
+fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(file, |name| std::env::var(name).ok())?)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -1,0 +1,533 @@
+//! Server configuration: built-in defaults, then an optional TOML file, then
+//! `GARRET_*` environment variables. With neither file nor variables garret
+//! runs embedded: SQLite and local chunk storage under `./garret-data`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use garret_store::{ChunkerConfig, S3Config, StoreConfig};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("environment variable {name}={value:?}: {reason}")]
+    Env {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration; every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address for HTTP and gRPC.
+    pub listen: SocketAddr,
+    /// Home of the embedded database, local chunks and the first-start
+    /// secrets.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite:PATH`; defaults to SQLite in `data_dir`.
+    pub database_url: Option<String>,
+    pub storage: Storage,
+    pub chunking: Chunking,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("garret-data"),
+            database_url: None,
+            storage: Storage::default(),
+            chunking: Chunking::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Where chunk objects live.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Storage {
+    /// A directory; defaults to `<data_dir>/chunks`.
+    Local {
+        path: Option<PathBuf>,
+    },
+    S3(S3Storage),
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self::Local { path: None }
+    }
+}
+
+/// An S3-compatible bucket. Credentials may also come from
+/// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, which keeps them out of files.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Storage {
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default = "default_true")]
+    pub path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+impl std::fmt::Debug for S3Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Storage")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Chunking and compression. Changing them later is safe: existing chunks
+/// keep their frames, and only new content is cut the new way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Chunking {
+    /// Average chunk size in bytes, a power of two; min and max follow
+    /// REAPI's FastCDC convention (avg/4, avg×4).
+    pub avg_size: u32,
+    pub zstd_level: i32,
+}
+
+impl Default for Chunking {
+    fn default() -> Self {
+        Self {
+            avg_size: ChunkerConfig::default().avg_size,
+            zstd_level: garret_store::codec::DEFAULT_LEVEL,
+        }
+    }
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest NAR (uncompressed) accepted by an upload.
+    pub max_nar_size: u64,
+    /// Largest `X-Attic-Nar-Info-Preamble-Size` accepted.
+    pub max_preamble_size: u64,
+    /// Whole-request time limit; long enough for multi-GB uploads on slow links.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_nar_size: 64 << 30,
+            max_preamble_size: 1 << 20,
+            request_timeout_secs: 3600,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` if given, then the
+    /// `GARRET_*` variables that `env` returns (the process environment in
+    /// production; a map in tests).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Self::default(),
+        };
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let var = |name: &'static str| env(name).filter(|v| !v.is_empty()).map(|v| (name, v));
+        if let Some((name, value)) = var("GARRET_LISTEN") {
+            self.listen = parse(name, value)?;
+        }
+        if let Some((_, value)) = var("GARRET_DATA_DIR") {
+            self.data_dir = PathBuf::from(value);
+        }
+        if let Some((_, value)) = var("GARRET_DATABASE_URL") {
+            self.database_url = Some(value);
+        }
+        if let Some((name, value)) = var("GARRET_STORAGE") {
+            match value.as_str() {
+                "local" => self.storage = Storage::Local { path: None },
+                "s3" if !matches!(self.storage, Storage::S3(_)) => {
+                    self.storage = Storage::S3(S3Storage {
+                        endpoint: None,
+                        region: default_region(),
+                        bucket: String::new(),
+                        prefix: String::new(),
+                        path_style: true,
+                        access_key_id: None,
+                        secret_access_key: None,
+                    });
+                }
+                "s3" => {}
+                _ => return Err(env_error(name, value, "expected `local` or `s3`")),
+            }
+        }
+        if let Some((_, value)) = var("GARRET_LOCAL_PATH") {
+            match &mut self.storage {
+                Storage::Local { path } => *path = Some(PathBuf::from(value)),
+                Storage::S3(_) => {
+                    return Err(env_error("GARRET_LOCAL_PATH", value, "storage is s3"));
+                }
+            }
+        }
+        let s3_vars = [
+            "GARRET_S3_ENDPOINT",
+            "GARRET_S3_REGION",
+            "GARRET_S3_BUCKET",
+            "GARRET_S3_PREFIX",
+            "GARRET_S3_PATH_STYLE",
+        ];
+        for name in s3_vars {
+            let Some((name, value)) = var(name) else {
+                continue;
+            };
+            let Storage::S3(s3) = &mut self.storage else {
+                return Err(env_error(
+                    name,
+                    value,
+                    "storage is local; set GARRET_STORAGE=s3",
+                ));
+            };
+            match name {
+                "GARRET_S3_ENDPOINT" => s3.endpoint = Some(value),
+                "GARRET_S3_REGION" => s3.region = value,
+                "GARRET_S3_BUCKET" => s3.bucket = value,
+                "GARRET_S3_PREFIX" => s3.prefix = value,
+                _ => s3.path_style = parse(name, value)?,
+            }
+        }
+        if let Some((name, value)) = var("GARRET_CHUNK_AVG_SIZE") {
+            self.chunking.avg_size = parse(name, value)?;
+        }
+        if let Some((name, value)) = var("GARRET_ZSTD_LEVEL") {
+            self.chunking.zstd_level = parse(name, value)?;
+        }
+        if let Some((name, value)) = var("GARRET_MAX_NAR_SIZE") {
+            self.limits.max_nar_size = parse(name, value)?;
+        }
+        Ok(())
+    }
+
+    /// Checks what parsing cannot: value ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.chunker()
+            .map_err(|e| ConfigError::Invalid(format!("chunking: {e}")))?;
+        if !(1..=19).contains(&self.chunking.zstd_level) {
+            return Err(ConfigError::Invalid(format!(
+                "chunking.zstd_level {} is outside 1..=19",
+                self.chunking.zstd_level
+            )));
+        }
+        let url = self.database_url();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "database_url {:?} is neither sqlite: nor postgres://",
+                redact_url(&url)
+            )));
+        }
+        if let Storage::S3(s3) = &self.storage {
+            if s3.bucket.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "storage.bucket is required for s3".into(),
+                ));
+            }
+            if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+                return Err(ConfigError::Invalid(
+                    "storage.access_key_id and storage.secret_access_key go together".into(),
+                ));
+            }
+        }
+        if self.limits.max_preamble_size == 0
+            || self.limits.max_nar_size == 0
+            || self.limits.request_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid("limits must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// The database URL, with the embedded default resolved.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("garret.db").display()))
+    }
+
+    fn chunker(&self) -> Result<ChunkerConfig, garret_store::chunker::ChunkerConfigError> {
+        ChunkerConfig::from_average(self.chunking.avg_size)
+    }
+
+    /// The chunk store's settings.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            chunker: self.chunker().expect("validated at load"),
+            zstd_level: self.chunking.zstd_level,
+            ..StoreConfig::default()
+        }
+    }
+
+    /// The S3 client settings, if storage is S3.
+    pub fn s3_config(&self) -> Option<S3Config> {
+        let Storage::S3(s3) = &self.storage else {
+            return None;
+        };
+        Some(S3Config {
+            endpoint: s3.endpoint.clone(),
+            region: s3.region.clone(),
+            bucket: s3.bucket.clone(),
+            prefix: s3.prefix.clone(),
+            path_style: s3.path_style,
+            access_key_id: s3.access_key_id.clone(),
+            secret_access_key: s3.secret_access_key.clone(),
+            ..S3Config::default()
+        })
+    }
+
+    /// The local chunk directory, if storage is local.
+    pub fn local_path(&self) -> Option<PathBuf> {
+        match &self.storage {
+            Storage::Local { path } => {
+                Some(path.clone().unwrap_or_else(|| self.data_dir.join("chunks")))
+            }
+            Storage::S3(_) => None,
+        }
+    }
+
+    /// One line per setting, secrets hidden: what `garret check-config` prints.
+    pub fn summary(&self) -> String {
+        let storage = match (&self.storage, self.local_path()) {
+            (_, Some(path)) => format!("local {}", path.display()),
+            (Storage::S3(s3), None) => format!(
+                "s3 bucket={} prefix={:?} endpoint={} region={} path_style={}",
+                s3.bucket,
+                s3.prefix,
+                s3.endpoint.as_deref().unwrap_or("(AWS)"),
+                s3.region,
+                s3.path_style
+            ),
+            (Storage::Local { .. }, None) => unreachable!("local storage always has a path"),
+        };
+        format!(
+            "listen: {}\ndata_dir: {}\ndatabase: {}\nstorage: {storage}\nchunking: avg {} B, zstd level {}\nlimits: max NAR {} B, max preamble {} B, request timeout {} s\n",
+            self.listen,
+            self.data_dir.display(),
+            redact_url(&self.database_url()),
+            self.chunking.avg_size,
+            self.chunking.zstd_level,
+            self.limits.max_nar_size,
+            self.limits.max_preamble_size,
+            self.limits.request_timeout_secs,
+        )
+    }
+}
+
+fn env_error(name: &'static str, value: String, reason: &str) -> ConfigError {
+    ConfigError::Env {
+        name,
+        value,
+        reason: reason.to_owned(),
+    }
+}
+
+fn parse<T: std::str::FromStr>(name: &'static str, value: String) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.parse().map_err(|e: T::Err| {
+        let reason = e.to_string();
+        env_error(name, value, &reason)
+    })
+}
+
+/// Hides the password of a `postgres://user:password@host/db` URL.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(toml: Option<&str>, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("garret.toml");
+        if let Some(toml) = toml {
+            std::fs::write(&path, toml).unwrap();
+        }
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::load(toml.map(|_| path.as_path()), |name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_embedded() {
+        let config = load(None, &[]).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.database_url(), "sqlite:garret-data/garret.db");
+        assert_eq!(
+            config.local_path(),
+            Some(PathBuf::from("garret-data/chunks"))
+        );
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.store_config().chunker, ChunkerConfig::default());
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let toml = r#"
+            listen = "0.0.0.0:9000"
+            database_url = "postgres://garret:s3cret@db-rw:5432/garret"
+            [storage]
+            type = "s3"
+            endpoint = "http://attic-rustfs:9000"
+            bucket = "garret"
+            [chunking]
+            avg_size = 131072
+            [limits]
+            max_nar_size = 1000
+        "#;
+        let config = load(
+            Some(toml),
+            &[("GARRET_S3_PREFIX", "honey"), ("GARRET_ZSTD_LEVEL", "5")],
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
+        let s3 = config.s3_config().unwrap();
+        assert_eq!(
+            (s3.bucket.as_str(), s3.prefix.as_str(), s3.path_style),
+            ("garret", "honey", true)
+        );
+        assert_eq!(s3.endpoint.as_deref(), Some("http://attic-rustfs:9000"));
+        assert_eq!(config.store_config().chunker.max_size, 4 * 131_072);
+        assert_eq!(config.store_config().zstd_level, 5);
+        assert_eq!(config.limits.max_nar_size, 1000);
+        assert!(
+            config
+                .summary()
+                .contains("postgres://garret:<redacted>@db-rw:5432/garret")
+        );
+        assert!(!config.summary().contains("s3cret"));
+    }
+
+    #[test]
+    fn environment_alone_selects_s3() {
+        let config = load(None, &[("GARRET_STORAGE", "s3"), ("GARRET_S3_BUCKET", "b")]).unwrap();
+        assert_eq!(config.s3_config().unwrap().bucket, "b");
+        assert_eq!(config.local_path(), None);
+    }
+
+    /// A config file (if any), environment variables, and a fragment of the
+    /// error they must produce.
+    type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a str);
+
+    #[test]
+    fn rejects_bad_configuration() {
+        let cases: &[Case] = &[
+            (Some("listen = 8080"), &[], "invalid type"),
+            (Some("colour = \"blue\""), &[], "unknown field"),
+            (Some("[storage]\ntype = \"ftp\""), &[], "unknown variant"),
+            (
+                Some("[storage]\ntype = \"s3\"\nbucket = \"\""),
+                &[],
+                "bucket is required",
+            ),
+            (Some("[chunking]\navg_size = 1000"), &[], "power of two"),
+            (Some("[chunking]\nzstd_level = 30"), &[], "zstd_level"),
+            (Some("database_url = \"mysql://x\""), &[], "neither sqlite"),
+            (None, &[("GARRET_LISTEN", "nowhere")], "GARRET_LISTEN"),
+            (None, &[("GARRET_S3_BUCKET", "b")], "set GARRET_STORAGE=s3"),
+            (
+                None,
+                &[("GARRET_STORAGE", "tape")],
+                "expected `local` or `s3`",
+            ),
+            (
+                None,
+                &[("GARRET_MAX_NAR_SIZE", "-1")],
+                "GARRET_MAX_NAR_SIZE",
+            ),
+        ];
+        for (toml, vars, expected) in cases {
+            let err = load(*toml, vars).unwrap_err().to_string();
+            assert!(err.contains(expected), "{toml:?} {vars:?}: {err}");
+        }
+        let missing = Config::load(Some(Path::new("/nonexistent/garret.toml")), |_| None);
+        assert!(matches!(missing, Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let toml = "[storage]\ntype = \"s3\"\nbucket = \"b\"\naccess_key_id = \"AK\"\nsecret_access_key = \"SK-secret\"";
+        let config = load(Some(toml), &[]).unwrap();
+        assert!(!format!("{config:?}").contains("SK-secret"));
+    }
+}

@@ -15,6 +15,8 @@ use garret_meta::{
     BlobChunk, BlobId, ChunkRange, Compression, Meta, MetaError, NewBlob, NewChunkRef,
 };
 use garret_nix::Sha256Hash;
+
+use crate::clock::unix_now;
 use garret_store::{
     Backend, ChunkId, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest, StoreError,
 };
@@ -100,13 +102,6 @@ impl ChunkIndex for MetaIndex<'_> {
             })
             .collect())
     }
-}
-
-fn unix_now() -> i64 {
-    let since_epoch = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX)
 }
 
 fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkId) -> bool) -> NewBlob {

@@ -3,4 +3,5 @@
 
 pub mod auth;
 pub mod blobs;
+pub mod clock;
 pub mod config;

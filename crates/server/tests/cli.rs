@@ -579,3 +579,55 @@ fn token_create_refuses_bad_grants_and_durations() {
         assert_refused(&args, &env, expected, &[&secret]);
     }
 }
+
+#[test]
+fn cache_commands_manage_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("fresh/garret.db").display());
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_garret"))
+            .args(args)
+            .env("GARRET_DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let created = run(&["cache", "create", "team-ci", "--public", "--priority", "30"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let created = String::from_utf8(created.stdout).unwrap();
+    assert!(
+        created.contains("public: true") && created.contains("priority: 30"),
+        "{created}"
+    );
+    let public_key = created
+        .lines()
+        .find_map(|l| l.strip_prefix("public key: "))
+        .unwrap();
+    assert!(public_key.starts_with("team-ci:"));
+    public_key
+        .parse::<garret_nix::signing::VerifyingKey>()
+        .unwrap();
+
+    let info = run(&["cache", "info", "team-ci"]);
+    assert!(String::from_utf8(info.stdout).unwrap().contains(public_key));
+
+    for (args, expected) in [
+        (&["cache", "create", "team-ci"][..], "already exists"),
+        (&["cache", "create", "bad/name"][..], "name"),
+        (&["cache", "info", "nope"][..], "no cache named nope"),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+
+    assert!(run(&["cache", "delete", "team-ci"]).status.success());
+    assert!(!run(&["cache", "info", "team-ci"]).status.success());
+    // The name is free again, with a new key.
+    let again = String::from_utf8(run(&["cache", "create", "team-ci"]).stdout).unwrap();
+    assert!(again.contains("public: false") && !again.contains(public_key));
+}

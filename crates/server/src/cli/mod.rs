@@ -9,6 +9,7 @@ use garret_nix::nar;
 use garret_nix::signing::SigningKey;
 use garret_server::config::Config;
 
+mod cache;
 mod token;
 
 #[derive(Debug, Parser)]
@@ -42,6 +43,9 @@ enum Command {
     /// Attic-compatible access tokens (JWTs) for Nix, the `attic` client and Bazel.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Caches: create, inspect, delete.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Creates or upgrades the metadata schema (`serve` also does this at start).
     Migrate,
     /// Loads and validates the configuration, then prints the effective
@@ -85,7 +89,21 @@ impl Cli {
             Command::Token(command) => command.run(),
             Command::Migrate => {
                 let config = load_config(self.config.as_deref())?;
-                runtime()?.block_on(migrate(&config.database_url()))
+                runtime()?.block_on(async {
+                    let meta = open_meta(&config.database_url()).await?;
+                    tracing::info!(backend = ?meta.backend(), "metadata schema is up to date");
+                    meta.close().await;
+                    Ok(())
+                })
+            }
+            Command::Cache(command) => {
+                let config = load_config(self.config.as_deref())?;
+                runtime()?.block_on(async {
+                    let meta = open_meta(&config.database_url()).await?;
+                    let result = command.run(&meta).await;
+                    meta.close().await;
+                    result
+                })
             }
             Command::CheckConfig => {
                 print!("{}", load_config(self.config.as_deref())?.summary());
@@ -131,7 +149,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-async fn migrate(database_url: &str) -> anyhow::Result<()> {
+/// Connects to the metadata database, creating an embedded one on first use
+/// and applying migrations, so every command works on a fresh data directory.
+async fn open_meta(database_url: &str) -> anyhow::Result<garret_meta::Meta> {
     if let Some(path) = database_url.strip_prefix("sqlite:") {
         let path = std::path::Path::new(path.trim_start_matches("//"));
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -142,9 +162,7 @@ async fn migrate(database_url: &str) -> anyhow::Result<()> {
         .await
         .context("connecting to the metadata database")?;
     meta.migrate().await.context("applying migrations")?;
-    meta.close().await;
-    tracing::info!(backend = ?meta.backend(), "metadata schema is up to date");
-    Ok(())
+    Ok(meta)
 }
 
 fn print_hash((hash, size): (garret_nix::Sha256Hash, u64)) {

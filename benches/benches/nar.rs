@@ -11,17 +11,9 @@ use sha2::{Digest as _, Sha256};
 /// Uploads arrive in network-sized pieces, not as one slice.
 const CHUNK: usize = 64 * 1024;
 
-/// Deterministic bytes that do not compress.
+/// File contents: their texture does not matter to NAR framing or SHA-256.
 fn noise(len: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect()
+    garret_benches::build_output_like(len, 0x9e37_79b9)
 }
 
 fn one_file_nar(size: usize) -> Vec<u8> {

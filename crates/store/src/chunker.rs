@@ -135,20 +135,9 @@ impl Chunker {
 mod tests {
     use super::*;
 
-    fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state.to_le_bytes()[0]
-            })
-            .collect()
-    }
-
     #[test]
     fn streaming_cuts_match_the_reference_chunker() {
-        let data = pseudo_random(3 << 20, 0x9e37_79b9_7f4a_7c15);
+        let data = crate::testing::text(3 << 20, 0x9e37_79b9_7f4a_7c15);
         let config = ChunkerConfig::default();
         let reference: Vec<usize> = v2020::FastCDC::with_level(
             &data,

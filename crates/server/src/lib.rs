@@ -5,3 +5,4 @@ pub mod auth;
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod http;

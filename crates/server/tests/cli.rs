@@ -631,3 +631,46 @@ fn cache_commands_manage_caches() {
     let again = String::from_utf8(run(&["cache", "create", "team-ci"]).stdout).unwrap();
     assert!(again.contains("public: false") && !again.contains(public_key));
 }
+
+#[test]
+fn serve_answers_for_a_created_cache() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().unwrap();
+    let created = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .args(["cache", "create", "demo", "--public"])
+        .env("GARRET_DATA_DIR", data_dir)
+        .output()
+        .unwrap();
+    assert!(created.status.success());
+    let mut server = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .arg("serve")
+        .env("GARRET_DATA_DIR", data_dir)
+        .env("GARRET_LISTEN", "127.0.0.1:0")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready once it logs its address; no sleeping.
+    let stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+    let address = stderr
+        .lines()
+        .map(Result::unwrap)
+        .find_map(|line| {
+            line.split("address=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        })
+        .expect("serve logs its address");
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{address}/demo/nix-cache-info")])
+        .output()
+        .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n"
+    );
+}

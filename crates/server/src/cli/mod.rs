@@ -43,6 +43,9 @@ enum Command {
     /// Attic-compatible access tokens (JWTs) for Nix, the `attic` client and Bazel.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Runs the server. So far: the Nix substituter side of every cache
+    /// (`nix-cache-info`, signed narinfo, NAR downloads with ranges).
+    Serve,
     /// Caches: create, inspect, delete.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -96,6 +99,10 @@ impl Cli {
                     Ok(())
                 })
             }
+            Command::Serve => {
+                let config = load_config(self.config.as_deref())?;
+                runtime()?.block_on(serve(config))
+            }
             Command::Cache(command) => {
                 let config = load_config(self.config.as_deref())?;
                 runtime()?.block_on(async {
@@ -147,6 +154,43 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
+    let meta = open_meta(&config.database_url()).await?;
+    let backend = match (config.s3_config(), config.local_path()) {
+        (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
+        (None, Some(path)) => Backend::Fs(FsBackend::new(path)?),
+        (None, None) => unreachable!("storage is local or s3"),
+    };
+    let blobs = garret_server::blobs::Blobs::new(
+        ChunkStore::new(backend, config.store_config()),
+        meta.clone(),
+    );
+    // The same secret `garret token create` signs with; without it every
+    // request is anonymous and only public caches can be read.
+    let tokens = match std::env::var("GARRET_TOKEN_HS256_SECRET_BASE64") {
+        Ok(secret) if !secret.is_empty() => {
+            Some(garret_server::auth::TokenAuthority::hs256_base64(&secret)?)
+        }
+        _ => None,
+    };
+    let state = std::sync::Arc::new(garret_server::http::AppState {
+        meta,
+        blobs,
+        tokens,
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "garret is listening");
+    axum::serve(listener, garret_server::http::router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
 }
 
 /// Connects to the metadata database, creating an embedded one on first use

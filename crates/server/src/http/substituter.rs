@@ -1,0 +1,233 @@
+//! The Nix substituter side of a cache: `nix-cache-info`, signed narinfo,
+//! and NAR downloads served as the stored zstd frames, with ranges.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use garret_meta::{Cache, MetaError};
+use garret_nix::narinfo::NarInfo;
+use garret_nix::signing::SigningKey;
+use garret_nix::{Sha256Hash, StorePath, StorePathHash};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::{CacheName, CacheState, Permission, authorize};
+
+/// Looks a cache up and checks that the requester may pull from it, following
+/// Attic's discovery rules (401 before 404 for strangers).
+async fn pullable_cache(
+    state: &AppState,
+    name: &str,
+    headers: &HeaderMap,
+) -> Result<Cache, ApiError> {
+    let name = CacheName::new(name)?;
+    let cache = match state.meta.cache(name.as_str()).await {
+        Ok(cache) => Some(cache),
+        Err(MetaError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let cache_state = match &cache {
+        None => CacheState::Missing,
+        Some(c) if c.is_public => CacheState::Public,
+        Some(_) => CacheState::Private,
+    };
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let token = match &state.tokens {
+        Some(tokens) => tokens.authenticate(authorization)?,
+        None => None,
+    };
+    authorize(token.as_ref(), &name, cache_state, Permission::PULL)?;
+    cache.ok_or_else(|| ApiError::Internal("authorized a missing cache".into()))
+}
+
+/// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
+pub async fn cache_file(
+    State(state): State<Arc<AppState>>,
+    Path((cache, file)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let cache = pullable_cache(&state, &cache, &headers).await?;
+    if file == "nix-cache-info" {
+        let body = format!(
+            "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
+            cache.store_dir, cache.priority
+        );
+        return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
+    }
+    let Some(hash) = file.strip_suffix(".narinfo") else {
+        return Err(ApiError::NoSuchObject(file));
+    };
+    let hash: StorePathHash = hash
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
+    let text = narinfo(&state, &cache, &hash).await?;
+    let mut response = ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response();
+    if method == Method::HEAD {
+        *response.body_mut() = Body::empty();
+    }
+    Ok(response)
+}
+
+async fn narinfo(
+    state: &AppState,
+    cache: &Cache,
+    hash: &StorePathHash,
+) -> Result<String, ApiError> {
+    let row = state
+        .meta
+        .nix_object(cache.id, &hash.to_string())
+        .await?
+        .ok_or_else(|| ApiError::NoSuchObject(format!("{hash}.narinfo")))?;
+    let object = &row.object;
+    let corrupt =
+        |what: &str, e: &dyn std::fmt::Display| ApiError::Internal(format!("stored {what}: {e}"));
+    let mut info = NarInfo {
+        store_path: StorePath::from_base_name(&object.store_path)
+            .map_err(|e| corrupt("store path", &e))?,
+        url: format!("nar/{hash}.nar"),
+        compression: "zstd".into(),
+        file_hash: Some(Sha256Hash::from_bytes(row.blob.file_hash)),
+        file_size: Some(row.blob.file_size),
+        nar_hash: Sha256Hash::from_bytes(object.nar_hash),
+        nar_size: object.nar_size,
+        references: object
+            .references
+            .iter()
+            .map(|r| StorePath::from_base_name(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| corrupt("reference", &e))?,
+        deriver: object
+            .deriver
+            .as_deref()
+            .map(StorePath::from_base_name)
+            .transpose()
+            .map_err(|e| corrupt("deriver", &e))?,
+        system: object.system.clone(),
+        signatures: object.sigs.clone(),
+        ca: object
+            .ca
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| corrupt("CA", &e))?,
+    };
+    // Signed at serve time, like Attic: rotating a cache key re-signs everything.
+    let key: SigningKey = cache
+        .signing_key
+        .parse()
+        .map_err(|e| corrupt("signing key", &e))?;
+    info.sign(&key, &cache.store_dir);
+    Ok(info.render(&cache.store_dir))
+}
+
+/// `GET /{cache}/nar/{hash}.nar`: the stored zstd frames, unchanged, with
+/// `Content-Length` and byte ranges so Nix can resume a broken download.
+pub async fn nar(
+    State(state): State<Arc<AppState>>,
+    Path((cache, file)): Path<(String, String)>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let cache = pullable_cache(&state, &cache, &headers).await?;
+    let hash: StorePathHash = file
+        .strip_suffix(".nar")
+        .ok_or_else(|| ApiError::NoSuchObject(format!("nar/{file}")))?
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
+    let row = state
+        .meta
+        .nix_object(cache.id, &hash.to_string())
+        .await?
+        .ok_or_else(|| ApiError::NoSuchObject(format!("nar/{file}")))?;
+    let size = row.blob.file_size;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(value) => parse_range(value, size)?,
+        None => None,
+    };
+    let (status, span) = match &range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r.clone()),
+        None => (StatusCode::OK, 0..size),
+    };
+    let mut response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/x-nix-nar")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, span.end - span.start);
+    if range.is_some() {
+        response = response.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{size}", span.start, span.end.saturating_sub(1)),
+        );
+    }
+    let body = if method == Method::HEAD || span.is_empty() {
+        Body::empty()
+    } else {
+        let mut frames = Box::pin(state.blobs.read_frames(row.blob.id, span).await?);
+        // The first piece is fetched before the status line goes out, so a
+        // chunk that is already missing gives a 503 rather than a 200 that
+        // breaks off; later failures abort the body, never end it cleanly.
+        let first = frames
+            .next()
+            .await
+            .transpose()
+            .map_err(|e| ApiError::from(crate::blobs::BlobError::Store(e)))?;
+        let rest = frames.map(|part| part.map_err(std::io::Error::other));
+        Body::from_stream(futures::stream::iter(first.map(Ok)).chain(rest))
+    };
+    response
+        .body(body)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Parses a single `bytes=` range. Syntax we do not serve (several ranges)
+/// is ignored and the whole file is sent, as HTTP allows; a range that starts
+/// past the end is a 416.
+fn parse_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ApiError> {
+    let Some(spec) = value.strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((start, end)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let range = match (start.parse::<u64>(), end.parse::<u64>()) {
+        (Ok(start), Ok(end)) if start <= end => start..end.saturating_add(1).min(size),
+        (Ok(start), Err(_)) if end.is_empty() => start..size,
+        (Err(_), Ok(suffix)) if start.is_empty() => size.saturating_sub(suffix)..size,
+        _ => return Ok(None),
+    };
+    if range.start >= size && !(size == 0 && range.start == 0) {
+        return Err(ApiError::RangeNotSatisfiable { size });
+    }
+    Ok(Some(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100).unwrap(), Some(0..10));
+        assert_eq!(parse_range("bytes=90-", 100).unwrap(), Some(90..100));
+        assert_eq!(parse_range("bytes=-10", 100).unwrap(), Some(90..100));
+        assert_eq!(parse_range("bytes=95-200", 100).unwrap(), Some(95..100));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100).unwrap(), None);
+        assert_eq!(parse_range("items=0-1", 100).unwrap(), None);
+        assert_eq!(parse_range("bytes=5-2", 100).unwrap(), None);
+        assert!(matches!(
+            parse_range("bytes=100-", 100),
+            Err(ApiError::RangeNotSatisfiable { size: 100 })
+        ));
+    }
+}

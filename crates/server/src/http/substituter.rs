@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use garret_meta::{Cache, MetaError};
+use garret_meta::{Cache, MetaError, NixObjectRow};
 use garret_nix::narinfo::NarInfo;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
@@ -62,13 +62,8 @@ pub async fn cache_file(
         );
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
     }
-    let Some(hash) = file.strip_suffix(".narinfo") else {
-        return Err(ApiError::NoSuchObject(file));
-    };
-    let hash: StorePathHash = hash
-        .parse()
-        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
-    let text = narinfo(&state, &cache, &hash).await?;
+    let row = nix_object(&state, &cache, &file, ".narinfo").await?;
+    let text = narinfo(&cache, &row)?;
     let mut response = ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response();
     if method == Method::HEAD {
         *response.body_mut() = Body::empty();
@@ -76,23 +71,34 @@ pub async fn cache_file(
     Ok(response)
 }
 
-async fn narinfo(
+/// The object a `<hash><suffix>` file name names: a malformed hash is the
+/// client's error (400), an unknown one a 404.
+async fn nix_object(
     state: &AppState,
     cache: &Cache,
-    hash: &StorePathHash,
-) -> Result<String, ApiError> {
-    let row = state
+    file: &str,
+    suffix: &str,
+) -> Result<NixObjectRow, ApiError> {
+    let hash: StorePathHash = file
+        .strip_suffix(suffix)
+        .ok_or_else(|| ApiError::NoSuchObject(file.to_owned()))?
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
+    state
         .meta
         .nix_object(cache.id, &hash.to_string())
         .await?
-        .ok_or_else(|| ApiError::NoSuchObject(format!("{hash}.narinfo")))?;
+        .ok_or_else(|| ApiError::NoSuchObject(file.to_owned()))
+}
+
+fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, ApiError> {
     let object = &row.object;
     let corrupt =
         |what: &str, e: &dyn std::fmt::Display| ApiError::Internal(format!("stored {what}: {e}"));
     let mut info = NarInfo {
         store_path: StorePath::from_base_name(&object.store_path)
             .map_err(|e| corrupt("store path", &e))?,
-        url: format!("nar/{hash}.nar"),
+        url: format!("nar/{}.nar", object.store_path_hash),
         compression: "zstd".into(),
         file_hash: Some(Sha256Hash::from_bytes(row.blob.file_hash)),
         file_size: Some(row.blob.file_size),
@@ -137,16 +143,7 @@ pub async fn nar(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let cache = pullable_cache(&state, &cache, &headers).await?;
-    let hash: StorePathHash = file
-        .strip_suffix(".nar")
-        .ok_or_else(|| ApiError::NoSuchObject(format!("nar/{file}")))?
-        .parse()
-        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
-    let row = state
-        .meta
-        .nix_object(cache.id, &hash.to_string())
-        .await?
-        .ok_or_else(|| ApiError::NoSuchObject(format!("nar/{file}")))?;
+    let row = nix_object(&state, &cache, &file, ".nar").await?;
     let size = row.blob.file_size;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(value) => parse_range(value, size)?,

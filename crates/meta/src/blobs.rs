@@ -308,6 +308,23 @@ fn insert_chunks_sql(n: usize) -> String {
 /// `id, hash, stored_size, frame_hash` of a chunk row a commit added uses to.
 type UsedChunkRow = (i64, Vec<u8>, i64, Vec<u8>);
 
+/// Notes the ids of chunk rows a commit uses, checking each row's frame
+/// against what the writer sent (whether the row was updated or inserted).
+fn record_used(
+    rows: Vec<UsedChunkRow>,
+    uses: &BTreeMap<[u8; 32], ChunkUse<'_>>,
+    ids: &mut HashMap<[u8; 32], i64>,
+) -> Result<()> {
+    for (id, hash, stored_size, frame_hash) in rows {
+        let hash = sql::digest(hash, "chunk hash")?;
+        if let Some(u) = uses.get(&hash) {
+            check_frame(u.chunk, stored_size, &frame_hash)?;
+        }
+        ids.insert(hash, id);
+    }
+    Ok(())
+}
+
 /// Inserts `n` chunk positions of blob `$1`.
 fn insert_blob_chunks_sql(n: usize) -> String {
     format!(
@@ -494,13 +511,7 @@ impl Meta {
                         query = query.bind(&sql::padded(batch, i)[..]);
                     }
                     let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
-                    for (id, hash, stored_size, frame_hash) in rows {
-                        let hash = sql::digest(hash, "chunk hash")?;
-                        if let Some(u) = uses.get(&hash) {
-                            check_frame(u.chunk, stored_size, &frame_hash)?;
-                        }
-                        ids.insert(hash, id);
-                    }
+                    record_used(rows, &uses, &mut ids)?;
                 }
             }
 
@@ -529,13 +540,7 @@ impl Meta {
                 // A row a concurrent writer inserted meanwhile comes back as
                 // it stands, so it is checked like the existing ones above.
                 let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
-                for (id, hash, stored_size, frame_hash) in rows {
-                    let hash = sql::digest(hash, "chunk hash")?;
-                    if let Some(u) = uses.get(&hash) {
-                        check_frame(u.chunk, stored_size, &frame_hash)?;
-                    }
-                    ids.insert(hash, id);
-                }
+                record_used(rows, &uses, &mut ids)?;
             }
             if let Some(gone) = uses.keys().find(|h| !ids.contains_key(*h)) {
                 return Err(MetaError::ChunkGone(*gone));

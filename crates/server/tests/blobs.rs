@@ -13,9 +13,9 @@ use garret_meta::testing::PgCluster;
 use garret_nix::Sha256Hash;
 use garret_server::blobs::{BlobError, Blobs, Expect, StoredBlob};
 use garret_store::testing::{S3TestServer, body, text};
-use garret_store::{
-    Backend, ChunkStore, FsBackend, ObjectStore, S3Backend, StoreConfig, StoreError,
-};
+use garret_store::{Backend, ChunkStore, ObjectStore, S3Backend, StoreConfig, StoreError};
+
+mod common;
 
 struct Fixture {
     blobs: Blobs,
@@ -24,16 +24,8 @@ struct Fixture {
 
 async fn sqlite_fs() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let meta = Meta::connect(&format!(
-        "sqlite:{}",
-        dir.path().join("garret.db").display()
-    ))
-    .await
-    .unwrap();
-    meta.migrate().await.unwrap();
-    let backend = Backend::Fs(FsBackend::new(dir.path().join("objects")).unwrap());
     Fixture {
-        blobs: Blobs::new(ChunkStore::new(backend, StoreConfig::default()), meta),
+        blobs: common::sqlite_fs_blobs(dir.path()).await,
         _dir: dir,
     }
 }

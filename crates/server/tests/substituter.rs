@@ -7,12 +7,14 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use garret_meta::{Meta, NewCache, NixObject};
+use garret_meta::{NewCache, NixObject};
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePathHash};
-use garret_server::blobs::{Blobs, Expect};
+use garret_server::blobs::Expect;
 use garret_server::http::{AppState, router};
-use garret_store::{Backend, ChunkStore, FsBackend, ObjectStore, StoreConfig};
+use garret_store::ObjectStore;
+
+mod common;
 
 struct Server {
     url: String,
@@ -23,18 +25,8 @@ struct Server {
 
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let meta = Meta::connect(&format!(
-        "sqlite:{}",
-        dir.path().join("garret.db").display()
-    ))
-    .await
-    .unwrap();
-    meta.migrate().await.unwrap();
-    let backend = Backend::Fs(FsBackend::new(dir.path().join("chunks")).unwrap());
-    let blobs = Blobs::new(
-        ChunkStore::new(backend, StoreConfig::default()),
-        meta.clone(),
-    );
+    let blobs = common::sqlite_fs_blobs(dir.path()).await;
+    let meta = blobs.meta().clone();
     let cache_key = SigningKey::generate("demo-1").unwrap();
     for (name, public) in [("demo", true), ("private", false)] {
         let new = NewCache {

@@ -8,17 +8,16 @@
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
-use garret_meta::Meta;
-use garret_meta::testing::PgCluster;
 use garret_nix::Sha256Hash;
 use garret_server::blobs::{BlobError, Blobs, Expect, StoredBlob};
 use garret_store::testing::{S3TestServer, body, text};
-use garret_store::{Backend, ChunkStore, ObjectStore, S3Backend, StoreConfig, StoreError};
+use garret_store::{ObjectStore, StoreError};
 
 mod common;
 
 struct Fixture {
     blobs: Blobs,
+    _s3: Option<S3TestServer>,
     _dir: tempfile::TempDir,
 }
 
@@ -26,22 +25,17 @@ async fn sqlite_fs() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     Fixture {
         blobs: common::sqlite_fs_blobs(dir.path()).await,
+        _s3: None,
         _dir: dir,
     }
 }
 
 async fn postgres_s3() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let meta = Meta::connect(&PgCluster::shared().fresh_database().await)
-        .await
-        .unwrap();
-    meta.migrate().await.unwrap();
-    let s3 = S3TestServer::start(&dir.path().join("s3"), "garret")
-        .await
-        .unwrap();
-    let backend = Backend::S3(S3Backend::new(&s3.config).unwrap());
+    let (blobs, s3) = common::postgres_s3_blobs(dir.path()).await;
     Fixture {
-        blobs: Blobs::new(ChunkStore::new(backend, StoreConfig::default()), meta),
+        blobs,
+        _s3: Some(s3),
         _dir: dir,
     }
 }

@@ -180,6 +180,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         meta,
         blobs,
         tokens,
+        limits: config.limits,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

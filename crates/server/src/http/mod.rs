@@ -1,6 +1,7 @@
 //! The HTTP API on axum. Each protocol module owns its handlers; this module
 //! only assembles the router.
 
+pub mod access;
 pub mod error;
 mod substituter;
 
@@ -12,6 +13,7 @@ use garret_meta::Meta;
 
 use crate::auth::TokenAuthority;
 use crate::blobs::Blobs;
+use crate::config::Limits;
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -20,6 +22,7 @@ pub struct AppState {
     pub blobs: Blobs,
     /// Verifies tokens; without it every request is anonymous.
     pub tokens: Option<TokenAuthority>,
+    pub limits: Limits,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

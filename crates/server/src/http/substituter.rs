@@ -6,46 +6,17 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use garret_meta::{Cache, MetaError, NixObjectRow};
+use garret_meta::{Cache, NixObjectRow};
 use garret_nix::narinfo::NarInfo;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
-use super::AppState;
+use super::{AppState, access};
 use super::error::ApiError;
-use crate::auth::{CacheName, CacheState, Permission, authorize};
-
-/// Looks a cache up and checks that the requester may pull from it, following
-/// Attic's discovery rules (401 before 404 for strangers).
-async fn pullable_cache(
-    state: &AppState,
-    name: &str,
-    headers: &HeaderMap,
-) -> Result<Cache, ApiError> {
-    let name = CacheName::new(name)?;
-    let cache = match state.meta.cache(name.as_str()).await {
-        Ok(cache) => Some(cache),
-        Err(MetaError::NotFound(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let cache_state = match &cache {
-        None => CacheState::Missing,
-        Some(c) if c.is_public => CacheState::Public,
-        Some(_) => CacheState::Private,
-    };
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    let token = match &state.tokens {
-        Some(tokens) => tokens.authenticate(authorization)?,
-        None => None,
-    };
-    authorize(token.as_ref(), &name, cache_state, Permission::PULL)?;
-    cache.ok_or_else(|| ApiError::Internal("authorized a missing cache".into()))
-}
+use crate::auth::Permission;
 
 /// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
 pub async fn cache_file(
@@ -54,7 +25,7 @@ pub async fn cache_file(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let cache = pullable_cache(&state, &cache, &headers).await?;
+    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
     if file == "nix-cache-info" {
         let body = format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
@@ -142,7 +113,7 @@ pub async fn nar(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let cache = pullable_cache(&state, &cache, &headers).await?;
+    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
     let row = nix_object(&state, &cache, &file, ".nar").await?;
     let size = row.blob.file_size;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {

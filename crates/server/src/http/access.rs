@@ -1,0 +1,63 @@
+//! Who may do what to which cache: the one place HTTP handlers turn the
+//! `Authorization` header and a cache name into a cache row, applying
+//! Attic's discovery rules (401 before 404 for strangers).
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use garret_meta::{Cache, MetaError};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::auth::{CacheName, CacheState, Permission, Token, authorize};
+
+/// The verified token of a request; no `Authorization` header is anonymous,
+/// an unusable one a 401.
+pub fn token(state: &AppState, headers: &HeaderMap) -> Result<Option<Token>, ApiError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    Ok(match &state.tokens {
+        Some(tokens) => tokens.authenticate(authorization)?,
+        None => None,
+    })
+}
+
+/// A cache the requester holds `required` on, with the grant it holds.
+#[derive(Debug)]
+pub struct Granted {
+    pub cache: Cache,
+    pub permission: Permission,
+}
+
+/// Looks `name` up and checks that `token` holds `required` on it.
+pub async fn cache(
+    state: &AppState,
+    token: Option<&Token>,
+    name: &str,
+    required: Permission,
+) -> Result<Granted, ApiError> {
+    let name = CacheName::new(name)?;
+    let cache = match state.meta.cache(name.as_str()).await {
+        Ok(cache) => Some(cache),
+        Err(MetaError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let cache_state = match &cache {
+        None => CacheState::Missing,
+        Some(c) if c.is_public => CacheState::Public,
+        Some(_) => CacheState::Private,
+    };
+    let permission = authorize(token, &name, cache_state, required)?;
+    let cache = cache.ok_or_else(|| ApiError::Internal("authorized a missing cache".into()))?;
+    Ok(Granted { cache, permission })
+}
+
+/// [`cache`] with the token taken from `headers`.
+pub async fn cache_for_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    required: Permission,
+) -> Result<Cache, ApiError> {
+    let token = token(state, headers)?;
+    Ok(cache(state, token.as_ref(), name, required).await?.cache)
+}

@@ -589,6 +589,29 @@ impl Meta {
         })
     }
 
+    /// The blob with content `hash`, if it exists and is not due for
+    /// collection, leased for the grace period like [`Meta::present_chunks`]
+    /// leases chunks: a writer that proves it holds the content (by hashing
+    /// it) can then reference the blob without storing it again, and GC
+    /// cannot take it before that reference lands.
+    pub async fn lease_blob(&self, hash: &[u8; 32], now: i64) -> Result<Option<Blob>> {
+        // SQLite allows no table alias here, so not BLOB_COLUMNS; same order.
+        let sql = "UPDATE blobs SET deletable_at = \
+               CASE WHEN refcount = 0 AND deletable_at < $2 THEN $2 ELSE deletable_at END \
+             WHERE hash = $1 AND (refcount > 0 OR deletable_at > $3) \
+             RETURNING id, hash, size, file_hash, file_size, chunk_count";
+        let lease = self.lease(now);
+        let row: Option<BlobRow> = on_writer!(self, |pool| async {
+            Ok(sqlx::query_as(sql)
+                .bind(&hash[..])
+                .bind(lease)
+                .bind(now)
+                .fetch_optional(pool)
+                .await?)
+        })?;
+        row.map(blob_from_row).transpose()
+    }
+
     pub async fn blob_by_hash(&self, hash: &[u8; 32]) -> Result<Option<Blob>> {
         let sql = format!("SELECT {BLOB_COLUMNS} FROM blobs b WHERE b.hash = $1");
         let row: Option<BlobRow> = on_reader!(self, |pool| async {

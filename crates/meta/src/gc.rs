@@ -149,6 +149,47 @@ impl Meta {
         rows.into_iter().map(chunk_from_row).collect()
     }
 
+    /// Claims, for deletion, those of `hashes` that have no chunk row: the
+    /// objects a failed upload wrote before it failed. Each gets a row already
+    /// `deleting` (with placeholder sizes), so from here on a concurrent writer
+    /// that reaches for the same chunk waits and uploads it anew instead of
+    /// relying on an object about to vanish, and a crash before
+    /// [`Meta::gc_forget_chunks`] leaves a mark that GC reclaims after the
+    /// grace period. Chunks that gained a row meanwhile are left alone: some
+    /// blob relies on them. Returns the claimed ids.
+    pub async fn claim_unrecorded_chunks(
+        &self,
+        hashes: &[[u8; 32]],
+        now: i64,
+    ) -> Result<Vec<ChunkId>> {
+        const INSERT: &str = "INSERT INTO chunks \
+               (hash, size, stored_size, frame_hash, compression, refcount, deletable_at, state, created_at) \
+             VALUES ($1, 1, 1, $2, 'zstd', 0, $3, 'deleting', $4) \
+             ON CONFLICT (hash) DO NOTHING RETURNING id";
+        let lease = self.lease(now);
+        let mut claimed = Vec::new();
+        for batch in hashes.chunks(READ_BATCH) {
+            let ids: Vec<i64> = on_writer!(self, |pool| async {
+                let mut tx = pool.begin_write().await?;
+                let mut ids = Vec::with_capacity(batch.len());
+                for hash in batch {
+                    let id: Option<(i64,)> = sqlx::query_as(INSERT)
+                        .bind(&hash[..])
+                        .bind(&[0u8; 32][..])
+                        .bind(lease)
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    ids.extend(id.map(|(id,)| id));
+                }
+                tx.commit().await?;
+                Ok(ids)
+            })?;
+            claimed.extend(ids.into_iter().map(ChunkId));
+        }
+        Ok(claimed)
+    }
+
     /// Deletes the rows of marked chunks whose objects the caller has deleted.
     /// Ids that are already gone, or not marked, are skipped, so repeating a
     /// call after a crash is harmless. Returns how many rows went.

@@ -219,6 +219,50 @@ both! {
         assert_eq!(db.gc_expire(1, None, 2).await.unwrap().nix_objects, 1);
         assert_eq!(db.blob_state(h(1)).await.unwrap(), (0, Some(1 + GRACE)));
     }
+
+    async fn failed_upload_claims_only_unrecorded_chunks(db: TestDb) {
+        // Chunk 20 is recorded by a committed blob; 21 and 22 were written by
+        // an upload that then failed.
+        db.commit_blob(&blob(1, &[(20, 5)]), 0).await.unwrap();
+        let claimed = db.claim_unrecorded_chunks(&[h(20), h(21), h(22)], 10).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        assert_eq!(db.chunk_state(h(20)).await.unwrap(), (1, None, "valid".into()));
+        assert_eq!(db.chunk_state(h(21)).await.unwrap(), (0, Some(10 + GRACE), "deleting".into()));
+        // A writer reaching for a claimed chunk is told to wait, and a commit
+        // cannot use it.
+        assert!(matches!(db.present_chunks(&[h(21)], 11).await, Err(MetaError::ChunkGone(_))));
+        assert!(db.commit_blob(&blob(2, &[(21, 5)]), 11).await.is_err());
+        // Claiming again is harmless; forgetting clears the marks.
+        assert!(db.claim_unrecorded_chunks(&[h(21)], 12).await.unwrap().is_empty());
+        assert_eq!(db.gc_forget_chunks(&claimed).await.unwrap(), 2);
+        assert_eq!(db.chunk_state(h(21)).await, None);
+        assert!(db.present_chunks(&[h(21), h(22)], 13).await.unwrap().is_empty());
+        // A crash before forgetting: GC reclaims the mark after the grace period.
+        let claimed = db.claim_unrecorded_chunks(&[h(23)], 20).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(db.gc_mark_chunks(20 + GRACE, 10).await.unwrap().len(), 1);
+        db.assert_refcounts_consistent().await;
+    }
+
+    async fn lease_blob_keeps_a_proven_blob_for_its_new_reference(db: TestDb) {
+        let cache = db.cache_named("main").await;
+        let b1 = db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap().blob_id;
+        assert_eq!(db.blob_state(h(1)).await.unwrap(), (0, Some(GRACE)));
+        // Within the grace period the lease extends it.
+        let leased = db.lease_blob(&h(1), GRACE - 1).await.unwrap().unwrap();
+        assert_eq!(leased.id, b1);
+        assert_eq!(db.blob_state(h(1)).await.unwrap(), (0, Some(2 * GRACE - 1)));
+        assert_eq!(db.gc_sweep_blobs(GRACE, 10).await.unwrap(), 0, "leased");
+        db.put_cas_entry(cache, b1, GRACE).await.unwrap();
+        // A referenced blob is leased without change; an unknown one is None.
+        assert!(db.lease_blob(&h(1), 10 * GRACE).await.unwrap().is_some());
+        assert_eq!(db.blob_state(h(1)).await.unwrap(), (1, None));
+        assert_eq!(db.lease_blob(&h(9), 0).await.unwrap(), None);
+        // A blob already due for collection is not handed out.
+        db.commit_blob(&blob(2, &[(11, 5)]), 0).await.unwrap();
+        assert_eq!(db.lease_blob(&h(2), GRACE).await.unwrap(), None);
+        db.assert_refcounts_consistent().await;
+    }
 }
 
 fn nix_object(blob_id: garret_meta::BlobId) -> garret_meta::NixObject {

@@ -156,12 +156,12 @@ impl Meta {
     /// relying on an object about to vanish, and a crash before
     /// [`Meta::gc_forget_chunks`] leaves a mark that GC reclaims after the
     /// grace period. Chunks that gained a row meanwhile are left alone: some
-    /// blob relies on them. Returns the claimed ids.
+    /// blob relies on them. Returns the claimed ids with their hashes.
     pub async fn claim_unrecorded_chunks(
         &self,
         hashes: &[[u8; 32]],
         now: i64,
-    ) -> Result<Vec<ChunkId>> {
+    ) -> Result<Vec<(ChunkId, [u8; 32])>> {
         const INSERT: &str = "INSERT INTO chunks \
                (hash, size, stored_size, frame_hash, compression, refcount, deletable_at, state, created_at) \
              VALUES ($1, 1, 1, $2, 'zstd', 0, $3, 'deleting', $4) \
@@ -169,7 +169,7 @@ impl Meta {
         let lease = self.lease(now);
         let mut claimed = Vec::new();
         for batch in hashes.chunks(READ_BATCH) {
-            let ids: Vec<i64> = on_writer!(self, |pool| async {
+            let ids: Vec<(ChunkId, [u8; 32])> = on_writer!(self, |pool| async {
                 let mut tx = pool.begin_write().await?;
                 let mut ids = Vec::with_capacity(batch.len());
                 for hash in batch {
@@ -180,12 +180,12 @@ impl Meta {
                         .bind(now)
                         .fetch_optional(&mut *tx)
                         .await?;
-                    ids.extend(id.map(|(id,)| id));
+                    ids.extend(id.map(|(id,)| (ChunkId(id), *hash)));
                 }
                 tx.commit().await?;
                 Ok(ids)
             })?;
-            claimed.extend(ids.into_iter().map(ChunkId));
+            claimed.extend(ids);
         }
         Ok(claimed)
     }

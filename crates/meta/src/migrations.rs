@@ -18,15 +18,27 @@ use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 #[derive(Debug)]
 struct Embedded(&'static [(&'static str, &'static str)]);
 
-const POSTGRES: Embedded = Embedded(&[(
-    "0001_initial.sql",
-    include_str!("../../../migrations/postgres/0001_initial.sql"),
-)]);
+const POSTGRES: Embedded = Embedded(&[
+    (
+        "0001_initial.sql",
+        include_str!("../../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        "0002_nix_uploads.sql",
+        include_str!("../../../migrations/postgres/0002_nix_uploads.sql"),
+    ),
+]);
 
-const SQLITE: Embedded = Embedded(&[(
-    "0001_initial.sql",
-    include_str!("../../../migrations/sqlite/0001_initial.sql"),
-)]);
+const SQLITE: Embedded = Embedded(&[
+    (
+        "0001_initial.sql",
+        include_str!("../../../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        "0002_nix_uploads.sql",
+        include_str!("../../../migrations/sqlite/0002_nix_uploads.sql"),
+    ),
+]);
 
 pub(crate) async fn postgres() -> Result<Migrator, sqlx::migrate::MigrateError> {
     Migrator::new(POSTGRES).await

@@ -226,6 +226,48 @@ impl Meta {
         })
     }
 
+    /// Records that `cache`'s uploader sent the NAR held by `blob` (plain
+    /// `nix copy --to http://…` sends the NAR before its narinfo).
+    pub async fn record_nix_upload(&self, cache: CacheId, blob: BlobId, now: i64) -> Result<()> {
+        on_writer!(self, |pool| async {
+            sqlx::query(
+                "INSERT INTO nix_uploads (cache_id, blob_id, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (cache_id, blob_id) DO UPDATE SET created_at = excluded.created_at",
+            )
+            .bind(cache.0)
+            .bind(blob.0)
+            .bind(now)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// Whether `cache`'s uploader sent the NAR held by `blob` at or after
+    /// `since`, or `cache` already holds an object with that NAR: either way
+    /// a narinfo in `cache` may reference the blob.
+    pub async fn nix_upload_exists(
+        &self,
+        cache: CacheId,
+        blob: BlobId,
+        since: i64,
+    ) -> Result<bool> {
+        let found: Option<(i64,)> = on_reader!(self, |pool| async {
+            sqlx::query_as(
+                "SELECT cache_id FROM nix_uploads WHERE cache_id = $1 AND blob_id = $2 AND created_at >= $3 \
+                 UNION ALL \
+                 SELECT 1 FROM nix_objects WHERE cache_id = $1 AND blob_id = $2 \
+                 LIMIT 1",
+            )
+            .bind(cache.0)
+            .bind(blob.0)
+            .bind(since)
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(found.is_some())
+    }
+
     /// The store path hashes `cache` lacks, in the caller's order without
     /// repeats.
     pub async fn missing_store_paths(

@@ -211,3 +211,20 @@ async fn postgres_deadlock_victim_is_retried() {
     assert_eq!(row.blob.id, b2);
     db.assert_refcounts_consistent().await;
 }
+
+both! {
+    async fn nix_uploads_prove_possession_per_cache(db: TestDb) {
+        let main = db.cache_named("main").await;
+        let other = db.cache_named("other").await;
+        let b1 = db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap().blob_id;
+        assert!(!db.nix_upload_exists(main, b1, 0).await.unwrap());
+        db.record_nix_upload(main, b1, 5).await.unwrap();
+        db.record_nix_upload(main, b1, 7).await.unwrap();
+        assert!(db.nix_upload_exists(main, b1, 7).await.unwrap());
+        assert!(!db.nix_upload_exists(main, b1, 8).await.unwrap(), "too old");
+        assert!(!db.nix_upload_exists(other, b1, 0).await.unwrap(), "another cache's upload");
+        // A blob swept by GC takes its upload rows with it.
+        assert_eq!(db.gc_sweep_blobs(10 * GRACE, 10).await.unwrap(), 1);
+        assert!(!db.nix_upload_exists(main, b1, 0).await.unwrap());
+    }
+}

@@ -256,7 +256,7 @@ impl Meta {
             sqlx::query_as(
                 "SELECT cache_id FROM nix_uploads WHERE cache_id = $1 AND blob_id = $2 AND created_at >= $3 \
                  UNION ALL \
-                 SELECT 1 FROM nix_objects WHERE cache_id = $1 AND blob_id = $2 \
+                 SELECT cache_id FROM nix_objects WHERE cache_id = $1 AND blob_id = $2 \
                  LIMIT 1",
             )
             .bind(cache.0)

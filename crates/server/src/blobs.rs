@@ -10,9 +10,9 @@ use std::ops::Range;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use garret_meta::{
-    BlobChunk, BlobId, ChunkRange, Compression, Meta, MetaError, NewBlob, NewChunkRef,
+    Blob, BlobChunk, BlobId, ChunkRange, Compression, Meta, MetaError, NewBlob, NewChunkRef,
 };
 use garret_nix::Sha256Hash;
 
@@ -63,6 +63,9 @@ pub struct StoredBlob {
     pub file_size: u64,
     /// Another writer had stored the same content already.
     pub deduplicated: bool,
+    /// Uncompressed bytes of the chunks this upload added to the store; the
+    /// rest was already there.
+    pub new_bytes: u64,
 }
 
 /// The chunked store plus its metadata.
@@ -76,6 +79,9 @@ pub struct Blobs {
 struct MetaIndex<'a> {
     meta: &'a Meta,
     now: i64,
+    /// Every chunk reported missing: this ingest writes those objects, and
+    /// must clean them up if it fails.
+    missing: std::sync::Mutex<Vec<[u8; 32]>>,
 }
 
 impl ChunkIndex for MetaIndex<'_> {
@@ -92,6 +98,10 @@ impl ChunkIndex for MetaIndex<'_> {
                 other => break other?,
             }
         };
+        self.missing
+            .lock()
+            .expect("no panics while holding the lock")
+            .extend(hashes.iter().filter(|h| !present.contains_key(*h)));
         Ok(present
             .into_iter()
             .map(|(id, frame)| {
@@ -127,6 +137,54 @@ fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkId) -> bool) -> NewBlob 
     }
 }
 
+/// Checks an upload's hash and size against what its writer promised.
+fn check(expect: Expect, hash: Sha256Hash, size: u64) -> Result<(), BlobError> {
+    if let Some(expected) = expect.size.filter(|s| *s != size) {
+        return Err(BlobError::SizeMismatch {
+            expected,
+            actual: size,
+        });
+    }
+    if let Some(expected) = expect.hash.filter(|h| *h != hash) {
+        return Err(BlobError::HashMismatch {
+            expected,
+            actual: hash,
+        });
+    }
+    Ok(())
+}
+
+/// Reads and hashes an upload of content that is stored already: the writer
+/// must show it has the bytes, not just their hash, before it may reference
+/// the blob (a hash alone would let anyone with push access to one cache
+/// claim any blob of another).
+async fn prove<S, E>(input: S, expect: Expect, blob: &Blob) -> Result<StoredBlob, BlobError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: Into<BoxError>,
+{
+    let mut input = std::pin::pin!(input);
+    let mut hasher = garret_nix::Sha256Hasher::new();
+    while let Some(bytes) = input.next().await {
+        let bytes = bytes.map_err(|e| StoreError::Input(e.into()))?;
+        hasher.update(&bytes);
+        if let Some(limit) = expect.max_size.filter(|l| hasher.len() > *l) {
+            return Err(StoreError::TooLarge { limit }.into());
+        }
+    }
+    let (hash, size) = hasher.finish();
+    check(expect, hash, size)?;
+    Ok(StoredBlob {
+        id: blob.id,
+        hash,
+        size,
+        file_hash: Sha256Hash::from_bytes(blob.file_hash),
+        file_size: blob.file_size,
+        deduplicated: true,
+        new_bytes: 0,
+    })
+}
+
 fn chunk_ref(c: &BlobChunk) -> ChunkRef {
     ChunkRef {
         id: ChunkId(Sha256Hash::from_bytes(c.chunk.hash)),
@@ -155,32 +213,63 @@ impl Blobs {
     ///
     /// The blob starts unreferenced: the caller must point a Nix object or a
     /// CAS entry at it within the metadata's grace period, or GC takes it.
+    ///
+    /// When `expect.hash` names a blob that exists already, the input is only
+    /// hashed (proof of possession) and nothing is written. When the upload
+    /// fails, the chunk objects it wrote that no blob uses are deleted again,
+    /// so a refused upload leaves no trace in storage either.
     pub async fn put<S, E>(&self, input: S, expect: Expect) -> Result<StoredBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
         let now = unix_now();
+        if let Some(hash) = expect.hash
+            && let Some(blob) = self.meta.lease_blob(hash.as_bytes(), now).await?
+        {
+            return prove(input, expect, &blob).await;
+        }
         let index = MetaIndex {
             meta: &self.meta,
             now,
+            missing: std::sync::Mutex::default(),
         };
+        let result = self.ingest(input, expect, &index).await;
+        if let Err(error) = &result {
+            let missing = index
+                .missing
+                .into_inner()
+                .expect("no panics while holding the lock");
+            tracing::debug!(%error, chunks = missing.len(), "upload failed; removing its chunks");
+            if let Err(cleanup) = self.discard(missing, now).await {
+                tracing::warn!(%cleanup, "could not remove the chunks of a failed upload; GC will");
+            }
+        }
+        result
+    }
+
+    async fn ingest<S, E>(
+        &self,
+        input: S,
+        expect: Expect,
+        index: &MetaIndex<'_>,
+    ) -> Result<StoredBlob, BlobError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BoxError>,
+    {
         let Ingested { manifest, uploaded } =
-            self.store.ingest(input, &index, expect.max_size).await?;
-        if let Some(expected) = expect.size.filter(|s| *s != manifest.size) {
-            return Err(BlobError::SizeMismatch {
-                expected,
-                actual: manifest.size,
-            });
-        }
-        if let Some(expected) = expect.hash.filter(|h| *h != manifest.hash) {
-            return Err(BlobError::HashMismatch {
-                expected,
-                actual: manifest.hash,
-            });
-        }
+            self.store.ingest(input, index, expect.max_size).await?;
+        check(expect, manifest.hash, manifest.size)?;
         let blob = new_blob(&manifest, &|id| uploaded.contains(&id));
-        let commit = self.meta.commit_blob(&blob, now).await?;
+        let commit = self.meta.commit_blob(&blob, index.now).await?;
+        let mut counted = std::collections::HashSet::new();
+        let new_bytes = manifest
+            .chunks
+            .iter()
+            .filter(|c| uploaded.contains(&c.id) && counted.insert(c.id))
+            .map(|c| u64::from(c.size))
+            .sum();
         Ok(StoredBlob {
             id: commit.blob_id,
             hash: manifest.hash,
@@ -188,7 +277,30 @@ impl Blobs {
             file_hash: manifest.file_hash,
             file_size: manifest.file_size,
             deduplicated: commit.already_existed,
+            new_bytes: if commit.already_existed { 0 } else { new_bytes },
         })
+    }
+
+    /// Deletes the objects of chunks a failed upload wrote, unless some blob
+    /// was committed with them meanwhile (see
+    /// [`Meta::claim_unrecorded_chunks`] for why this is safe against
+    /// concurrent writers).
+    async fn discard(&self, mut missing: Vec<[u8; 32]>, now: i64) -> Result<(), BlobError> {
+        use garret_store::ObjectStore as _;
+        missing.sort_unstable();
+        missing.dedup();
+        let claimed = self.meta.claim_unrecorded_chunks(&missing, now).await?;
+        for (_, hash) in &claimed {
+            let key = ChunkId(Sha256Hash::from_bytes(*hash)).object_key();
+            self.store
+                .backend()
+                .delete(&key)
+                .await
+                .map_err(StoreError::Backend)?;
+        }
+        let ids: Vec<_> = claimed.into_iter().map(|(id, _)| id).collect();
+        self.meta.gc_forget_chunks(&ids).await?;
+        Ok(())
     }
 
     /// Streams `range` of a blob's content. A chunk missing from the backend

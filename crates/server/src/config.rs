@@ -148,6 +148,15 @@ pub struct Limits {
     pub max_preamble_size: u64,
     /// Whole-request time limit; long enough for multi-GB uploads on slow links.
     pub request_timeout_secs: u64,
+    /// An upload whose client sends nothing for this long is aborted, so a
+    /// stalled client cannot hold a connection for the whole request limit.
+    pub idle_timeout_secs: u64,
+}
+
+impl Limits {
+    pub fn idle_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.idle_timeout_secs)
+    }
 }
 
 impl Default for Limits {
@@ -156,6 +165,7 @@ impl Default for Limits {
             max_nar_size: 64 << 30,
             max_preamble_size: 1 << 20,
             request_timeout_secs: 3600,
+            idle_timeout_secs: 300,
         }
     }
 }
@@ -296,6 +306,7 @@ impl Config {
         if self.limits.max_preamble_size == 0
             || self.limits.max_nar_size == 0
             || self.limits.request_timeout_secs == 0
+            || self.limits.idle_timeout_secs == 0
         {
             return Err(ConfigError::Invalid("limits must be positive".into()));
         }
@@ -364,7 +375,7 @@ impl Config {
             (Storage::Local { .. }, None) => unreachable!("local storage always has a path"),
         };
         format!(
-            "listen: {}\ndata_dir: {}\ndatabase: {}\nstorage: {storage}\nchunking: avg {} B, zstd level {}\nlimits: max NAR {} B, max preamble {} B, request timeout {} s\n",
+            "listen: {}\ndata_dir: {}\ndatabase: {}\nstorage: {storage}\nchunking: avg {} B, zstd level {}\nlimits: max NAR {} B, max preamble {} B, request timeout {} s, idle timeout {} s\n",
             self.listen,
             self.data_dir.display(),
             redact_url(&self.database_url()),
@@ -373,6 +384,7 @@ impl Config {
             self.limits.max_nar_size,
             self.limits.max_preamble_size,
             self.limits.request_timeout_secs,
+            self.limits.idle_timeout_secs,
         )
     }
 }

@@ -6,3 +6,5 @@ pub mod blobs;
 pub mod clock;
 pub mod config;
 pub mod http;
+pub mod reapi;
+pub mod upload;

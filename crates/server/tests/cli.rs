@@ -674,3 +674,114 @@ fn serve_answers_for_a_created_cache() {
         "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n"
     );
 }
+
+/// Starts `garret serve` on a free port and returns it with its address,
+/// once it has logged that it listens (no sleeping).
+fn start_serve(data_dir: &str) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .arg("serve")
+        .env("GARRET_DATA_DIR", data_dir)
+        .env("GARRET_LISTEN", "127.0.0.1:0")
+        .env("NO_COLOR", "1")
+        .env_remove("GARRET_TOKEN_HS256_SECRET_BASE64")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut lines = stderr.lines();
+    let address = lines
+        .by_ref()
+        .map(Result::unwrap)
+        .find_map(|line| {
+            line.split("address=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_owned())
+        })
+        .expect("serve logs its address");
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (server, address)
+}
+
+fn curl_status(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn serve_first_start_prints_an_admin_token_once_and_drains_on_sigterm() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_dir = data.to_str().unwrap();
+
+    let (mut server, address) = start_serve(data_dir);
+    let api = format!("http://{address}/_api/v1/cache-config/fresh");
+    // Strangers may not create caches.
+    let body = r#"{"keypair":"Generate","is_public":false}"#;
+    assert_eq!(curl_status(&["-X", "POST", "-d", body, &api]), "401");
+    let signal = |pid: u32| {
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    signal(server.id());
+    assert!(server.wait().unwrap().success(), "SIGTERM is a clean stop");
+    let mut stdout = String::new();
+    server
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let admin = stdout
+        .lines()
+        .find(|line| line.starts_with("ey"))
+        .unwrap_or_else(|| panic!("no admin token printed: {stdout}"))
+        .to_owned();
+    let secret = std::fs::metadata(data.join("token-secret")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&secret.permissions()) & 0o777,
+        0o600
+    );
+
+    // The second start reuses the secret: the token still works, and no
+    // new token is printed.
+    let (mut server, address) = start_serve(data_dir);
+    let api = format!("http://{address}/_api/v1/cache-config/fresh");
+    let auth = format!("Authorization: Bearer {admin}");
+    assert_eq!(
+        curl_status(&[
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            &api
+        ]),
+        "200"
+    );
+    assert_eq!(curl_status(&["-H", &auth, &api]), "200");
+    assert_eq!(curl_status(&[&api]), "401", "the new cache is private");
+    signal(server.id());
+    assert!(server.wait().unwrap().success());
+    let mut stdout = String::new();
+    server
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(!stdout.contains("ey"), "printed again: {stdout}");
+}

@@ -168,14 +168,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ChunkStore::new(backend, config.store_config()),
         meta.clone(),
     );
-    // The same secret `garret token create` signs with; without it every
-    // request is anonymous and only public caches can be read.
-    let tokens = match std::env::var("GARRET_TOKEN_HS256_SECRET_BASE64") {
-        Ok(secret) if !secret.is_empty() => {
-            Some(garret_server::auth::TokenAuthority::hs256_base64(&secret)?)
-        }
-        _ => None,
-    };
+    let tokens = Some(token_authority(&config)?);
     let state = std::sync::Arc::new(garret_server::http::AppState {
         meta,
         blobs,
@@ -186,12 +179,72 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, "garret is listening");
+    // On SIGTERM (Kubernetes) or Ctrl-C, stop accepting and let in-flight
+    // requests, uploads included, finish before exiting.
     axum::serve(listener, garret_server::http::router(state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
+    tracing::info!("in-flight requests finished; garret stopped");
     Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+}
+
+/// Where the server's token key comes from: the same variables `garret
+/// token create` reads, else a secret in the data directory, created on
+/// first start together with an admin token printed once, so a newcomer can
+/// push right away.
+fn token_authority(config: &Config) -> anyhow::Result<garret_server::auth::TokenAuthority> {
+    use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(secret) = non_empty_env("GARRET_TOKEN_HS256_SECRET_BASE64") {
+        return Ok(TokenAuthority::hs256_base64(&secret)?);
+    }
+    if let Some(pem) = non_empty_env("GARRET_TOKEN_RS256_PUBKEY_PEM") {
+        return Ok(TokenAuthority::rs256_pem(pem.as_bytes())?);
+    }
+    let path = config.data_dir.join("token-secret");
+    if path.exists() {
+        let secret = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        return TokenAuthority::hs256_base64(secret.trim())
+            .with_context(|| format!("the token secret in {}", path.display()));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let mut bytes = [0u8; 64];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+    let authority = TokenAuthority::hs256_base64(&secret)?;
+    let mut spec = TokenSpec::new("admin", std::time::Duration::from_hours(365 * 24));
+    spec.grant(CacheNamePattern::new("*")?, Permission::ALL);
+    let admin = authority.mint(&spec)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "First start: created the token secret {path} (keep it safe).\n\
+         More tokens: garret token create --hs256-secret-file {path} --sub NAME --validity 90d --push CACHE\n\
+         Admin token (every permission on every cache, valid one year):\n\n{admin}\n",
+        path = path.display(),
+    );
+    Ok(authority)
+}
+
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// Connects to the metadata database, creating an embedded one on first use

@@ -61,3 +61,18 @@ pub async fn cache_for_request(
     let token = token(state, headers)?;
     Ok(cache(state, token.as_ref(), name, required).await?.cache)
 }
+
+/// Checks that the requester may create a cache named `name`. Whether it
+/// exists already is for the insert to report (`CacheAlreadyExists`), which
+/// also settles two concurrent creations.
+pub fn cache_for_create(state: &AppState, headers: &HeaderMap, name: &str) -> Result<(), ApiError> {
+    let token = token(state, headers)?;
+    let name = CacheName::new(name)?;
+    authorize(
+        token.as_ref(),
+        &name,
+        CacheState::Missing,
+        Permission::CREATE_CACHE,
+    )?;
+    Ok(())
+}

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::auth::AuthError;
 use crate::blobs::BlobError;
+use crate::upload::BodyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -15,6 +16,13 @@ pub enum ApiError {
     Auth(#[from] AuthError),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The client stopped sending, or took longer than the request limit.
+    #[error("{0}")]
+    RequestTimeout(String),
+    #[error("the cache `{0}` already exists")]
+    CacheAlreadyExists(String),
     #[error("no such object: {0}")]
     NoSuchObject(String),
     #[error("the requested range is not satisfiable for {size} bytes")]
@@ -42,6 +50,9 @@ impl ApiError {
                 e.kind(),
             ),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
+            Self::CacheAlreadyExists(_) => (StatusCode::BAD_REQUEST, "CacheAlreadyExists"),
             Self::NoSuchObject(_) => (StatusCode::NOT_FOUND, "NoSuchObject"),
             Self::RangeNotSatisfiable { .. } => {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "RangeNotSatisfiable")
@@ -52,12 +63,25 @@ impl ApiError {
     }
 }
 
+/// Upload failures that are the client's doing are 4xx, so that clients do
+/// not retry them (Nix 2.8 retries a 5xx PUT without a body and hangs).
 impl From<BlobError> for ApiError {
     fn from(err: BlobError) -> Self {
+        use garret_store::StoreError;
         match err {
-            BlobError::Store(garret_store::StoreError::MissingChunk(id)) => {
+            BlobError::Store(StoreError::MissingChunk(id)) => {
                 Self::IncompleteObject(format!("chunk {id} is missing"))
             }
+            BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. } => {
+                Self::BadRequest(err.to_string())
+            }
+            BlobError::Store(StoreError::TooLarge { limit }) => Self::PayloadTooLarge(format!(
+                "the upload is larger than the limit of {limit} bytes"
+            )),
+            BlobError::Store(StoreError::Input(e)) => match e.downcast_ref::<BodyError>() {
+                Some(BodyError::Idle(_)) => Self::RequestTimeout(e.to_string()),
+                _ => Self::BadRequest(e.to_string()),
+            },
             other => Self::Internal(other.to_string()),
         }
     }

@@ -2,13 +2,18 @@
 //! only assembles the router.
 
 pub mod access;
+mod attic;
+pub mod bazel;
+mod body;
 pub mod error;
+mod nix_upload;
 mod substituter;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
 use garret_meta::Meta;
 
 use crate::auth::TokenAuthority;
@@ -25,9 +30,35 @@ pub struct AppState {
     pub limits: Limits,
 }
 
+/// Largest JSON request body (a missing-paths query for a 100 000-path
+/// closure is about 4 MiB). Uploads stream and are bounded by `Limits`.
+const MAX_JSON_BODY: usize = 16 << 20;
+
 pub fn router(state: Arc<AppState>) -> Router {
+    let json_api = Router::new()
+        .route("/_api/v1/get-missing-paths", post(attic::get_missing_paths))
+        .route(
+            "/_api/v1/cache-config/{cache}",
+            get(attic::get_cache_config)
+                .post(attic::create_cache)
+                .patch(attic::patch_cache)
+                .delete(attic::delete_cache),
+        )
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
+    let uploads = Router::new()
+        .route("/_api/v1/upload-path", put(attic::upload_path))
+        .route(
+            "/{cache}/{file}",
+            get(substituter::cache_file).put(nix_upload::put_cache_file),
+        )
+        .route(
+            "/{cache}/nar/{file}",
+            get(substituter::nar).put(nix_upload::put_nar),
+        )
+        .layer(DefaultBodyLimit::disable());
     Router::new()
-        .route("/{cache}/{file}", get(substituter::cache_file))
-        .route("/{cache}/nar/{file}", get(substituter::nar))
+        .route("/{cache}/attic-cache-info", get(attic::get_cache_config))
+        .merge(json_api)
+        .merge(uploads)
         .with_state(state)
 }

@@ -14,8 +14,8 @@ use garret_nix::narinfo::NarInfo;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
-use super::{AppState, access};
 use super::error::ApiError;
+use super::{AppState, access};
 use crate::auth::Permission;
 
 /// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
@@ -50,11 +50,18 @@ async fn nix_object(
     file: &str,
     suffix: &str,
 ) -> Result<NixObjectRow, ApiError> {
-    let hash: StorePathHash = file
+    let stem = file
         .strip_suffix(suffix)
-        .ok_or_else(|| ApiError::NoSuchObject(file.to_owned()))?
-        .parse()
-        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
+        .ok_or_else(|| ApiError::NoSuchObject(file.to_owned()))?;
+    let hash: StorePathHash = stem.parse().map_err(|e| {
+        // `nix copy --to` asks for the NAR it is about to upload by its file
+        // hash; that file is simply not here (we serve NARs by path hash).
+        if Sha256Hash::parse_prefixed(&format!("sha256:{stem}")).is_ok() {
+            ApiError::NoSuchObject(file.to_owned())
+        } else {
+            ApiError::BadRequest(format!("invalid store path hash: {e}"))
+        }
+    })?;
     state
         .meta
         .nix_object(cache.id, &hash.to_string())

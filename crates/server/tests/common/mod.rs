@@ -34,7 +34,9 @@ pub async fn postgres_s3_blobs(dir: &Path) -> (Blobs, S3TestServer) {
         .await
         .unwrap();
     meta.migrate().await.unwrap();
-    let s3 = S3TestServer::start(&dir.join("s3"), "garret").await.unwrap();
+    let s3 = S3TestServer::start(&dir.join("s3"), "garret")
+        .await
+        .unwrap();
     let backend = Backend::S3(S3Backend::new(&s3.config).unwrap());
     (
         Blobs::new(ChunkStore::new(backend, StoreConfig::default()), meta),
@@ -110,4 +112,143 @@ impl TestServer {
         };
         self.state.meta.create_cache(&new, 0).await.unwrap();
     }
+}
+
+// Helpers for the end-to-end tests that push and pull through the HTTP API
+// (`attic_api.rs`, `nix_copy.rs`).
+
+impl TestServer {
+    pub fn deployment(&self) -> Deployment {
+        // `S3TestServer::start` creates `<dir>/s3/<bucket>`.
+        if self.dir.path().join("s3").exists() {
+            Deployment::PostgresS3
+        } else {
+            Deployment::SqliteFs
+        }
+    }
+
+    /// A valid token for this server granting `permission` on each pattern,
+    /// in order.
+    pub fn token(&self, grants: &[(&str, garret_server::auth::Permission)]) -> String {
+        let mut spec =
+            garret_server::auth::TokenSpec::new("e2e", std::time::Duration::from_hours(1));
+        for (pattern, permission) in grants {
+            spec.grant(pattern.parse().unwrap(), *permission);
+        }
+        self.tokens.mint(&spec).unwrap()
+    }
+
+    /// Every file the chunk storage holds (the local directory with its
+    /// temporary files, or the bucket's objects, which s3s-fs keeps as files
+    /// under `<root>/<bucket>/<key>`): a refused upload must leave this set as
+    /// it found it. (s3s-fs keeps per-object metadata files beside the
+    /// bucket and never deletes them, so they are not counted.)
+    pub fn storage_files(&self) -> std::collections::BTreeSet<std::path::PathBuf> {
+        let root = match self.deployment() {
+            Deployment::SqliteFs => self.dir.path().join("chunks"),
+            Deployment::PostgresS3 => self.dir.path().join("s3/garret"),
+        };
+        let mut files = std::collections::BTreeSet::new();
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_dir() {
+                    dirs.push(entry.path());
+                } else {
+                    files.insert(entry.path());
+                }
+            }
+        }
+        files
+    }
+}
+
+/// Runs blocking work (a `nix` or `curl` process) off the runtime's threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// A single-user Nix 2.8 of its own: configuration, state, log and client
+/// cache all under `dir`, signatures required and only `trusted_key`
+/// trusted. With a token, a netrc file sends it to 127.0.0.1 as the Basic
+/// auth password, which is how Nix authenticates to a binary cache.
+#[derive(Clone, Debug)]
+pub struct Nix {
+    pub dir: std::path::PathBuf,
+}
+
+impl Nix {
+    pub fn new(dir: &Path, trusted_key: &str, token: Option<&str>) -> Self {
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(&conf).unwrap();
+        let netrc = dir.join("netrc");
+        std::fs::write(
+            &netrc,
+            token.map_or(String::new(), |t| {
+                format!("machine 127.0.0.1\nlogin garret\npassword {t}\n")
+            }),
+        )
+        .unwrap();
+        // Builds in a `local?root=` store run chrooted even without the
+        // sandbox, so the builder's `/bin/sh` must be mounted in.
+        let sandbox_paths: Vec<&str> = ["/bin", "/usr", "/lib", "/lib64"]
+            .into_iter()
+            .filter(|p| Path::new(p).exists())
+            .collect();
+        std::fs::write(
+            conf.join("nix.conf"),
+            format!(
+                "experimental-features = nix-command\nbuild-users-group =\nsandbox = false\n\
+                 substituters =\nrequire-sigs = true\ntrusted-public-keys = {trusted_key}\n\
+                 netrc-file = {}\nsandbox-paths = {}\n",
+                netrc.display(),
+                sandbox_paths.join(" ")
+            ),
+        )
+        .unwrap();
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn command(&self, program: &str, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(program);
+        command
+            .args(args)
+            .current_dir(&self.dir)
+            .env("NIX_CONF_DIR", self.dir.join("conf"))
+            .env("NIX_STATE_DIR", self.dir.join("state"))
+            .env("NIX_LOG_DIR", self.dir.join("log"))
+            .env("XDG_CACHE_HOME", self.dir.join("cache"))
+            .env("HOME", &self.dir);
+        command
+    }
+
+    /// Runs `program` (`nix`, `nix-build`, ...) with this configuration.
+    pub fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        self.command(program, args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program} is required (./tests/run installs nix-bin): {e}"))
+    }
+
+    /// [`Nix::run`] that must succeed; returns trimmed stdout.
+    pub fn ok(&self, program: &str, args: &[&str]) -> String {
+        let out = self.run(program, args);
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+/// `local?root=DIR`: a store whose paths are `/nix/store/...` but whose
+/// files live under `root`, so tests never touch the host's store.
+pub fn chroot_store(root: &Path) -> String {
+    format!("local?root={}", root.display())
 }

@@ -1,0 +1,495 @@
+//! Attic's API (`/_api/v1`), wire-compatible with the `attic` client:
+//! missing-path queries, NAR uploads and cache configuration. JSON shapes
+//! follow Attic's; see `shared/protocol-notes.md`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use garret_meta::{Cache, CachePatch, MetaError, NewCache};
+use garret_nix::narinfo::ContentAddress;
+use garret_nix::signing::SigningKey;
+use garret_nix::store_path::DEFAULT_STORE_DIR;
+use garret_nix::{Sha256Hash, StorePath, StorePathHash};
+use serde::{Deserialize, Serialize};
+
+use super::body::{BodyStream, idle_limited};
+use super::error::ApiError;
+use super::{AppState, access};
+use crate::auth::{CacheName, Permission};
+use crate::blobs::{BlobError, Expect};
+use crate::clock::unix_now;
+use crate::upload::{NarCheck, PathInfo};
+use garret_store::StoreError;
+
+const NAR_INFO_HEADER: &str = "x-attic-nar-info";
+const PREAMBLE_SIZE_HEADER: &str = "x-attic-nar-info-preamble-size";
+
+/// Parses a JSON request body; whatever the `Content-Type`, as Attic does,
+/// and with errors in Attic's JSON shape.
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GetMissingPathsRequest {
+    cache: String,
+    store_path_hashes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GetMissingPathsResponse {
+    missing_paths: Vec<String>,
+}
+
+/// `POST /_api/v1/get-missing-paths`: the client asks once per closure.
+pub async fn get_missing_paths(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<GetMissingPathsResponse>, ApiError> {
+    let request: GetMissingPathsRequest = json(&body)?;
+    let cache =
+        access::cache_for_request(&state, &headers, &request.cache, Permission::PUSH).await?;
+    for hash in &request.store_path_hashes {
+        hash.parse::<StorePathHash>()
+            .map_err(|e| ApiError::BadRequest(format!("invalid store path hash {hash:?}: {e}")))?;
+    }
+    let hashes: Vec<&str> = request
+        .store_path_hashes
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let missing_paths = state.meta.missing_store_paths(cache.id, &hashes).await?;
+    Ok(Json(GetMissingPathsResponse { missing_paths }))
+}
+
+/// The NarInfo JSON of an upload, as the `attic` client sends it.
+#[derive(Debug, Deserialize)]
+struct UploadPathNarInfo {
+    cache: String,
+    store_path_hash: String,
+    store_path: String,
+    #[serde(default)]
+    references: Vec<String>,
+    system: Option<String>,
+    deriver: Option<String>,
+    #[serde(default)]
+    sigs: Vec<String>,
+    ca: Option<String>,
+    nar_hash: String,
+    nar_size: u64,
+}
+
+impl UploadPathNarInfo {
+    fn path_info(&self, store_dir: &str) -> Result<PathInfo, ApiError> {
+        let bad =
+            |what: &str, e: &dyn std::fmt::Display| ApiError::BadRequest(format!("{what}: {e}"));
+        let store_path = StorePath::from_absolute_path_in(&self.store_path, store_dir)
+            .map_err(|e| bad("invalid store_path", &e))?;
+        let hash: StorePathHash = self
+            .store_path_hash
+            .parse()
+            .map_err(|e| bad("invalid store_path_hash", &e))?;
+        if &hash != store_path.hash() {
+            return Err(ApiError::BadRequest(format!(
+                "store_path_hash {hash} is not the hash of {}",
+                self.store_path
+            )));
+        }
+        let references = self
+            .references
+            .iter()
+            .map(|r| StorePath::from_base_name(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("invalid reference", &e))?;
+        let deriver = self
+            .deriver
+            .as_deref()
+            .map(StorePath::from_base_name)
+            .transpose()
+            .map_err(|e| bad("invalid deriver", &e))?;
+        let ca = self
+            .ca
+            .as_deref()
+            .map(str::parse::<ContentAddress>)
+            .transpose()
+            .map_err(|e| bad("invalid ca", &e))?;
+        let info = PathInfo {
+            store_path,
+            nar_hash: Sha256Hash::parse_prefixed(&self.nar_hash)
+                .map_err(|e| bad("invalid nar_hash", &e))?,
+            nar_size: self.nar_size,
+            references,
+            deriver,
+            system: self.system.clone(),
+            sigs: self.sigs.clone(),
+            ca,
+        };
+        info.validate(store_dir)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        Ok(info)
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind")]
+pub enum UploadPathResult {
+    Uploaded {
+        file_size: u64,
+        frac_deduplicated: f64,
+    },
+    Deduplicated,
+}
+
+/// `PUT /_api/v1/upload-path`: the raw NAR, with its NarInfo JSON in a
+/// header or in a preamble at the start of the body. The NAR is checked
+/// (grammar, NarHash, NarSize) while it streams; a mismatch stores nothing.
+pub async fn upload_path(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<UploadPathResult>, ApiError> {
+    let limit = Duration::from_secs(state.limits.request_timeout_secs);
+    tokio::time::timeout(limit, upload(&state, &headers, body))
+        .await
+        .map_err(|_| {
+            ApiError::RequestTimeout(format!("the upload took longer than {} s", limit.as_secs()))
+        })?
+}
+
+async fn upload(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Json<UploadPathResult>, ApiError> {
+    let mut stream = idle_limited(body, state.limits.idle_timeout());
+    let nar_info: UploadPathNarInfo = if let Some(size) = headers.get(PREAMBLE_SIZE_HEADER) {
+        let size: u64 = size
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ApiError::BadRequest(format!("invalid {PREAMBLE_SIZE_HEADER}")))?;
+        if size > state.limits.max_preamble_size {
+            return Err(ApiError::BadRequest(format!(
+                "the NarInfo preamble of {size} bytes is larger than the limit of {} bytes",
+                state.limits.max_preamble_size
+            )));
+        }
+        let preamble = read_preamble(&mut stream, size).await?;
+        serde_json::from_slice(&preamble)
+            .map_err(|e| ApiError::BadRequest(format!("invalid NarInfo preamble: {e}")))?
+    } else {
+        let value = headers.get(NAR_INFO_HEADER).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "the NarInfo is missing: send {NAR_INFO_HEADER} or {PREAMBLE_SIZE_HEADER}"
+            ))
+        })?;
+        serde_json::from_slice(value.as_bytes())
+            .map_err(|e| ApiError::BadRequest(format!("invalid {NAR_INFO_HEADER}: {e}")))?
+    };
+    let token = access::token(state, headers)?;
+    let cache = access::cache(state, token.as_ref(), &nar_info.cache, Permission::PUSH)
+        .await?
+        .cache;
+    let info = nar_info.path_info(&cache.store_dir)?;
+    if info.nar_size > state.limits.max_nar_size {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the NAR of {} bytes is larger than the limit of {} bytes",
+            info.nar_size, state.limits.max_nar_size
+        )));
+    }
+    let stored = state
+        .blobs
+        .put(
+            NarCheck::new(stream),
+            Expect {
+                hash: Some(info.nar_hash),
+                size: Some(info.nar_size),
+                max_size: Some(info.nar_size),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            // Longer than promised is a lie about NarSize, not an oversized upload.
+            BlobError::Store(StoreError::TooLarge { .. }) => ApiError::BadRequest(format!(
+                "the NAR is longer than its NarSize of {} bytes",
+                info.nar_size
+            )),
+            other => other.into(),
+        })?;
+    let path = info.store_path.to_string();
+    state
+        .meta
+        .upsert_nix_object(cache.id, &info.into_object(stored.id), unix_now())
+        .await?;
+    tracing::info!(cache = %cache.name, %path, size = stored.size, deduplicated = stored.deduplicated, "stored path");
+    Ok(Json(if stored.deduplicated {
+        UploadPathResult::Deduplicated
+    } else {
+        #[allow(clippy::cast_precision_loss)] // a ratio for display
+        let frac_deduplicated = if stored.size == 0 {
+            0.0
+        } else {
+            1.0 - stored.new_bytes as f64 / stored.size as f64
+        };
+        UploadPathResult::Uploaded {
+            file_size: stored.file_size,
+            frac_deduplicated,
+        }
+    }))
+}
+
+/// Reads exactly `size` bytes from the front of the body, leaving the rest
+/// (the NAR) in the stream.
+async fn read_preamble(stream: &mut BodyStream, size: u64) -> Result<Vec<u8>, ApiError> {
+    use futures::StreamExt as _;
+    let size =
+        usize::try_from(size).map_err(|_| ApiError::BadRequest("preamble too large".into()))?;
+    let mut preamble = Vec::with_capacity(size);
+    while preamble.len() < size {
+        let Some(part) = stream.next().await else {
+            return Err(ApiError::BadRequest(
+                "the body ended inside the NarInfo preamble".into(),
+            ));
+        };
+        let part = part.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let take = (size - preamble.len()).min(part.len());
+        preamble.extend_from_slice(&part[..take]);
+        if take < part.len() {
+            let rest = part.slice(take..);
+            let tail = std::mem::replace(stream, Box::pin(futures::stream::empty()));
+            *stream = Box::pin(futures::stream::iter([Ok(rest)]).chain(tail));
+        }
+    }
+    Ok(preamble)
+}
+
+/// A cache's configuration as Attic shows it.
+#[derive(Debug, Serialize)]
+pub struct CacheConfig {
+    substituter_endpoint: String,
+    api_endpoint: String,
+    public_key: String,
+    is_public: bool,
+    store_dir: String,
+    priority: i32,
+    upstream_cache_key_names: Vec<String>,
+    retention_period: RetentionPeriod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RetentionPeriod {
+    Global,
+    Period(u32),
+}
+
+impl RetentionPeriod {
+    fn from_meta(period: Option<i64>) -> Self {
+        period.map_or(Self::Global, |p| {
+            Self::Period(u32::try_from(p).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn to_meta(self) -> Option<i64> {
+        match self {
+            Self::Global => None,
+            Self::Period(p) => Some(i64::from(p)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub enum Keypair {
+    Generate,
+    Keypair(String),
+}
+
+impl Keypair {
+    fn signing_key(&self, cache: &CacheName) -> Result<SigningKey, ApiError> {
+        match self {
+            Self::Generate => SigningKey::generate(cache.as_str())
+                .map_err(|e| ApiError::Internal(format!("generating a key: {e}"))),
+            Self::Keypair(secret) => secret
+                .parse()
+                .map_err(|e| ApiError::BadRequest(format!("invalid keypair: {e}"))),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CreateCacheRequest {
+    keypair: Keypair,
+    #[serde(default)]
+    is_public: bool,
+    #[serde(default = "default_store_dir")]
+    store_dir: String,
+    #[serde(default = "default_priority")]
+    priority: i32,
+    #[serde(default)]
+    upstream_cache_key_names: Vec<String>,
+}
+
+fn default_store_dir() -> String {
+    DEFAULT_STORE_DIR.to_owned()
+}
+
+fn default_priority() -> i32 {
+    41
+}
+
+/// Every field optional; an empty patch is refused. Other fields (Attic's
+/// client may send the endpoints and public key back) are ignored.
+#[derive(Debug, Default, Deserialize)]
+pub struct PatchCacheRequest {
+    keypair: Option<Keypair>,
+    is_public: Option<bool>,
+    store_dir: Option<String>,
+    priority: Option<i32>,
+    upstream_cache_key_names: Option<Vec<String>>,
+    retention_period: Option<RetentionPeriod>,
+}
+
+/// Where clients reach this server, as the request shows it: behind a
+/// TLS-terminating proxy `X-Forwarded-Proto` says https.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|p| *p == "https" || *p == "http")
+        .unwrap_or("http");
+    format!("{scheme}://{host}")
+}
+
+fn cache_config(cache: &Cache, headers: &HeaderMap) -> Result<CacheConfig, ApiError> {
+    let key: SigningKey = cache
+        .signing_key
+        .parse()
+        .map_err(|e| ApiError::Internal(format!("stored signing key: {e}")))?;
+    let base = base_url(headers);
+    Ok(CacheConfig {
+        substituter_endpoint: format!("{base}/{}", cache.name),
+        api_endpoint: format!("{base}/_api/"),
+        public_key: key.verifying_key().to_string(),
+        is_public: cache.is_public,
+        store_dir: cache.store_dir.clone(),
+        priority: cache.priority,
+        upstream_cache_key_names: cache.upstream_cache_key_names.clone(),
+        retention_period: RetentionPeriod::from_meta(cache.retention_period),
+    })
+}
+
+/// `GET /_api/v1/cache-config/{cache}` and `GET /{cache}/attic-cache-info`.
+pub async fn get_cache_config(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<CacheConfig>, ApiError> {
+    let cache = access::cache_for_request(&state, &headers, &name, Permission::PULL).await?;
+    Ok(Json(cache_config(&cache, &headers)?))
+}
+
+/// `POST /_api/v1/cache-config/{cache}`: creates the cache.
+pub async fn create_cache(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    access::cache_for_create(&state, &headers, &name)?;
+    let request: CreateCacheRequest = json(&body)?;
+    let name = CacheName::new(name)?;
+    let key = request.keypair.signing_key(&name)?;
+    let new = NewCache {
+        name: name.as_str().to_owned(),
+        is_public: request.is_public,
+        store_dir: request.store_dir,
+        priority: request.priority,
+        signing_key: key.to_secret_string(),
+        upstream_cache_key_names: request.upstream_cache_key_names,
+        retention_period: None,
+    };
+    validate_store_dir(&new.store_dir)?;
+    match state.meta.create_cache(&new, unix_now()).await {
+        Ok(_) => {
+            tracing::info!(cache = %new.name, "created cache");
+            Ok(().into_response())
+        }
+        Err(MetaError::AlreadyExists(_)) => Err(ApiError::CacheAlreadyExists(new.name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn validate_store_dir(dir: &str) -> Result<(), ApiError> {
+    if dir.len() > 1
+        && dir.starts_with('/')
+        && !dir.ends_with('/')
+        && !dir.contains(['\n', '\r', ' '])
+    {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "invalid store_dir {dir:?}: an absolute path without a trailing slash"
+        )))
+    }
+}
+
+/// `PATCH /_api/v1/cache-config/{cache}`: changes some settings.
+pub async fn patch_cache(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // Which permission a patch needs depends on what it changes.
+    let request: PatchCacheRequest = json(&body)?;
+    let mut required = Permission::CONFIGURE_CACHE;
+    if request.retention_period.is_some() {
+        required = required.union(Permission::CONFIGURE_CACHE_RETENTION);
+    }
+    let cache = access::cache_for_request(&state, &headers, &name, required).await?;
+    let cache_name = CacheName::new(cache.name.clone())?;
+    let patch = CachePatch {
+        is_public: request.is_public,
+        store_dir: request.store_dir,
+        priority: request.priority,
+        signing_key: request
+            .keypair
+            .map(|k| k.signing_key(&cache_name).map(|k| k.to_secret_string()))
+            .transpose()?,
+        upstream_cache_key_names: request.upstream_cache_key_names,
+        retention_period: request.retention_period.map(RetentionPeriod::to_meta),
+    };
+    if let Some(dir) = &patch.store_dir {
+        validate_store_dir(dir)?;
+    }
+    if patch == CachePatch::default() {
+        return Err(ApiError::BadRequest("the patch changes nothing".into()));
+    }
+    state.meta.update_cache(&cache.name, &patch).await?;
+    tracing::info!(cache = %cache.name, "configured cache");
+    Ok(().into_response())
+}
+
+/// `DELETE /_api/v1/cache-config/{cache}`: destroys the cache (its objects
+/// go to GC).
+pub async fn delete_cache(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let cache =
+        access::cache_for_request(&state, &headers, &name, Permission::DESTROY_CACHE).await?;
+    state.meta.delete_cache(&cache.name, unix_now()).await?;
+    tracing::info!(cache = %cache.name, "destroyed cache");
+    Ok(().into_response())
+}

@@ -1,0 +1,146 @@
+//! Plain Nix uploads: `nix copy --to 'http://host/{cache}?compression=…'`.
+//!
+//! Nix sends each NAR first, named by the hash of its compressed file, and
+//! the narinfo after it. The NAR is decompressed, checked against its file
+//! name and the NAR grammar, and stored like any other; a row then records
+//! that this cache's uploader really sent it. The narinfo names the NAR by
+//! NAR hash, and becomes a Nix object only if such a record exists (so a
+//! hash alone never grants access to another cache's content). The stored
+//! narinfo is re-signed with the cache's key when served.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::TryStreamExt as _;
+use garret_nix::narinfo::NarInfo;
+use garret_nix::{Sha256Hash, StorePathHash};
+
+use super::body::{Compression, idle_limited, nar_of_file};
+use super::error::ApiError;
+use super::{AppState, access};
+use crate::auth::Permission;
+use crate::blobs::Expect;
+use crate::clock::unix_now;
+use crate::upload::{NarCheck, PathInfo};
+
+/// `PUT /{cache}/{file}`: a narinfo, or `nix-cache-info` (which Nix PUTs
+/// when it could not read it; the cache exists, so there is nothing to do).
+pub async fn put_cache_file(
+    State(state): State<Arc<AppState>>,
+    Path((cache, file)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PUSH).await?;
+    if file == "nix-cache-info" {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let hash: StorePathHash = file
+        .strip_suffix(".narinfo")
+        .ok_or_else(|| ApiError::BadRequest(format!("cannot upload {file:?} here")))?
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
+    let limit = usize::try_from(state.limits.max_preamble_size).unwrap_or(usize::MAX);
+    let text = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("reading the narinfo: {e}")))?;
+    let text = std::str::from_utf8(&text)
+        .map_err(|_| ApiError::BadRequest("the narinfo is not UTF-8".into()))?;
+    let narinfo = NarInfo::parse(text, &cache.store_dir)
+        .map_err(|e| ApiError::BadRequest(format!("invalid narinfo: {e}")))?;
+    if narinfo.store_path.hash() != &hash {
+        return Err(ApiError::BadRequest(format!(
+            "the narinfo for {} was uploaded as {file}",
+            narinfo.store_path
+        )));
+    }
+    let info = PathInfo {
+        store_path: narinfo.store_path,
+        nar_hash: narinfo.nar_hash,
+        nar_size: narinfo.nar_size,
+        references: narinfo.references,
+        deriver: narinfo.deriver,
+        system: narinfo.system,
+        sigs: narinfo.signatures,
+        ca: narinfo.ca,
+    };
+    info.validate(&cache.store_dir)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let now = unix_now();
+    let missing = || {
+        ApiError::BadRequest(format!(
+            "no NAR with hash {} was uploaded to this cache; upload it first",
+            info.nar_hash
+        ))
+    };
+    let blob = state
+        .meta
+        .lease_blob(info.nar_hash.as_bytes(), now)
+        .await?
+        .ok_or_else(missing)?;
+    if blob.size != info.nar_size {
+        return Err(ApiError::BadRequest(format!(
+            "NarSize {} does not match the uploaded NAR of {} bytes",
+            info.nar_size, blob.size
+        )));
+    }
+    let since = now.saturating_sub(i64::try_from(state.meta.grace().as_secs()).unwrap_or(i64::MAX));
+    if !state
+        .meta
+        .nix_upload_exists(cache.id, blob.id, since)
+        .await?
+    {
+        return Err(missing());
+    }
+    let path = info.store_path.to_string();
+    state
+        .meta
+        .upsert_nix_object(cache.id, &info.into_object(blob.id), now)
+        .await?;
+    tracing::info!(cache = %cache.name, %path, "stored path from a narinfo upload");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PUT /{cache}/nar/{file hash}.nar[.zst|.xz]`.
+pub async fn put_nar(
+    State(state): State<Arc<AppState>>,
+    Path((cache, file)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PUSH).await?;
+    let (stem, compression) = Compression::split_file_name(&file).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "cannot store {file:?}: upload with ?compression=zstd, xz or none"
+        ))
+    })?;
+    let file_hash = Sha256Hash::parse_prefixed(&format!("sha256:{stem}"))
+        .map_err(|e| ApiError::BadRequest(format!("invalid file hash in {file:?}: {e}")))?;
+    let limit = Duration::from_secs(state.limits.request_timeout_secs);
+    let stream = nar_of_file(
+        idle_limited(body, state.limits.idle_timeout()),
+        file_hash,
+        compression,
+    );
+    let put = state.blobs.put(
+        NarCheck::new(stream.into_stream()),
+        Expect {
+            hash: None,
+            size: None,
+            max_size: Some(state.limits.max_nar_size),
+        },
+    );
+    let stored = tokio::time::timeout(limit, put).await.map_err(|_| {
+        ApiError::RequestTimeout(format!("the upload took longer than {} s", limit.as_secs()))
+    })??;
+    state
+        .meta
+        .record_nix_upload(cache.id, stored.id, unix_now())
+        .await?;
+    tracing::info!(cache = %cache.name, nar_hash = %stored.hash, size = stored.size, "stored NAR from a plain Nix upload");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

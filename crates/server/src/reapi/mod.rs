@@ -1,0 +1,406 @@
+//! The Bazel remote cache over gRPC: REAPI v2's cache services, ByteStream
+//! and grpc.health.v1, on garret's chunked store.
+//!
+//! One module per service (as bazel-remote lays them out), each a thin tonic
+//! shim over methods that return [`ReapiError`]; the one conversion to
+//! [`Status`] lives here, so no call site picks a gRPC code.
+//!
+//! Instance names are cache names: `""` is the default cache the server was
+//! started with. Authorization is the HTTP API's (same JWTs, same discovery
+//! rules), read from the `authorization` metadata that Bazel's
+//! `--remote_header=Authorization=Bearer …` sends.
+//!
+//! [`grpc_router`] returns an axum router so gRPC (h2c) shares the HTTP port.
+//! It deliberately has no fallback: tonic's own `Routes` installs one that
+//! answers every unknown path with gRPC UNIMPLEMENTED, which would both
+//! swallow the HTTP API's 404s and make `Router::merge` panic on two
+//! fallbacks.
+
+mod action_cache;
+mod bytestream;
+mod capabilities;
+mod cas;
+pub mod digest;
+mod health;
+pub mod resource_name;
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::response::IntoResponse;
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt as _;
+use garret_meta::{Blob, Cache, MetaError};
+use garret_proto::bytestream::byte_stream_server::ByteStreamServer;
+use garret_proto::health::health_server::HealthServer;
+use garret_proto::reapi::action_cache_server::ActionCacheServer;
+use garret_proto::reapi::capabilities_server::CapabilitiesServer;
+use garret_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tonic::metadata::MetadataMap;
+use tonic::server::NamedService;
+use tonic::{Code, Status};
+
+use crate::auth::{AuthError, CacheName, CacheState, ReapiAccess, authorize_reapi};
+use crate::blobs::{BlobError, Expect};
+use crate::clock::unix_now;
+use crate::http::AppState;
+use digest::{Digest, DigestError};
+use resource_name::ResourceNameError;
+
+/// The largest gRPC message garret decodes, and the size of the standard
+/// gRPC default (4 MiB) so that replies it builds also fit every client's
+/// default inbound limit.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Room left in a message for everything around the blob data of a batch
+/// (digests, statuses, framing): about 600 entries at ~100 bytes each.
+const ENVELOPE_BYTES: usize = 64 << 10;
+
+/// `max_batch_total_size_bytes`: batch data that still fits one message.
+pub const MAX_BATCH_TOTAL_BYTES: usize = MAX_MESSAGE_BYTES - ENVELOPE_BYTES;
+
+/// Largest piece of blob data in one ByteStream `ReadResponse`; well under
+/// the message limit, large enough to keep per-message overhead negligible.
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// Tunables of the REAPI services.
+#[derive(Debug, Clone)]
+pub struct ReapiConfig {
+    /// Instance `""` maps to this cache.
+    pub default_cache: CacheName,
+    /// Largest blob accepted (`max_cas_blob_size_bytes`).
+    pub max_blob_size: u64,
+    /// Where interrupted ByteStream uploads keep their bytes until resumed.
+    pub spool_dir: PathBuf,
+}
+
+impl ReapiConfig {
+    /// The defaults for `state`: blobs up to the NAR limit, spooling under
+    /// the system temp directory in a per-process directory.
+    pub fn new(state: &AppState, default_cache: CacheName) -> Self {
+        Self {
+            default_cache,
+            max_blob_size: state.limits.max_nar_size,
+            spool_dir: std::env::temp_dir().join(format!("garret-uploads-{}", std::process::id())),
+        }
+    }
+}
+
+/// Everything REAPI can fail with, each variant one gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum ReapiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A conflict the client can retry, e.g. a second writer on one upload.
+    #[error("{0}")]
+    Aborted(String),
+    /// A transient store condition (GC racing a write); retry.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ReapiError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Auth(e) => Code::from(e.grpc_code()),
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::OutOfRange(_) => Code::OutOfRange,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Aborted(_) => Code::Aborted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The per-entry status of batch responses.
+    pub fn to_rpc_status(&self) -> garret_proto::rpc::Status {
+        self.log();
+        garret_proto::rpc::Status {
+            code: self.code() as i32,
+            message: self.to_string(),
+            details: Vec::new(),
+        }
+    }
+
+    fn log(&self) {
+        match self.code() {
+            Code::Internal | Code::Unavailable => {
+                tracing::error!(error = %self, "REAPI request failed");
+            }
+            Code::NotFound => tracing::debug!(error = %self, "REAPI miss"),
+            code => tracing::info!(error = %self, ?code, "REAPI request refused"),
+        }
+    }
+}
+
+impl From<ReapiError> for Status {
+    fn from(err: ReapiError) -> Self {
+        err.log();
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+impl From<DigestError> for ReapiError {
+    fn from(err: DigestError) -> Self {
+        Self::InvalidArgument(err.to_string())
+    }
+}
+
+impl From<ResourceNameError> for ReapiError {
+    fn from(err: ResourceNameError) -> Self {
+        Self::InvalidArgument(err.to_string())
+    }
+}
+
+impl From<MetaError> for ReapiError {
+    fn from(err: MetaError) -> Self {
+        match err {
+            // GC took a blob or chunk between our lookup and our commit.
+            MetaError::ChunkGone(_) | MetaError::FrameMismatch(_) | MetaError::NotFound(_) => {
+                Self::Unavailable(err.to_string())
+            }
+            MetaError::Invalid(m) => Self::InvalidArgument(m),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<BlobError> for ReapiError {
+    fn from(err: BlobError) -> Self {
+        use garret_store::StoreError;
+        match err {
+            // REAPI: a digest that does not match the data is the client's
+            // error (bazel-remote's INTERNAL here makes Bazel retry forever).
+            BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. } => {
+                Self::InvalidArgument(err.to_string())
+            }
+            BlobError::Store(StoreError::TooLarge { limit }) => Self::InvalidArgument(format!(
+                "the data is larger than its digest's {limit} bytes"
+            )),
+            BlobError::Store(StoreError::Input(e)) => {
+                Self::InvalidArgument(format!("the uploaded data is unusable: {e}"))
+            }
+            // A stored chunk is gone: to the client the blob is missing,
+            // which makes Bazel re-run the action or re-upload the blob
+            // instead of failing the build.
+            BlobError::Store(StoreError::MissingChunk(id)) => Self::NotFound(format!(
+                "blob is incomplete in storage (chunk {id} is missing)"
+            )),
+            BlobError::Meta(e) => e.into(),
+            BlobError::Store(other) => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<garret_store::StoreError> for ReapiError {
+    fn from(err: garret_store::StoreError) -> Self {
+        BlobError::Store(err).into()
+    }
+}
+
+/// What every service shares: the store, the configuration and the
+/// in-progress uploads.
+#[derive(Debug)]
+pub(crate) struct Reapi {
+    state: Arc<AppState>,
+    config: ReapiConfig,
+    uploads: bytestream::Uploads,
+}
+
+impl Reapi {
+    fn new(state: Arc<AppState>, config: ReapiConfig) -> Self {
+        let uploads = bytestream::Uploads::new(config.spool_dir.clone());
+        Self {
+            state,
+            config,
+            uploads,
+        }
+    }
+
+    /// The cache behind `instance`, if the request's credentials allow
+    /// `access` to it.
+    async fn cache(
+        &self,
+        metadata: &MetadataMap,
+        instance: &str,
+        access: ReapiAccess,
+    ) -> Result<Cache, ReapiError> {
+        let name = if instance.is_empty() {
+            self.config.default_cache.clone()
+        } else {
+            CacheName::new(instance)?
+        };
+        let token = match &self.state.tokens {
+            Some(tokens) => tokens.authenticate(
+                metadata
+                    .get("authorization")
+                    .map(tonic::metadata::AsciiMetadataValue::as_bytes),
+            )?,
+            None => None,
+        };
+        let cache = match self.state.meta.cache(name.as_str()).await {
+            Ok(cache) => Some(cache),
+            Err(MetaError::NotFound(_)) => None,
+            Err(e) => return Err(ReapiError::Internal(e.to_string())),
+        };
+        let cache_state = match &cache {
+            None => CacheState::Missing,
+            Some(c) if c.is_public => CacheState::Public,
+            Some(_) => CacheState::Private,
+        };
+        authorize_reapi(token.as_ref(), &name, cache_state, access)?;
+        cache.ok_or_else(|| ReapiError::Internal("authorized a missing cache".into()))
+    }
+
+    /// The blob `digest` names in `cache`, or NOT_FOUND. A stored blob of
+    /// another size is a different digest, hence also NOT_FOUND.
+    async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, ReapiError> {
+        match self
+            .state
+            .meta
+            .cas_blob(cache.id, digest.hash_bytes())
+            .await?
+        {
+            Some(blob) if blob.size == digest.size => Ok(blob),
+            _ => Err(ReapiError::NotFound(format!(
+                "blob {digest} is not in the CAS"
+            ))),
+        }
+    }
+
+    /// A whole blob in memory; only for blobs bounded by a message size.
+    async fn read_whole(&self, cache: &Cache, digest: Digest) -> Result<Bytes, ReapiError> {
+        if digest.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let blob = self.blob(cache, digest).await?;
+        self.read_blob(&blob).await
+    }
+
+    async fn read_blob(&self, blob: &Blob) -> Result<Bytes, ReapiError> {
+        let stream = self.state.blobs.read(blob.id, 0..blob.size).await?;
+        let mut out = BytesMut::with_capacity(usize::try_from(blob.size).unwrap_or(0));
+        let mut stream = std::pin::pin!(stream);
+        while let Some(piece) = stream.try_next().await? {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Stores `data` as `digest` in `cache`'s CAS, verifying it first.
+    async fn store_bytes(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        data: Bytes,
+    ) -> Result<(), ReapiError> {
+        self.check_size(digest)?;
+        if digest.is_empty() {
+            return if data.is_empty() {
+                Ok(())
+            } else {
+                Err(ReapiError::InvalidArgument(format!(
+                    "{} bytes were sent for the empty digest",
+                    data.len()
+                )))
+            };
+        }
+        let input = futures::stream::once(async move { Ok::<_, Infallible>(data) });
+        let blob = self
+            .state
+            .blobs
+            .put(
+                input,
+                Expect {
+                    hash: Some(digest.hash),
+                    size: Some(digest.size),
+                    max_size: Some(digest.size),
+                },
+            )
+            .await?;
+        self.state
+            .meta
+            .put_cas_entry(cache.id, blob.id, unix_now())
+            .await?;
+        Ok(())
+    }
+
+    /// Refuses digests over the advertised `max_cas_blob_size_bytes`.
+    fn check_size(&self, digest: Digest) -> Result<(), ReapiError> {
+        if digest.size > self.config.max_blob_size {
+            return Err(ReapiError::InvalidArgument(format!(
+                "blob {digest} is larger than this server's limit of {} bytes",
+                self.config.max_blob_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The gRPC services on `state`, as an axum router for the HTTP port;
+/// instance `""` is `default_cache`.
+pub fn grpc_router(state: Arc<AppState>, default_cache: CacheName) -> Router {
+    let config = ReapiConfig::new(&state, default_cache);
+    grpc_router_with(state, config)
+}
+
+/// [`grpc_router`] with explicit tunables.
+pub fn grpc_router_with(state: Arc<AppState>, config: ReapiConfig) -> Router {
+    let reapi = Arc::new(Reapi::new(state, config));
+    let router = Router::new();
+    let router = route(
+        router,
+        CapabilitiesServer::new(capabilities::CapabilitiesService(Arc::clone(&reapi)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let router = route(
+        router,
+        ContentAddressableStorageServer::new(cas::CasService(Arc::clone(&reapi)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let router = route(
+        router,
+        ActionCacheServer::new(action_cache::ActionCacheService(Arc::clone(&reapi)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let router = route(
+        router,
+        ByteStreamServer::new(bytestream::ByteStreamService(Arc::clone(&reapi)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    route(router, HealthServer::new(health::HealthService))
+}
+
+/// Mounts one tonic service under `/{package.Service}/`.
+fn route<S>(router: Router, service: S) -> Router
+where
+    S: tonic::codegen::Service<
+            axum::http::Request<Body>,
+            Error = Infallible,
+            Response: IntoResponse,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    router.route_service(&format!("/{}/{{*rest}}", S::NAME), service)
+}

@@ -1,0 +1,224 @@
+//! Store path uploads, shared by the Attic API and plain Nix PUTs: the NAR
+//! grammar checked while it streams, and the uploader's claims about a path
+//! checked before they become a Nix object.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use garret_meta::{BlobId, NixObject};
+use garret_nix::nar::{Decoder, NarError};
+use garret_nix::narinfo::{ContentAddress, NarInfo};
+use garret_nix::{Sha256Hash, StorePath};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an upload body was refused while it streamed. The store reports it as
+/// an input error, so the HTTP layer can answer 4xx (the client's fault).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("invalid NAR: {0}")]
+    InvalidNar(#[from] NarError),
+    #[error("reading the request body: {0}")]
+    Read(BoxError),
+    #[error("invalid compressed data: {0}")]
+    Decompress(std::io::Error),
+    #[error("the client sent nothing for {} s", .0.as_secs())]
+    Idle(std::time::Duration),
+    #[error("the uploaded file does not match its name: expected {expected}, got {actual}")]
+    FileHashMismatch {
+        expected: Sha256Hash,
+        actual: Sha256Hash,
+    },
+}
+
+/// Passes a NAR stream through unchanged while validating its grammar, so a
+/// malformed NAR fails the upload before anything is committed. The hash is
+/// left to the store, which computes it anyway.
+#[derive(Debug)]
+pub struct NarCheck<S> {
+    inner: S,
+    decoder: Option<Decoder>,
+}
+
+impl<S> NarCheck<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            decoder: Some(Decoder::new()),
+        }
+    }
+}
+
+impl From<std::io::Error> for BodyError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Read(err.into())
+    }
+}
+
+impl<S, E> Stream for NarCheck<S>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<BodyError>,
+{
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.decoder.is_none() {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(bytes))) => {
+                let decoder = self.decoder.as_mut().expect("checked above");
+                match decoder.feed(&bytes, &mut ()) {
+                    Ok(()) => Poll::Ready(Some(Ok(bytes))),
+                    Err(e) => {
+                        self.decoder = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.decoder = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                let decoder = self.decoder.take().expect("checked above");
+                match decoder.finish() {
+                    Ok(()) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(e.into()))),
+                }
+            }
+        }
+    }
+}
+
+/// What an uploader claims about a store path, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    pub store_path: StorePath,
+    pub nar_hash: Sha256Hash,
+    pub nar_size: u64,
+    pub references: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
+    pub system: Option<String>,
+    pub sigs: Vec<String>,
+    pub ca: Option<ContentAddress>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid path info: {0}")]
+pub struct PathInfoError(String);
+
+impl PathInfo {
+    /// Checks that the narinfo this becomes can be rendered and parsed back,
+    /// so a line break smuggled into a field can never reach a client.
+    pub fn validate(&self, store_dir: &str) -> Result<(), PathInfoError> {
+        if self.nar_size == 0 {
+            return Err(PathInfoError("a NAR is never empty (NarSize 0)".into()));
+        }
+        if self.sigs.iter().any(|s| s.contains(char::is_whitespace)) {
+            return Err(PathInfoError("a signature contains white space".into()));
+        }
+        let info = NarInfo {
+            store_path: self.store_path.clone(),
+            url: "nar/x.nar".into(),
+            compression: "zstd".into(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references: self.references.clone(),
+            deriver: self.deriver.clone(),
+            system: self.system.clone(),
+            signatures: self.sigs.clone(),
+            ca: self.ca.clone(),
+        };
+        info.validate().map_err(|e| PathInfoError(e.to_string()))?;
+        NarInfo::parse(&info.render(store_dir), store_dir)
+            .map_err(|e| PathInfoError(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The Nix object this path becomes once its NAR is stored as `blob`.
+    pub fn into_object(self, blob: BlobId) -> NixObject {
+        NixObject {
+            store_path_hash: self.store_path.hash().to_string(),
+            store_path: self.store_path.to_string(),
+            blob_id: blob,
+            nar_hash: *self.nar_hash.as_bytes(),
+            nar_size: self.nar_size,
+            references: self.references.iter().map(ToString::to_string).collect(),
+            deriver: self.deriver.as_ref().map(ToString::to_string),
+            sigs: self.sigs,
+            ca: self.ca.map(|ca| ca.as_str().to_owned()),
+            system: self.system,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::{StreamExt as _, stream};
+
+    use super::*;
+
+    fn nar_of(dir: &std::path::Path) -> Vec<u8> {
+        let mut nar = Vec::new();
+        garret_nix::nar::dump_path(dir, &mut nar).unwrap();
+        nar
+    }
+
+    async fn check(parts: Vec<Vec<u8>>) -> Result<Vec<u8>, BodyError> {
+        let input = stream::iter(
+            parts
+                .into_iter()
+                .map(|p| Ok::<_, std::io::Error>(Bytes::from(p))),
+        );
+        let mut out = Vec::new();
+        let mut checked = NarCheck::new(input);
+        while let Some(part) = checked.next().await {
+            out.extend_from_slice(&part?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn passes_a_valid_nar_through_in_any_split() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"hello").unwrap();
+        let nar = nar_of(&dir.path().join("f"));
+        for cut in [0, 1, 13, nar.len() / 2, nar.len()] {
+            let parts = vec![nar[..cut].to_vec(), nar[cut..].to_vec()];
+            assert_eq!(check(parts).await.unwrap(), nar);
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_garbage_and_truncation() {
+        assert!(matches!(
+            check(vec![b"not a nar at all, clearly".to_vec()]).await,
+            Err(BodyError::InvalidNar(_))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"hello").unwrap();
+        let nar = nar_of(&dir.path().join("f"));
+        assert!(matches!(
+            check(vec![nar[..nar.len() - 8].to_vec()]).await,
+            Err(BodyError::InvalidNar(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn passes_read_errors_on() {
+        let input = stream::iter([Err::<Bytes, _>(std::io::Error::other("reset"))]);
+        let mut checked = NarCheck::new(input);
+        assert!(matches!(
+            checked.next().await,
+            Some(Err(BodyError::Read(_)))
+        ));
+        assert!(checked.next().await.is_none());
+    }
+}

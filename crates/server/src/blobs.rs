@@ -5,8 +5,9 @@
 //! committed in one metadata transaction, so a failed or lying upload leaves
 //! nothing visible. Reads look the chunks up by range and stream them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -73,15 +74,46 @@ pub struct StoredBlob {
 pub struct Blobs {
     store: ChunkStore<Backend>,
     meta: Meta,
+    in_flight: Arc<Mutex<InFlight>>,
+}
+
+/// New chunks that live uploads in this process are writing. A failed
+/// upload removes only the chunks no other live upload is also writing, and
+/// while it removes them no upload may start writing them, so a concurrent
+/// writer of the same content never loses its object to someone else's
+/// cleanup. (Across replicas the metadata's `deleting` mark makes that
+/// writer fail with a retryable error instead.)
+#[derive(Debug, Default)]
+struct InFlight {
+    writers: HashMap<[u8; 32], usize>,
+    discarding: HashSet<[u8; 32]>,
 }
 
 /// The metadata seen as the store's chunk index, at one point in time.
+/// Registers the chunks it reports missing in [`InFlight`] and unregisters
+/// them when dropped, however the upload ends.
 struct MetaIndex<'a> {
     meta: &'a Meta,
     now: i64,
+    in_flight: &'a Mutex<InFlight>,
     /// Every chunk reported missing: this ingest writes those objects, and
     /// must clean them up if it fails.
-    missing: std::sync::Mutex<Vec<[u8; 32]>>,
+    missing: Mutex<Vec<[u8; 32]>>,
+}
+
+impl Drop for MetaIndex<'_> {
+    fn drop(&mut self) {
+        let missing = self.missing.get_mut().expect("no panics while locked");
+        let mut in_flight = self.in_flight.lock().expect("no panics while locked");
+        for hash in missing.iter() {
+            if let Some(n) = in_flight.writers.get_mut(hash) {
+                *n -= 1;
+                if *n == 0 {
+                    in_flight.writers.remove(hash);
+                }
+            }
+        }
+    }
 }
 
 impl ChunkIndex for MetaIndex<'_> {
@@ -98,10 +130,29 @@ impl ChunkIndex for MetaIndex<'_> {
                 other => break other?,
             }
         };
+        let missing: Vec<[u8; 32]> = hashes
+            .iter()
+            .filter(|h| !present.contains_key(*h))
+            .copied()
+            .collect();
+        // Wait out a failed upload that is removing some of these objects:
+        // once it is done they are gone, and this upload writes them anew.
+        loop {
+            {
+                let mut in_flight = self.in_flight.lock().expect("no panics while locked");
+                if !missing.iter().any(|h| in_flight.discarding.contains(h)) {
+                    for hash in &missing {
+                        *in_flight.writers.entry(*hash).or_default() += 1;
+                    }
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.missing
             .lock()
-            .expect("no panics while holding the lock")
-            .extend(hashes.iter().filter(|h| !present.contains_key(*h)));
+            .expect("no panics while locked")
+            .extend(missing);
         Ok(present
             .into_iter()
             .map(|(id, frame)| {
@@ -198,7 +249,11 @@ fn chunk_ref(c: &BlobChunk) -> ChunkRef {
 
 impl Blobs {
     pub fn new(store: ChunkStore<Backend>, meta: Meta) -> Self {
-        Self { store, meta }
+        Self {
+            store,
+            meta,
+            in_flight: Arc::default(),
+        }
     }
 
     pub fn meta(&self) -> &Meta {
@@ -232,14 +287,16 @@ impl Blobs {
         let index = MetaIndex {
             meta: &self.meta,
             now,
-            missing: std::sync::Mutex::default(),
+            in_flight: &self.in_flight,
+            missing: Mutex::default(),
         };
         let result = self.ingest(input, expect, &index).await;
         if let Err(error) = &result {
             let missing = index
                 .missing
-                .into_inner()
-                .expect("no panics while holding the lock");
+                .lock()
+                .expect("no panics while locked")
+                .clone();
             tracing::debug!(%error, chunks = missing.len(), "upload failed; removing its chunks");
             if let Err(cleanup) = self.discard(missing, now).await {
                 tracing::warn!(%cleanup, "could not remove the chunks of a failed upload; GC will");
@@ -263,7 +320,7 @@ impl Blobs {
         check(expect, manifest.hash, manifest.size)?;
         let blob = new_blob(&manifest, &|id| uploaded.contains(&id));
         let commit = self.meta.commit_blob(&blob, index.now).await?;
-        let mut counted = std::collections::HashSet::new();
+        let mut counted = HashSet::new();
         let new_bytes = manifest
             .chunks
             .iter()
@@ -286,10 +343,25 @@ impl Blobs {
     /// [`Meta::claim_unrecorded_chunks`] for why this is safe against
     /// concurrent writers).
     async fn discard(&self, mut missing: Vec<[u8; 32]>, now: i64) -> Result<(), BlobError> {
-        use garret_store::ObjectStore as _;
         missing.sort_unstable();
         missing.dedup();
-        let claimed = self.meta.claim_unrecorded_chunks(&missing, now).await?;
+        {
+            // Only chunks no other live upload writes (this one counts once).
+            let mut in_flight = self.in_flight.lock().expect("no panics while locked");
+            missing.retain(|h| in_flight.writers.get(h) == Some(&1));
+            in_flight.discarding.extend(missing.iter().copied());
+        }
+        let result = self.remove_unrecorded(&missing, now).await;
+        let mut in_flight = self.in_flight.lock().expect("no panics while locked");
+        for hash in &missing {
+            in_flight.discarding.remove(hash);
+        }
+        result
+    }
+
+    async fn remove_unrecorded(&self, hashes: &[[u8; 32]], now: i64) -> Result<(), BlobError> {
+        use garret_store::ObjectStore as _;
+        let claimed = self.meta.claim_unrecorded_chunks(hashes, now).await?;
         for (_, hash) in &claimed {
             let key = ChunkId(Sha256Hash::from_bytes(*hash)).object_key();
             self.store

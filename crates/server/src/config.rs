@@ -44,6 +44,9 @@ pub struct Config {
     pub storage: Storage,
     pub chunking: Chunking,
     pub limits: Limits,
+    /// The cache that Bazel requests without an instance name use (Bazel's
+    /// `--remote_instance_name` names any other cache).
+    pub bazel_default_cache: String,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Default for Config {
             storage: Storage::default(),
             chunking: Chunking::default(),
             limits: Limits::default(),
+            bazel_default_cache: "default".into(),
         }
     }
 }
@@ -261,6 +265,9 @@ impl Config {
         }
         if let Some((name, value)) = var("GARRET_CHUNK_AVG_SIZE") {
             self.chunking.avg_size = parse(name, value)?;
+        }
+        if let Some((_, value)) = var("GARRET_BAZEL_DEFAULT_CACHE") {
+            self.bazel_default_cache = value;
         }
         if let Some((name, value)) = var("GARRET_ZSTD_LEVEL") {
             self.chunking.zstd_level = parse(name, value)?;

@@ -16,8 +16,7 @@ use garret_nix::Sha256Hash;
 use garret_nix::signing::SigningKey;
 use garret_server::auth::{CacheName, CacheNamePattern, Permission, TokenAuthority, TokenSpec};
 use garret_server::config::Limits;
-use garret_server::http::{AppState, bazel, router};
-use garret_server::reapi::grpc_router;
+use garret_server::http::{AppState, app, bazel};
 
 mod common;
 
@@ -80,9 +79,7 @@ impl Server {
         }
         let default = CacheName::new(CACHE).unwrap();
         // HTTP/1 for Bazel's HTTP cache, h2c for its gRPC cache, one port.
-        let app = router(Arc::clone(&state))
-            .merge(bazel::routes(default.clone()).with_state(Arc::clone(&state)))
-            .merge(grpc_router(Arc::clone(&state), default));
+        let app = app(Arc::clone(&state), &default);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -181,7 +181,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "garret is listening");
     // On SIGTERM (Kubernetes) or Ctrl-C, stop accepting and let in-flight
     // requests, uploads included, finish before exiting.
-    axum::serve(listener, garret_server::http::router(state))
+    let default_cache = garret_server::auth::CacheName::new(config.bazel_default_cache.clone())
+        .context("bazel_default_cache")?;
+    axum::serve(listener, garret_server::http::app(state, &default_cache))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("in-flight requests finished; garret stopped");

@@ -62,3 +62,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(uploads)
         .with_state(state)
 }
+
+/// Everything `garret serve` answers on its one port: the Nix and Attic
+/// routes, Bazel's HTTP cache, and REAPI over h2c gRPC. Requests without an
+/// instance name (Bazel's default) go to `bazel_default_cache`.
+pub fn app(state: Arc<AppState>, bazel_default_cache: &crate::auth::CacheName) -> Router {
+    router(Arc::clone(&state))
+        .merge(bazel::routes(bazel_default_cache.clone()).with_state(Arc::clone(&state)))
+        .merge(crate::reapi::grpc_router(
+            state,
+            bazel_default_cache.clone(),
+        ))
+}

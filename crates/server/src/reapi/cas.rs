@@ -29,11 +29,10 @@ use crate::clock::unix_now;
 #[derive(Debug)]
 pub(crate) struct CasService(pub(crate) Arc<Reapi>);
 
-/// Batch entries stored or read at once. One for now: two concurrent
-/// ingests of the same new chunk, one of which then fails verification, can
-/// make the other's commit fail with `ChunkGone` (seen on SQLite; reported to
-/// the owners of `blobs.rs`/meta). Each entry's ingest is itself concurrent.
-const BATCH_CONCURRENCY: usize = 1;
+/// Batch entries stored or read at once. Entries with the same content may
+/// run together: a failed one cleans up only chunks no live upload writes
+/// (see `Blobs::put`).
+const BATCH_CONCURRENCY: usize = 8;
 
 /// Directories per GetTree page when the client names no page size.
 const DEFAULT_TREE_PAGE: usize = 1000;

@@ -12,7 +12,7 @@ use garret_nix::signing::SigningKey;
 use garret_server::auth::TokenAuthority;
 use garret_server::blobs::Blobs;
 use garret_server::config::Limits;
-use garret_server::http::{AppState, router};
+use garret_server::http::AppState;
 use garret_store::testing::S3TestServer;
 use garret_store::{Backend, ChunkStore, FsBackend, S3Backend, StoreConfig};
 
@@ -88,7 +88,10 @@ impl TestServer {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = router(Arc::clone(&state));
+        let app = garret_server::http::app(
+            Arc::clone(&state),
+            &garret_server::auth::CacheName::new("default").unwrap(),
+        );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self {
             url,

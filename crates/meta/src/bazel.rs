@@ -2,7 +2,7 @@
 //! holds one reference on its blob) and action results (opaque serialized
 //! `ActionResult` protobufs, keyed by action digest).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use crate::blobs::{BLOB_COLUMNS, Blob, BlobRow, blob_from_row};
 use crate::nix::{BLOB_DECREF, BLOB_INCREF};
@@ -74,31 +74,36 @@ impl Meta {
         row.map(blob_from_row).transpose()
     }
 
-    /// The digests `cache`'s CAS lacks, in the caller's order without repeats.
+    /// The digests (content hash and size) `cache`'s CAS lacks, in the
+    /// caller's order without repeats. A digest is a hash *and* a size: a
+    /// right hash with a wrong size is missing, since a read by that digest
+    /// would fail.
     pub async fn find_missing_cas(
         &self,
         cache: CacheId,
-        hashes: &[[u8; 32]],
-    ) -> Result<Vec<[u8; 32]>> {
-        let hashes = sql::dedup(hashes);
+        digests: &[([u8; 32], u64)],
+    ) -> Result<Vec<([u8; 32], u64)>> {
+        let digests = sql::dedup(digests);
         let mut missing = Vec::new();
-        for batch in hashes.chunks(READ_BATCH) {
+        for batch in digests.chunks(READ_BATCH) {
             let n = sql::in_list_len(batch.len());
             let lookup = format!(
-                "SELECT b.hash FROM blobs b \
+                "SELECT b.hash, b.size FROM blobs b \
                  JOIN cas_entries e ON e.blob_id = b.id AND e.cache_id = $1 \
                  WHERE b.hash IN ({})",
                 sql::params(2, n)
             );
-            let found: Vec<(Vec<u8>,)> = on_reader!(self, |pool| async {
+            let found: Vec<(Vec<u8>, i64)> = on_reader!(self, |pool| async {
                 let mut query = sqlx::query_as(&lookup).bind(cache.0);
                 for i in 0..n {
-                    query = query.bind(&sql::padded(batch, i)[..]);
+                    query = query.bind(&sql::padded(batch, i).0[..]);
                 }
                 query.fetch_all(pool).await
             })?;
-            let found: HashSet<Vec<u8>> = found.into_iter().map(|(h,)| h).collect();
-            missing.extend(batch.iter().filter(|h| !found.contains(&h[..])));
+            let found: HashMap<Vec<u8>, i64> = found.into_iter().collect();
+            missing.extend(batch.iter().filter(|(hash, size)| {
+                found.get(&hash[..]).and_then(|s| u64::try_from(*s).ok()) != Some(*size)
+            }));
         }
         Ok(missing)
     }

@@ -670,14 +670,10 @@ impl Refusal {
         let server = TestServer::start_with(deployment, limits).await;
         let key = SigningKey::generate("neg-1").unwrap();
         server.create_cache("neg", false, &key).await;
-        let mut api = Api::new(&server, Some(server.token(&[("neg", PUSH_PULL)])));
-        // A refusal may come before the body is read, after which the server
-        // closes the connection; a fresh connection per request keeps the
-        // next request off it.
-        api.http = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
+        // One pooled client for every request: a refusal that comes before
+        // the body is read says `Connection: close`, so the client never
+        // sends its next request on a connection the server is closing.
+        let api = Api::new(&server, Some(server.token(&[("neg", PUSH_PULL)])));
         let work = tempfile::tempdir().unwrap();
         let tree = data_tree(work.path(), "victim", 1 << 20, 3);
         let path = PathNar::new("garret-victim", &tree, vec![]);

@@ -19,9 +19,16 @@ both! {
 
         let third = db.cache_named("third").await;
         assert_eq!(db.cas_blob(third, &h(1)).await.unwrap(), None);
-        let asked = [h(2), h(1), h(2), h(3)];
-        assert_eq!(db.find_missing_cas(main, &asked).await.unwrap(), [h(2), h(3)]);
-        assert_eq!(db.find_missing_cas(third, &asked).await.unwrap(), [h(2), h(1), h(3)]);
+        let asked = [(h(2), 5), (h(1), 5), (h(2), 5), (h(3), 5), (h(1), 6)];
+        assert_eq!(
+            db.find_missing_cas(main, &asked).await.unwrap(),
+            [(h(2), 5), (h(3), 5), (h(1), 6)],
+            "a right hash with a wrong size is missing"
+        );
+        assert_eq!(
+            db.find_missing_cas(third, &asked).await.unwrap(),
+            [(h(2), 5), (h(1), 5), (h(3), 5), (h(1), 6)]
+        );
 
         db.touch_cas(main, &[h(1), h(2)], 50).await.unwrap();
         let touched: Vec<(i64,)> = match &db.raw {
@@ -50,8 +57,9 @@ both! {
             let b = db.commit_blob(&blob(i, &[(i + 1000, 1)]), 0).await.unwrap().blob_id;
             db.put_cas_entry(cache, b, 0).await.unwrap();
         }
-        let asked: Vec<[u8; 32]> = (0..150).map(h).collect();
-        let expected: Vec<[u8; 32]> = (0..150).filter(|i| i % 7 != 0).map(h).collect();
+        let asked: Vec<([u8; 32], u64)> = (0..150).map(|i| (h(i), 1)).collect();
+        let expected: Vec<([u8; 32], u64)> =
+            (0..150).filter(|i| i % 7 != 0).map(|i| (h(i), 1)).collect();
         assert_eq!(db.find_missing_cas(cache, &asked).await.unwrap(), expected);
     }
 

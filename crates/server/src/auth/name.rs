@@ -34,7 +34,27 @@ impl CacheName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether a cache by this name could not be reached everywhere: `ac`
+    /// and `cas` are Bazel's HTTP cache paths at the root, and REAPI resource
+    /// names forbid instance segments that spell its own keywords. Such
+    /// names are refused when a cache is created.
+    pub fn is_reserved(&self) -> bool {
+        RESERVED_NAMES.contains(&self.0.as_str())
+    }
 }
+
+const RESERVED_NAMES: [&str; 9] = [
+    "ac",
+    "cas",
+    "blobs",
+    "uploads",
+    "compressed-blobs",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+];
 
 impl FromStr for CacheName {
     type Err = AuthError;
@@ -185,6 +205,16 @@ mod tests {
 
     fn pattern(s: &str) -> CacheNamePattern {
         CacheNamePattern::new(s).unwrap()
+    }
+
+    #[test]
+    fn bazel_and_reapi_words_are_reserved() {
+        for word in ["ac", "cas", "blobs", "compressed-blobs", "actionResults"] {
+            assert!(CacheName::new(word).unwrap().is_reserved(), "{word}");
+        }
+        for name in ["main", "acs", "cas2", "Blobs"] {
+            assert!(!CacheName::new(name).unwrap().is_reserved(), "{name}");
+        }
     }
 
     #[test]

@@ -39,6 +39,11 @@ impl CacheCommand {
     pub async fn run(self, meta: &Meta) -> anyhow::Result<()> {
         match self {
             Self::Create(args) => {
+                let name = garret_server::auth::CacheName::new(args.name.clone())?;
+                anyhow::ensure!(
+                    !name.is_reserved(),
+                    "`{name}` is reserved (a Bazel or REAPI path word); choose another name"
+                );
                 let key = SigningKey::generate(args.key_name.as_deref().unwrap_or(&args.name))?;
                 let new = NewCache {
                     name: args.name,

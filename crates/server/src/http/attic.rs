@@ -408,6 +408,11 @@ pub async fn create_cache(
     access::cache_for_create(&state, &headers, &name)?;
     let request: CreateCacheRequest = json(&body)?;
     let name = CacheName::new(name)?;
+    if name.is_reserved() {
+        return Err(ApiError::BadRequest(format!(
+            "`{name}` is reserved (a Bazel or REAPI path word); choose another name"
+        )));
+    }
     let key = request.keypair.signing_key(&name)?;
     let new = NewCache {
         name: name.as_str().to_owned(),

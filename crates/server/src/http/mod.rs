@@ -69,8 +69,35 @@ pub fn router(state: Arc<AppState>) -> Router {
 pub fn app(state: Arc<AppState>, bazel_default_cache: &crate::auth::CacheName) -> Router {
     router(Arc::clone(&state))
         .merge(bazel::routes(bazel_default_cache.clone()).with_state(Arc::clone(&state)))
+        .layer(axum::middleware::from_fn(close_after_refused_body))
         .merge(crate::reapi::grpc_router(
             state,
             bazel_default_cache.clone(),
         ))
+}
+
+/// A request refused before its body was read leaves the rest of the body
+/// on the connection, so the server must close it after answering. Saying
+/// so (`Connection: close`) keeps keep-alive clients from sending their
+/// next request on a connection that is about to go away. HTTP/1 only:
+/// HTTP/2 streams end on their own.
+async fn close_after_refused_body(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, Version, header};
+    let has_body = request.version() < Version::HTTP_2
+        && (request.headers().contains_key(header::TRANSFER_ENCODING)
+            || request
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|len| len != "0"));
+    let mut response = next.run(request).await;
+    let status = response.status();
+    if has_body && (status.is_client_error() || status.is_server_error()) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }

@@ -51,21 +51,22 @@ impl Reapi {
         cache: &Cache,
         digests: &[Digest],
     ) -> Result<Vec<Digest>, ReapiError> {
-        let hashes: Vec<[u8; 32]> = digests
+        let asked: Vec<([u8; 32], u64)> = digests
             .iter()
             .filter(|d| !d.is_empty())
-            .map(|d| *d.hash_bytes())
+            .map(|d| (*d.hash_bytes(), d.size))
             .collect();
-        let missing: HashSet<[u8; 32]> = self
+        let missing: HashSet<([u8; 32], u64)> = self
             .state
             .meta
-            .find_missing_cas(cache.id, &hashes)
+            .find_missing_cas(cache.id, &asked)
             .await?
             .into_iter()
             .collect();
-        let found: Vec<[u8; 32]> = hashes
+        let found: Vec<[u8; 32]> = asked
             .into_iter()
-            .filter(|h| !missing.contains(h))
+            .filter(|d| !missing.contains(d))
+            .map(|(hash, _)| hash)
             .collect();
         if !found.is_empty() {
             self.state
@@ -76,7 +77,7 @@ impl Reapi {
         let mut seen = HashSet::new();
         Ok(digests
             .iter()
-            .filter(|d| missing.contains(d.hash_bytes()) && seen.insert(**d))
+            .filter(|d| missing.contains(&(*d.hash_bytes(), d.size)) && seen.insert(**d))
             .copied()
             .collect())
     }

@@ -150,6 +150,29 @@ impl Meta {
         Ok(row.map(|(result,)| result))
     }
 
+    /// Records that a stored action result was just served, so retention
+    /// keeps results in use; a row already touched this second is not
+    /// rewritten.
+    pub async fn touch_action_result(
+        &self,
+        cache: CacheId,
+        action_hash: &[u8; 32],
+        now: i64,
+    ) -> Result<()> {
+        on_writer!(self, |pool| async {
+            sqlx::query(
+                "UPDATE action_results SET accessed_at = $3 \
+                 WHERE cache_id = $1 AND action_hash = $2 AND accessed_at < $3",
+            )
+            .bind(cache.0)
+            .bind(&action_hash[..])
+            .bind(now)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
     /// Stores (or replaces) the serialized `ActionResult` for `action_hash`.
     pub async fn put_action_result(
         &self,

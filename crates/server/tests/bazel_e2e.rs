@@ -452,19 +452,61 @@ fn cas_edges(push: &Client, pull: &Client, tmp: &Path) -> String {
     hash
 }
 
+/// An `ActionResult` whose stdout is the blob `stdout` (hash, size).
+fn action_result(exit_code: i32, stdout: Option<(&str, i64)>) -> Vec<u8> {
+    use garret_proto::reapi::{ActionResult, Digest};
+    use prost::Message as _;
+    ActionResult {
+        exit_code,
+        stdout_digest: stdout.map(|(hash, size_bytes)| Digest {
+            hash: hash.into(),
+            size_bytes,
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 fn ac_edges(push: &Client, pull: &Client, tmp: &Path) {
     let action = Sha256Hash::of(b"action").to_hex();
     assert_eq!(pull.get(&format!("/ac/{action}")).0, 404);
     assert_eq!(pull.head(&format!("/ac/{action}")).0, 404);
-    // Action results are opaque bytes, replaced by a later PUT.
-    for result in ["first result", "second result"] {
-        assert_eq!(push.put(&format!("/ac/{action}"), result).0, 200);
-        let expected = (200, result.as_bytes().to_vec());
-        assert_eq!(pull.get(&format!("/{CACHE}/ac/{action}")), expected);
+    // A later PUT replaces a result; results are served as they were sent.
+    for exit_code in [1, 2] {
+        let result = action_result(exit_code, None);
+        let file = tmp.join(format!("result-{exit_code}"));
+        std::fs::write(&file, &result).unwrap();
+        let upload = format!("@{}", file.display());
+        assert_eq!(push.put(&format!("/ac/{action}"), &upload).0, 200);
+        assert_eq!(pull.get(&format!("/{CACHE}/ac/{action}")), (200, result));
     }
     let (status, head) = pull.head(&format!("/ac/{action}"));
     assert_eq!(status, 200);
-    assert!(head.contains("content-length: 13"), "{head}");
+    let len = action_result(2, None).len();
+    assert!(head.contains(&format!("content-length: {len}")), "{head}");
+    // Not an ActionResult: refused.
+    assert_eq!(push.put(&format!("/ac/{action}"), "not a result").0, 400);
+    // A result naming a blob that is not stored is a miss until it is.
+    let stdout = "hello from the action\n";
+    let stdout_hash = Sha256Hash::of(stdout.as_bytes()).to_hex();
+    let incomplete = tmp.join("incomplete");
+    let stdout_len = i64::try_from(stdout.len()).unwrap();
+    std::fs::write(
+        &incomplete,
+        action_result(0, Some((&stdout_hash, stdout_len))),
+    )
+    .unwrap();
+    let later = Sha256Hash::of(b"later action").to_hex();
+    let upload = format!("@{}", incomplete.display());
+    assert_eq!(push.put(&format!("/ac/{later}"), &upload).0, 200);
+    assert_eq!(
+        pull.get(&format!("/ac/{later}")).0,
+        404,
+        "its stdout is missing"
+    );
+    assert_eq!(push.put(&format!("/cas/{stdout_hash}"), stdout).0, 200);
+    assert_eq!(pull.get(&format!("/ac/{later}")).0, 200, "now complete");
+
     let big = tmp.join("big-result");
     std::fs::write(&big, vec![0u8; bazel::MAX_ACTION_RESULT + 1]).unwrap();
     let other = Sha256Hash::of(b"other action").to_hex();

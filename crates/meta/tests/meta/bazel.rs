@@ -73,6 +73,21 @@ both! {
         db.put_action_result(main, &h(1), b"second", 2).await.unwrap();
         assert_eq!(db.get_action_result(main, &h(1)).await.unwrap().unwrap(), b"second");
         assert_eq!(db.count("action_results").await, 1);
+
+        // Serving a result refreshes it for retention, never backwards.
+        db.touch_action_result(main, &h(1), 50).await.unwrap();
+        db.touch_action_result(main, &h(1), 40).await.unwrap();
+        db.touch_action_result(other, &h(1), 60).await.unwrap();
+        let accessed: Vec<(i64,)> = match &db.raw {
+            crate::support::Raw::Postgres(p) => {
+                sqlx::query_as("SELECT accessed_at FROM action_results").fetch_all(p).await
+            }
+            crate::support::Raw::Sqlite(p) => {
+                sqlx::query_as("SELECT accessed_at FROM action_results").fetch_all(p).await
+            }
+        }
+        .unwrap();
+        assert_eq!(accessed, [(50,)]);
     }
 
     async fn unreferenced_cas_blob_expires(db: TestDb) {

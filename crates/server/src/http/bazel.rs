@@ -13,10 +13,11 @@
 //!   a blob over `limits.max_nar_size` a 413. Uploads get the same idle and
 //!   whole-request timeouts as NAR uploads.
 //! - **The empty blob always exists**, in every cache, and is never stored.
-//! - **AC entries are opaque.** Bazel PUTs a serialized `ActionResult`; we
-//!   store the bytes as they come, up to [`MAX_ACTION_RESULT`] (else 413).
-//!   Unlike the gRPC side, a GET does not yet check that the blobs the
-//!   result names still exist (a TODO once it can share that decoder).
+//! - **AC entries are `ActionResult`s.** A PUT must decode as one (else
+//!   400) and is stored as sent, up to [`MAX_ACTION_RESULT`] (else 413). A
+//!   GET serves it only while every blob it names (files inside output trees
+//!   included) is still stored, like GetActionResult; otherwise it is a miss,
+//!   so Bazel rebuilds instead of failing to download an evicted output.
 //! - **Cache names `ac` and `cas`** cannot be used for Nix at the root: the
 //!   static segments win, as they must for `/ac/<sha256>` to reach us.
 
@@ -37,9 +38,12 @@ use serde::Deserialize;
 use super::body::idle_limited;
 use super::error::ApiError;
 use super::{AppState, access};
-use crate::auth::{CacheName, Permission};
+use crate::auth::Permission;
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
+use crate::reapi::Reapi;
+use garret_proto::reapi::ActionResult;
+use prost::Message as _;
 
 /// Largest serialized `ActionResult` accepted: bazel-remote's limit for the
 /// same thing (results inline only digests, so real ones are a few KiB).
@@ -51,9 +55,10 @@ const EMPTY_SHA256: [u8; 32] = [
     0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
 ];
 
-/// The cache that paths without a prefix address.
+/// The REAPI core: the default cache, and the completeness check of stored
+/// action results.
 #[derive(Clone, Debug)]
-struct DefaultCache(Arc<CacheName>);
+struct Core(Arc<Reapi>);
 
 /// The path parameters of every route here; `cache` is absent at the root.
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -67,13 +72,13 @@ struct Key {
 ///
 /// The prefix parameter is called `cache`, like the substituter's
 /// `/{cache}/{file}`: the router allows only one parameter name per segment.
-pub fn routes(default_cache: CacheName) -> Router<Arc<AppState>> {
+pub(crate) fn routes(reapi: Arc<Reapi>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/ac/{hash}", get(ac_get).put(ac_put))
         .route("/cas/{hash}", get(cas_get).put(cas_put))
         .route("/{cache}/ac/{hash}", get(ac_get).put(ac_put))
         .route("/{cache}/cas/{hash}", get(cas_get).put(cas_put))
-        .layer(Extension(DefaultCache(Arc::new(default_cache))))
+        .layer(Extension(Core(reapi)))
 }
 
 impl Key {
@@ -82,10 +87,13 @@ impl Key {
         &self,
         state: &AppState,
         headers: &HeaderMap,
-        default: &DefaultCache,
+        core: &Core,
         required: Permission,
     ) -> Result<Cache, ApiError> {
-        let name = self.cache.as_deref().unwrap_or(default.0.as_str());
+        let name = self
+            .cache
+            .as_deref()
+            .unwrap_or(core.0.default_cache().as_str());
         access::cache_for_request(state, headers, name, required).await
     }
 
@@ -109,19 +117,32 @@ fn parse_hash(text: &str) -> Result<Sha256Hash, ApiError> {
 async fn ac_get(
     State(state): State<Arc<AppState>>,
     Path(key): Path<Key>,
-    Extension(default): Extension<DefaultCache>,
+    Extension(core): Extension<Core>,
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let cache = key
-        .cache(&state, &headers, &default, Permission::PULL)
-        .await?;
+    let cache = key.cache(&state, &headers, &core, Permission::PULL).await?;
     let hash = key.hash()?;
     let result = state
         .meta
         .get_action_result(cache.id, hash.as_bytes())
         .await?
         .ok_or_else(|| ApiError::NoSuchObject(format!("ac/{}", hash.to_hex())))?;
+    if !core
+        .0
+        .stored_result_is_complete(&cache, &result)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+    {
+        return Err(ApiError::NoSuchObject(format!(
+            "ac/{}: some outputs of this result are no longer stored",
+            hash.to_hex()
+        )));
+    }
+    state
+        .meta
+        .touch_action_result(cache.id, hash.as_bytes(), unix_now())
+        .await?;
     let len = result.len() as u64;
     let body = if method == Method::HEAD {
         Body::empty()
@@ -135,13 +156,11 @@ async fn ac_get(
 async fn ac_put(
     State(state): State<Arc<AppState>>,
     Path(key): Path<Key>,
-    Extension(default): Extension<DefaultCache>,
+    Extension(core): Extension<Core>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = key
-        .cache(&state, &headers, &default, Permission::PUSH)
-        .await?;
+    let cache = key.cache(&state, &headers, &core, Permission::PUSH).await?;
     let hash = key.hash()?;
     let too_large = || {
         ApiError::PayloadTooLarge(format!(
@@ -154,6 +173,8 @@ async fn ac_put(
     let result = axum::body::to_bytes(body, MAX_ACTION_RESULT)
         .await
         .map_err(|_| too_large())?;
+    ActionResult::decode(result.clone())
+        .map_err(|e| ApiError::BadRequest(format!("the body is not an ActionResult: {e}")))?;
     state
         .meta
         .put_action_result(cache.id, hash.as_bytes(), &result, unix_now())
@@ -165,13 +186,11 @@ async fn ac_put(
 async fn cas_get(
     State(state): State<Arc<AppState>>,
     Path(key): Path<Key>,
-    Extension(default): Extension<DefaultCache>,
+    Extension(core): Extension<Core>,
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let cache = key
-        .cache(&state, &headers, &default, Permission::PULL)
-        .await?;
+    let cache = key.cache(&state, &headers, &core, Permission::PULL).await?;
     let hash = key.hash()?;
     if *hash.as_bytes() == EMPTY_SHA256 {
         return octets(0, Body::empty());
@@ -208,13 +227,11 @@ async fn cas_get(
 async fn cas_put(
     State(state): State<Arc<AppState>>,
     Path(key): Path<Key>,
-    Extension(default): Extension<DefaultCache>,
+    Extension(core): Extension<Core>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let cache = key
-        .cache(&state, &headers, &default, Permission::PUSH)
-        .await?;
+    let cache = key.cache(&state, &headers, &core, Permission::PUSH).await?;
     let hash = key.hash()?;
     let size = content_length(&headers)?;
     let limit = state.limits.max_nar_size;
@@ -346,17 +363,6 @@ mod tests {
                 hash: "h".into()
             }
         );
-    }
-
-    /// The substituter's routes and ours live in one router; a conflict would
-    /// panic here rather than at `garret serve` start-up.
-    #[test]
-    fn routes_merge_with_the_substituter() {
-        async fn nothing() {}
-        let _router: Router<Arc<AppState>> = Router::new()
-            .route("/{cache}/{file}", get(nothing))
-            .route("/{cache}/nar/{file}", get(nothing))
-            .merge(routes(CacheName::new("default").unwrap()));
     }
 
     #[test]

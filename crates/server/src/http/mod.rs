@@ -67,13 +67,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// routes, Bazel's HTTP cache, and REAPI over h2c gRPC. Requests without an
 /// instance name (Bazel's default) go to `bazel_default_cache`.
 pub fn app(state: Arc<AppState>, bazel_default_cache: &crate::auth::CacheName) -> Router {
+    let reapi = crate::reapi::shared(Arc::clone(&state), bazel_default_cache.clone());
     router(Arc::clone(&state))
-        .merge(bazel::routes(bazel_default_cache.clone()).with_state(Arc::clone(&state)))
+        .merge(bazel::routes(Arc::clone(&reapi)).with_state(state))
         .layer(axum::middleware::from_fn(close_after_refused_body))
-        .merge(crate::reapi::grpc_router(
-            state,
-            bazel_default_cache.clone(),
-        ))
+        .merge(crate::reapi::services(reapi))
 }
 
 /// A request refused before its body was read leaves the rest of the body

@@ -82,6 +82,28 @@ impl Reapi {
     }
 }
 
+impl Reapi {
+    /// Whether a stored `ActionResult` may be served: it decodes and every
+    /// blob it names is present (those are refreshed). Bazel's HTTP cache
+    /// answers a miss otherwise, as GetActionResult does, so a client never
+    /// gets a hit whose outputs it cannot download.
+    pub(crate) async fn stored_result_is_complete(
+        &self,
+        cache: &Cache,
+        stored: &[u8],
+    ) -> Result<bool, ReapiError> {
+        let Ok(result) = ActionResult::decode(stored) else {
+            return Ok(false);
+        };
+        match self.check_complete(cache, &result).await {
+            Ok(complete) => Ok(complete.is_ok()),
+            // A result naming malformed digests can never be complete.
+            Err(ReapiError::InvalidArgument(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 impl ActionCacheService {
     async fn inner_get(
         &self,
@@ -111,6 +133,11 @@ impl ActionCacheService {
                 "the result of action {action} is incomplete: {why}"
             )));
         }
+        reapi
+            .state
+            .meta
+            .touch_action_result(cache.id, action.hash_bytes(), unix_now())
+            .await?;
         self.inline(&cache, &request, &mut result).await?;
         Ok(result)
     }

@@ -234,6 +234,11 @@ impl Reapi {
         }
     }
 
+    /// The cache requests without an instance name address.
+    pub(crate) fn default_cache(&self) -> &CacheName {
+        &self.config.default_cache
+    }
+
     /// The cache behind `instance`, if the request's credentials allow
     /// `access` to it.
     async fn cache(
@@ -363,7 +368,17 @@ pub fn grpc_router(state: Arc<AppState>, default_cache: CacheName) -> Router {
 
 /// [`grpc_router`] with explicit tunables.
 pub fn grpc_router_with(state: Arc<AppState>, config: ReapiConfig) -> Router {
-    let reapi = Arc::new(Reapi::new(state, config));
+    services(Arc::new(Reapi::new(state, config)))
+}
+
+/// One REAPI core, for the gRPC services and Bazel's HTTP cache to share.
+pub(crate) fn shared(state: Arc<AppState>, default_cache: CacheName) -> Arc<Reapi> {
+    let config = ReapiConfig::new(&state, default_cache);
+    Arc::new(Reapi::new(state, config))
+}
+
+/// The gRPC services on `reapi`.
+pub(crate) fn services(reapi: Arc<Reapi>) -> Router {
     let router = Router::new();
     let router = route(
         router,
@@ -382,7 +397,7 @@ pub fn grpc_router_with(state: Arc<AppState>, config: ReapiConfig) -> Router {
     );
     let router = route(
         router,
-        ByteStreamServer::new(bytestream::ByteStreamService(Arc::clone(&reapi)))
+        ByteStreamServer::new(bytestream::ByteStreamService(reapi))
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
     );
     route(router, HealthServer::new(health::HealthService))

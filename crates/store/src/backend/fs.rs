@@ -49,7 +49,7 @@ impl FsBackend {
         Ok(self.root.join(key))
     }
 
-    fn put_blocking(root: &Path, path: &Path, key: &str, data: &[u8]) -> std::io::Result<()> {
+    fn put_blocking(path: &Path, key: &str, data: &[u8]) -> std::io::Result<()> {
         let dir = path.parent().expect("object keys have a directory");
         if !dir.is_dir() {
             // A new fan-out directory is made durable at once (rare: a few
@@ -100,12 +100,8 @@ async fn blocking<T: Send + 'static>(
 impl ObjectStore for FsBackend {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         let path = self.path(key)?;
-        let root = Arc::clone(&self.root);
         let owned_key = key.to_owned();
-        blocking(key, move || {
-            Self::put_blocking(&root, &path, &owned_key, &data)
-        })
-        .await
+        blocking(key, move || Self::put_blocking(&path, &owned_key, &data)).await
     }
 
     async fn sync(&self, keys: &[String]) -> Result<(), BackendError> {

@@ -37,8 +37,6 @@ use super::digest::Digest;
 use super::resource_name::{BlobResource, Compression, UploadResource};
 use super::{READ_CHUNK_BYTES, Reapi, ReapiError};
 use crate::auth::ReapiAccess;
-use crate::blobs::Expect;
-use crate::clock::unix_now;
 
 #[derive(Debug)]
 pub(crate) struct ByteStreamService(pub(crate) Arc<Reapi>);
@@ -451,24 +449,7 @@ impl ByteStreamService {
     ) -> Result<(), ReapiError> {
         let reapi = &self.0;
         let input = ingest_stream(spool, compression)?;
-        let stored = reapi
-            .state
-            .blobs
-            .put(
-                input,
-                Expect {
-                    hash: Some(digest.hash),
-                    size: Some(digest.size),
-                    max_size: Some(digest.size),
-                },
-            )
-            .await?;
-        reapi
-            .state
-            .meta
-            .put_cas_entry(cache.id, stored.id, unix_now())
-            .await?;
-        Ok(())
+        reapi.store_stream(cache, digest, input).await
     }
 
     async fn inner_query_write_status(

@@ -23,7 +23,6 @@ use tonic::{Request, Response, Status};
 use super::digest::Digest;
 use super::{MAX_BATCH_TOTAL_BYTES, Reapi, ReapiError};
 use crate::auth::ReapiAccess;
-use crate::blobs::Expect;
 use crate::clock::unix_now;
 
 #[derive(Debug)]
@@ -410,23 +409,7 @@ impl CasService {
         let input = stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
-        let stored = reapi
-            .state
-            .blobs
-            .put(
-                input,
-                Expect {
-                    hash: Some(digest.hash),
-                    size: Some(digest.size),
-                    max_size: Some(digest.size),
-                },
-            )
-            .await?;
-        reapi
-            .state
-            .meta
-            .put_cas_entry(cache.id, stored.id, unix_now())
-            .await?;
+        reapi.store_stream(&cache, digest, input).await?;
         Ok(response)
     }
 }

@@ -328,6 +328,21 @@ impl Reapi {
             };
         }
         let input = futures::stream::once(async move { Ok::<_, Infallible>(data) });
+        self.store_stream(cache, digest, input).await
+    }
+
+    /// Stores `input` as `digest` in `cache`'s CAS: verified against the
+    /// digest while it streams, visible only once it matches.
+    async fn store_stream<S, E>(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        input: S,
+    ) -> Result<(), ReapiError>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let blob = self
             .state
             .blobs

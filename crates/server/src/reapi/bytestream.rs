@@ -178,16 +178,6 @@ pub(crate) struct Uploads {
     sessions: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<Session>>>>,
 }
 
-/// The spool directory belongs to this process: it goes with the uploads.
-impl Drop for Uploads {
-    fn drop(&mut self) {
-        self.sessions
-            .get_mut()
-            .map_or_else(|e| e.into_inner().clear(), HashMap::clear);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 impl Uploads {
     pub(crate) fn new(dir: PathBuf) -> Self {
         Self {

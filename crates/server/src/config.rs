@@ -44,9 +44,20 @@ pub struct Config {
     pub storage: Storage,
     pub chunking: Chunking,
     pub limits: Limits,
+    pub connections: Connections,
     /// The cache that Bazel requests without an instance name use (Bazel's
     /// `--remote_instance_name` names any other cache).
     pub bazel_default_cache: String,
+    /// The URL clients reach the API at, as Attic's `api-endpoint`: what
+    /// `cache-config` answers as `api_endpoint`. Without it, the request's
+    /// scheme and `Host` decide, which is wrong behind an ingress that
+    /// rewrites either.
+    pub api_endpoint: Option<String>,
+    /// The base URL of the substituters, as Attic's `substituter-endpoint`;
+    /// a cache's substituter is this plus its name. Defaults to the API
+    /// endpoint.
+    pub substituter_endpoint: Option<String>,
+    pub jwt: Jwt,
 }
 
 impl Default for Config {
@@ -58,7 +69,11 @@ impl Default for Config {
             storage: Storage::default(),
             chunking: Chunking::default(),
             limits: Limits::default(),
+            connections: Connections::default(),
             bazel_default_cache: "default".into(),
+            api_endpoint: None,
+            substituter_endpoint: None,
+            jwt: Jwt::default(),
         }
     }
 }
@@ -174,6 +189,52 @@ impl Default for Limits {
     }
 }
 
+/// What every token must carry, as Attic's `[jwt]` section: a token minted
+/// for another deployment that shares the key (say, staging) is refused
+/// when the issuer or audience differs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Jwt {
+    /// Tokens must carry exactly this `iss`.
+    pub bound_issuer: Option<String>,
+    /// Tokens must name one of these in `aud`; empty checks nothing.
+    pub bound_audiences: Vec<String>,
+}
+
+/// How long connections may live without doing useful work, so idle and
+/// half-open clients cannot hold sockets (and file descriptors) forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Connections {
+    /// A client must send a whole request head within this time, from the
+    /// moment the connection is ready for one.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/1 keep-alive and idle HTTP/2 alike).
+    pub keepalive_idle_secs: u64,
+    /// HTTP/2 pings at this interval find peers that vanished; one that
+    /// does not answer within the same time is dropped.
+    pub h2_keepalive_interval_secs: u64,
+    /// At most this many connections at once; further clients wait in the
+    /// listen backlog. Clamped to what the file-descriptor limit allows.
+    pub max_connections: usize,
+    /// On SIGTERM, requests in flight get this long to finish before the
+    /// process exits anyway.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_secs: 30,
+            keepalive_idle_secs: 120,
+            h2_keepalive_interval_secs: 30,
+            max_connections: 8192,
+            shutdown_timeout_secs: 60,
+        }
+    }
+}
+
 impl Config {
     /// Loads the configuration: defaults, then `file` if given, then the
     /// `GARRET_*` variables that `env` returns (the process environment in
@@ -272,6 +333,23 @@ impl Config {
         if let Some((name, value)) = var("GARRET_ZSTD_LEVEL") {
             self.chunking.zstd_level = parse(name, value)?;
         }
+        if let Some((_, value)) = var("GARRET_API_ENDPOINT") {
+            self.api_endpoint = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_SUBSTITUTER_ENDPOINT") {
+            self.substituter_endpoint = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_BOUND_ISSUER") {
+            self.jwt.bound_issuer = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_BOUND_AUDIENCES") {
+            self.jwt.bound_audiences = value
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
         if let Some((name, value)) = var("GARRET_MAX_NAR_SIZE") {
             self.limits.max_nar_size = parse(name, value)?;
         }
@@ -317,7 +395,42 @@ impl Config {
         {
             return Err(ConfigError::Invalid("limits must be positive".into()));
         }
+        let c = &self.connections;
+        if c.header_read_timeout_secs == 0
+            || c.keepalive_idle_secs == 0
+            || c.h2_keepalive_interval_secs == 0
+            || c.max_connections == 0
+        {
+            return Err(ConfigError::Invalid(
+                "connections: timeouts and max_connections must be positive".into(),
+            ));
+        }
+        for (name, url) in [
+            ("api_endpoint", &self.api_endpoint),
+            ("substituter_endpoint", &self.substituter_endpoint),
+        ] {
+            if let Some(url) = url {
+                base_url(url)
+                    .map_err(|reason| ConfigError::Invalid(format!("{name} {url:?}: {reason}")))?;
+            }
+        }
+        if self.jwt.bound_issuer.as_deref() == Some("") {
+            return Err(ConfigError::Invalid("jwt.bound_issuer is empty".into()));
+        }
         Ok(())
+    }
+
+    /// The configured endpoints, each ending in `/` so relative paths
+    /// resolve below it.
+    pub fn endpoints(&self) -> Endpoints {
+        let normalize = |url: &Option<String>| {
+            url.as_deref()
+                .map(|u| base_url(u).expect("validated at load"))
+        };
+        Endpoints {
+            api: normalize(&self.api_endpoint),
+            substituter: normalize(&self.substituter_endpoint),
+        }
     }
 
     /// The database URL, with the embedded default resolved.
@@ -392,8 +505,53 @@ impl Config {
             self.limits.max_preamble_size,
             self.limits.request_timeout_secs,
             self.limits.idle_timeout_secs,
+        ) + &format!(
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\n",
+            self.connections.max_connections,
+            self.connections.header_read_timeout_secs,
+            self.connections.keepalive_idle_secs,
+            self.connections.h2_keepalive_interval_secs,
+            self.connections.shutdown_timeout_secs,
+            self.api_endpoint
+                .as_deref()
+                .unwrap_or("(from each request)"),
+            self.substituter_endpoint
+                .as_deref()
+                .unwrap_or("(API endpoint + cache name)"),
+            self.jwt.bound_issuer.as_deref().unwrap_or("(any)"),
+            self.jwt.bound_audiences.join(", "),
         )
     }
+}
+
+/// Where clients reach this server when a proxy stands between: the bases
+/// `cache-config` answers with. `None` derives them from each request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The API root (Attic's `api_endpoint`), ending in `/`.
+    pub api: Option<String>,
+    /// The base of every cache's substituter URL, ending in `/`.
+    pub substituter: Option<String>,
+}
+
+/// `url` as a base for relative references: an absolute http(s) URL
+/// without query or fragment, ending in `/`.
+fn base_url(url: &str) -> Result<String, &'static str> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or("must start with http:// or https://")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("has no host");
+    }
+    if url.contains(['?', '#']) || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must be a plain URL without query, fragment or spaces");
+    }
+    Ok(if url.ends_with('/') {
+        url.to_owned()
+    } else {
+        format!("{url}/")
+    })
 }
 
 fn env_error(name: &'static str, value: String, reason: &str) -> ConfigError {
@@ -541,6 +699,45 @@ mod tests {
         }
         let missing = Config::load(Some(Path::new("/nonexistent/garret.toml")), |_| None);
         assert!(matches!(missing, Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn endpoints_and_token_binding() {
+        let toml = r#"
+            api_endpoint = "https://cache.honey.example"
+            substituter_endpoint = "https://nix.honey.example/"
+            [jwt]
+            bound_issuer = "honey"
+            bound_audiences = ["garret"]
+        "#;
+        let config = load(Some(toml), &[]).unwrap();
+        assert_eq!(
+            config.endpoints(),
+            Endpoints {
+                api: Some("https://cache.honey.example/".into()),
+                substituter: Some("https://nix.honey.example/".into()),
+            }
+        );
+        assert_eq!(config.jwt.bound_issuer.as_deref(), Some("honey"));
+        let config = load(
+            None,
+            &[
+                ("GARRET_API_ENDPOINT", "http://10.0.0.1:8080/garret"),
+                ("GARRET_TOKEN_BOUND_ISSUER", "ci"),
+                ("GARRET_TOKEN_BOUND_AUDIENCES", "a, b"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config.endpoints().api.as_deref(),
+            Some("http://10.0.0.1:8080/garret/")
+        );
+        assert_eq!(config.endpoints().substituter, None);
+        assert_eq!(config.jwt.bound_audiences, ["a", "b"]);
+        for bad in ["cache.example", "http://", "https://x/?a=b", "ftp://x"] {
+            let err = load(None, &[("GARRET_API_ENDPOINT", bad)]).unwrap_err();
+            assert!(err.to_string().contains("api_endpoint"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod reapi;
+pub mod serve;
 pub mod upload;

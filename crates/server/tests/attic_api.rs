@@ -211,6 +211,9 @@ enum InfoIn {
 struct Api {
     http: reqwest::Client,
     url: String,
+    /// What the `attic` client resolves `_api/v1/...` against: the server's
+    /// root until a cache-config answer names its `api_endpoint`.
+    endpoint: reqwest::Url,
     token: Option<String>,
 }
 
@@ -222,7 +225,29 @@ impl Api {
         Self {
             http: reqwest::Client::new(),
             url: server.url.clone(),
+            endpoint: reqwest::Url::parse(&format!("{}/", server.url)).unwrap(),
             token,
+        }
+    }
+
+    /// The client after reading a cache-config: it replaces its endpoint
+    /// with the server's `api_endpoint`.
+    fn at_api_endpoint(&self, config: &Value) -> Self {
+        let endpoint = config["api_endpoint"].as_str().unwrap();
+        Self {
+            endpoint: reqwest::Url::parse(endpoint).unwrap(),
+            ..self.clone()
+        }
+    }
+
+    /// A request to `path` relative to the API endpoint, joined as the
+    /// client joins it (RFC 3986, `Url::join`).
+    fn api_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = self.endpoint.join(path).unwrap();
+        let request = self.http.request(method, url);
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
         }
     }
 
@@ -278,7 +303,7 @@ impl Api {
 
     async fn missing(&self, cache: &str, hashes: &[&str]) -> Reply {
         Self::send(
-            self.request(reqwest::Method::POST, "/_api/v1/get-missing-paths")
+            self.api_request(reqwest::Method::POST, "_api/v1/get-missing-paths")
                 .json(&json!({ "cache": cache, "store_path_hashes": hashes })),
         )
         .await
@@ -287,7 +312,7 @@ impl Api {
     /// upload-path with `info` (already serialised) and `body` as the NAR.
     async fn upload_raw(&self, info: &[u8], body: &[u8], how: InfoIn) -> Reply {
         let request = self
-            .request(reqwest::Method::PUT, "/_api/v1/upload-path")
+            .api_request(reqwest::Method::PUT, "_api/v1/upload-path")
             .header("content-type", "application/octet-stream");
         let request = match how {
             InfoIn::Header => request
@@ -387,8 +412,33 @@ async fn push_like_attic(push: &Api, key: &SigningKey, paths: &[PathNar]) {
     assert_eq!(config["priority"], 41);
     assert_eq!(config["upstream_cache_key_names"], json!([]));
     assert_eq!(config["retention_period"], "Global");
-    assert!(config["substituter_endpoint"].is_string(), "{config}");
-    assert!(config["api_endpoint"].is_string(), "{config}");
+    // Attic's endpoints: the root URL, and the root plus the cache name.
+    // The client resolves its paths against the former, so they must land
+    // on routes (this was `/_api/_api/v1/...` once).
+    assert_eq!(config["api_endpoint"], format!("{}/", push.url), "{config}");
+    assert_eq!(
+        config["substituter_endpoint"],
+        format!("{}/attic", push.url),
+        "{config}"
+    );
+    let push = &push.at_api_endpoint(&config);
+    for path in ["_api/v1/get-missing-paths", "_api/v1/upload-path"] {
+        let url = push.endpoint.join(path).unwrap();
+        assert_eq!(url.as_str(), format!("{}/{path}", push.url));
+    }
+    let cache_info = format!(
+        "{}/nix-cache-info",
+        config["substituter_endpoint"].as_str().unwrap()
+    );
+    let info = push
+        .http
+        .get(&cache_info)
+        .bearer_auth(push.token.as_ref().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(info.status(), 200, "{cache_info}");
+    assert!(info.text().await.unwrap().contains("StoreDir: /nix/store"));
 
     let hashes: Vec<&str> = paths.iter().map(PathNar::hash).collect();
     let (status, body) = push.missing("attic", &hashes).await;

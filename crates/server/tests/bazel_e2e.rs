@@ -64,6 +64,7 @@ impl Server {
             blobs,
             tokens: Some(tokens.clone()),
             limits: Limits::default(),
+            endpoints: garret_server::config::Endpoints::default(),
         });
         for name in [CACHE, "other"] {
             let new = NewCache {

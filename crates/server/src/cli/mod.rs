@@ -1,6 +1,7 @@
 //! Command-line interface. Each subcommand is a thin shell over a library call.
 
 use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -83,6 +84,7 @@ enum NarCommand {
 
 impl Cli {
     pub fn run(self) -> anyhow::Result<()> {
+        restrict_file_modes();
         match self.command {
             Command::Key(KeyCommand::Generate {
                 name,
@@ -158,6 +160,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
+    private_data_dir(&config.data_dir)?;
     let meta = open_meta(&config.database_url()).await?;
     let backend = match (config.s3_config(), config.local_path()) {
         (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
@@ -174,30 +177,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         blobs,
         tokens,
         limits: config.limits,
+        endpoints: config.endpoints(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, "garret is listening");
-    // On SIGTERM (Kubernetes) or Ctrl-C, stop accepting and let in-flight
-    // requests, uploads included, finish before exiting.
     let default_cache = garret_server::auth::CacheName::new(config.bazel_default_cache.clone())
         .context("bazel_default_cache")?;
-    axum::serve(listener, garret_server::http::app(state, &default_cache))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    tracing::info!("in-flight requests finished; garret stopped");
+    // On SIGTERM (Kubernetes) or Ctrl-C, stop accepting and let in-flight
+    // requests, uploads included, finish within the shutdown timeout.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    garret_server::serve::serve(
+        listener,
+        garret_server::http::app(state, &default_cache),
+        garret_server::serve::ServeLimits::new(&config.connections, config.limits.idle_timeout()),
+        shutdown,
+    )
+    .await;
+    tracing::info!("garret stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+/// Everything garret creates (database, chunks, spool, secrets) is for its
+/// own user alone: the database holds every cache's signing key.
+fn restrict_file_modes() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
 /// Where the server's token key comes from: the same variables `garret
@@ -207,25 +219,32 @@ async fn shutdown_signal() {
 fn token_authority(config: &Config) -> anyhow::Result<garret_server::auth::TokenAuthority> {
     use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
     use std::os::unix::fs::OpenOptionsExt as _;
+    let bind = |authority: TokenAuthority| {
+        let authority = match &config.jwt.bound_issuer {
+            Some(issuer) => authority.with_issuer(issuer.clone()),
+            None => authority,
+        };
+        authority.with_audiences(config.jwt.bound_audiences.iter().cloned())
+    };
     if let Some(secret) = non_empty_env("GARRET_TOKEN_HS256_SECRET_BASE64") {
-        return Ok(TokenAuthority::hs256_base64(&secret)?);
+        return Ok(bind(TokenAuthority::hs256_base64(&secret)?));
     }
     if let Some(pem) = non_empty_env("GARRET_TOKEN_RS256_PUBKEY_PEM") {
-        return Ok(TokenAuthority::rs256_pem(pem.as_bytes())?);
+        return Ok(bind(TokenAuthority::rs256_pem(pem.as_bytes())?));
     }
     let path = config.data_dir.join("token-secret");
     if path.exists() {
         let secret = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         return TokenAuthority::hs256_base64(secret.trim())
+            .map(bind)
             .with_context(|| format!("the token secret in {}", path.display()));
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    create_private_dir(&config.data_dir)?;
     let mut bytes = [0u8; 64];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
-    let authority = TokenAuthority::hs256_base64(&secret)?;
+    let authority = bind(TokenAuthority::hs256_base64(&secret)?);
     let mut spec = TokenSpec::new("admin", std::time::Duration::from_hours(365 * 24));
     spec.grant(CacheNamePattern::new("*")?, Permission::ALL);
     let admin = authority.mint(&spec)?;
@@ -255,7 +274,17 @@ async fn open_meta(database_url: &str) -> anyhow::Result<garret_meta::Meta> {
     if let Some(path) = database_url.strip_prefix("sqlite:") {
         let path = std::path::Path::new(path.trim_start_matches("//"));
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            create_private_dir(dir)?;
+        }
+        // It holds every cache's signing key; earlier versions left it 0644.
+        for file in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(file);
+            let file = std::path::Path::new(&name);
+            if file.exists() {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("restricting {}", file.display()))?;
+            }
         }
     }
     let meta = garret_meta::Meta::connect(database_url)
@@ -263,6 +292,26 @@ async fn open_meta(database_url: &str) -> anyhow::Result<garret_meta::Meta> {
         .context("connecting to the metadata database")?;
     meta.migrate().await.context("applying migrations")?;
     Ok(meta)
+}
+
+/// Creates `dir` (and missing parents) for this user alone. An existing
+/// directory keeps its mode: it may be shared, like `/var/lib`.
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// The data directory, created or restricted to 0700: it holds the token
+/// secret, the embedded database and upload spools, and earlier versions
+/// created it 0755.
+fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    create_private_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))
 }
 
 fn print_hash((hash, size): (garret_nix::Sha256Hash, u64)) {

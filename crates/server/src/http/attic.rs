@@ -23,6 +23,7 @@ use super::{AppState, access};
 use crate::auth::{CacheName, Permission};
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
+use crate::config::Endpoints;
 use crate::upload::{NarCheck, PathInfo};
 use garret_store::StoreError;
 
@@ -356,8 +357,9 @@ pub struct PatchCacheRequest {
 }
 
 /// Where clients reach this server, as the request shows it: behind a
-/// TLS-terminating proxy `X-Forwarded-Proto` says https.
-fn base_url(headers: &HeaderMap) -> String {
+/// TLS-terminating proxy `X-Forwarded-Proto` says https. Ends in `/`, as
+/// Attic's does: clients resolve relative paths against it.
+fn request_base_url(headers: &HeaderMap) -> String {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -367,18 +369,29 @@ fn base_url(headers: &HeaderMap) -> String {
         .and_then(|h| h.to_str().ok())
         .filter(|p| *p == "https" || *p == "http")
         .unwrap_or("http");
-    format!("{scheme}://{host}")
+    format!("{scheme}://{host}/")
 }
 
-fn cache_config(cache: &Cache, headers: &HeaderMap) -> Result<CacheConfig, ApiError> {
+/// Attic's endpoints: `api_endpoint` is the server's root URL (the `attic`
+/// client joins `_api/v1/...` onto it), and a cache's substituter is the
+/// substituter base plus its name.
+fn cache_config(
+    cache: &Cache,
+    endpoints: &Endpoints,
+    headers: &HeaderMap,
+) -> Result<CacheConfig, ApiError> {
     let key: SigningKey = cache
         .signing_key
         .parse()
         .map_err(|e| ApiError::Internal(format!("stored signing key: {e}")))?;
-    let base = base_url(headers);
+    let api_endpoint = endpoints
+        .api
+        .clone()
+        .unwrap_or_else(|| request_base_url(headers));
+    let substituter_base = endpoints.substituter.as_ref().unwrap_or(&api_endpoint);
     Ok(CacheConfig {
-        substituter_endpoint: format!("{base}/{}", cache.name),
-        api_endpoint: format!("{base}/_api/"),
+        substituter_endpoint: format!("{substituter_base}{}", cache.name),
+        api_endpoint,
         public_key: key.verifying_key().to_string(),
         is_public: cache.is_public,
         store_dir: cache.store_dir.clone(),
@@ -395,7 +408,7 @@ pub async fn get_cache_config(
     headers: HeaderMap,
 ) -> Result<Json<CacheConfig>, ApiError> {
     let cache = access::cache_for_request(&state, &headers, &name, Permission::PULL).await?;
-    Ok(Json(cache_config(&cache, &headers)?))
+    Ok(Json(cache_config(&cache, &state.endpoints, &headers)?))
 }
 
 /// `POST /_api/v1/cache-config/{cache}`: creates the cache.

@@ -18,7 +18,7 @@ use garret_meta::Meta;
 
 use crate::auth::TokenAuthority;
 use crate::blobs::Blobs;
-use crate::config::Limits;
+use crate::config::{Endpoints, Limits};
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub struct AppState {
     /// Verifies tokens; without it every request is anonymous.
     pub tokens: Option<TokenAuthority>,
     pub limits: Limits,
+    /// Configured public URLs; unset ones come from each request.
+    pub endpoints: Endpoints,
 }
 
 /// Largest JSON request body (a missing-paths query for a 100 000-path

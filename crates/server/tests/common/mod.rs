@@ -85,6 +85,7 @@ impl TestServer {
             blobs,
             tokens: Some(TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap()),
             limits,
+            endpoints: garret_server::config::Endpoints::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -92,7 +93,15 @@ impl TestServer {
             Arc::clone(&state),
             &garret_server::auth::CacheName::new("default").unwrap(),
         );
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let connections = garret_server::config::Connections::default();
+        let serve_limits =
+            garret_server::serve::ServeLimits::new(&connections, limits.idle_timeout());
+        tokio::spawn(garret_server::serve::serve(
+            listener,
+            app,
+            serve_limits,
+            std::future::pending(),
+        ));
         Self {
             url,
             state,

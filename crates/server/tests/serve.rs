@@ -1,0 +1,343 @@
+//! `garret serve` as operators run it: the real binary, configured by file
+//! and environment, against raw sockets and curl. Connection bounds (idle,
+//! half-open, shutdown), private data files, token binding and the
+//! configured endpoints.
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
+
+/// A running `garret serve`, killed on drop if a test fails midway.
+struct Server {
+    child: Option<Child>,
+    address: String,
+    /// Its standard output, line by line (the first-start banner).
+    stdout: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts the binary on a free port with `data_dir`, an optional config
+    /// file and extra environment; returns once it logs its address.
+    fn start(data_dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_garret"));
+        command
+            .arg("serve")
+            .env("GARRET_DATA_DIR", data_dir)
+            .env("GARRET_LISTEN", "127.0.0.1:0")
+            .env("NO_COLOR", "1")
+            .env_remove("GARRET_TOKEN_HS256_SECRET_BASE64")
+            .env_remove("GARRET_TOKEN_RS256_PUBKEY_PEM")
+            .env_remove("GARRET_CONFIG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command.spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let address = lines
+            .by_ref()
+            .map(Result::unwrap)
+            .find_map(|line| {
+                line.split("address=")
+                    .nth(1)
+                    .map(|a| a.split_whitespace().next().unwrap().to_owned())
+            })
+            .expect("serve logs its address");
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        let (tx, stdout) = mpsc::channel();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child: Some(child),
+            address,
+            stdout,
+        }
+    }
+
+    /// The admin token a first start prints.
+    fn admin_token(&self) -> String {
+        loop {
+            let line = self
+                .stdout
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the first start prints an admin token");
+            if line.starts_with("ey") {
+                return line.trim().to_owned();
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits at most `bound` for a clean exit.
+    fn stop_within(&mut self, bound: Duration) {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            let _ = tx.send(status);
+        });
+        let Ok(status) = rx.recv_timeout(bound) else {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("garret did not stop within {bound:?} of SIGTERM");
+        };
+        assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn curl(args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.to_owned(), body.to_owned())
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn write_config(dir: &Path, toml: &str) -> std::path::PathBuf {
+    let path = dir.join("garret.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Reads until the server closes the connection; fails after `bound`.
+fn assert_closed_by_server(mut stream: TcpStream, bound: Duration, what: &str) {
+    stream.set_read_timeout(Some(bound)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: the server kept the connection open ({e})"),
+        }
+    }
+}
+
+/// Many idle and half-open connections neither starve a real client nor
+/// hold up SIGTERM beyond the shutdown timeout.
+#[test]
+fn idle_and_half_open_connections_do_not_block_clients_or_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[connections]\nheader_read_timeout_secs = 600\nkeepalive_idle_secs = 600\nshutdown_timeout_secs = 2\n",
+    );
+    let mut server = Server::start(&dir.path().join("data"), Some(&config), &[]);
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let mut stream = TcpStream::connect(&server.address).unwrap();
+        match i % 3 {
+            // Connected, silent.
+            0 => {}
+            // Half a request head.
+            1 => stream
+                .write_all(b"GET /main/nix-cache-info HTTP/1.1\r\nHost: x\r\n")
+                .unwrap(),
+            // A complete head promising a body that never comes.
+            _ => stream
+                .write_all(
+                    b"PUT /_api/v1/upload-path HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+                )
+                .unwrap(),
+        }
+        held.push(stream);
+    }
+    let (status, body) = curl(&[&format!("http://{}/main/nix-cache-info", server.address)]);
+    // Anonymous on a cache that does not exist: Attic's 401, answered.
+    assert_eq!(status, "401", "a normal request is answered: {body}");
+    assert!(body.contains("\"code\":401"), "{body}");
+    // SIGTERM with all of them still open: the stop is bounded by the
+    // 2 s shutdown timeout (the bound below leaves room for a slow CI).
+    server.stop_within(Duration::from_secs(30));
+    drop(held);
+}
+
+/// A connection that sends nothing, half a head, or only the HTTP/2
+/// preface is closed by the server once its bound passes.
+#[test]
+fn silent_and_half_open_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[connections]\nheader_read_timeout_secs = 1\nkeepalive_idle_secs = 1\n",
+    );
+    let server = Server::start(&dir.path().join("data"), Some(&config), &[]);
+    let cases: [(&str, &[u8]); 4] = [
+        ("silent", b""),
+        ("half a head", b"GET / HTTP/1.1\r\nHost: x\r\n"),
+        ("one byte of the h2 preface", b"P"),
+        ("the h2 preface alone", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+    ];
+    let threads: Vec<_> = cases
+        .into_iter()
+        .map(|(what, bytes)| {
+            let mut stream = TcpStream::connect(&server.address).unwrap();
+            stream.write_all(bytes).unwrap();
+            std::thread::spawn(move || {
+                assert_closed_by_server(stream, Duration::from_secs(30), what);
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    // A keep-alive connection that goes quiet after a request is closed too.
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    stream
+        .write_all(b"GET /main/nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_closed_by_server(stream, Duration::from_secs(30), "idle keep-alive");
+}
+
+/// The data directory and what garret writes in it are its user's alone,
+/// also when an earlier version left them readable.
+#[test]
+fn data_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // SQLite takes an empty file as an empty database.
+    std::fs::write(data.join("garret.db"), b"").unwrap();
+    std::fs::set_permissions(
+        data.join("garret.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let server = Server::start(&data, None, &[]);
+    let admin = server.admin_token();
+    let auth = format!("Authorization: Bearer {admin}");
+    let (status, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &auth,
+        "-d",
+        r#"{"keypair":"Generate","is_public":true}"#,
+        &format!("http://{}/_api/v1/cache-config/main", server.address),
+    ]);
+    assert_eq!(status, "200", "{body}");
+    drop(server);
+
+    assert_eq!(mode(&data), 0o700);
+    let mut seen = 0;
+    let mut stack = vec![data.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                assert_eq!(mode(&path), 0o700, "{}", path.display());
+                stack.push(path);
+            } else {
+                assert_eq!(mode(&path) & 0o077, 0, "{}", path.display());
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 2, "the database and the token secret at least");
+    assert_eq!(mode(&data.join("garret.db")), 0o600);
+    assert_eq!(mode(&data.join("token-secret")), 0o600);
+}
+
+/// `jwt.bound_issuer` / `bound_audiences` and the endpoints are
+/// configuration: tokens for another issuer or audience are refused, and
+/// cache-config names the configured URLs.
+#[test]
+fn token_binding_and_endpoints_are_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = base64::engine::general_purpose::STANDARD
+        .encode("garret serve tests: an HS256 secret of at least 32 bytes");
+    let config = write_config(
+        dir.path(),
+        "api_endpoint = \"https://cache.honey.example/garret\"\n\
+         [jwt]\nbound_issuer = \"honey\"\nbound_audiences = [\"garret\", \"attic\"]\n",
+    );
+    let server = Server::start(
+        &dir.path().join("data"),
+        Some(&config),
+        &[("GARRET_TOKEN_HS256_SECRET_BASE64", &secret)],
+    );
+    let authority = TokenAuthority::hs256_base64(&secret).unwrap();
+    let token = |iss: Option<&str>, aud: &[&str]| {
+        let mut spec = TokenSpec::new("ci", Duration::from_hours(1));
+        spec.grant(CacheNamePattern::new("*").unwrap(), Permission::ALL);
+        spec.iss = iss.map(str::to_owned);
+        spec.aud = aud.iter().map(|a| (*a).to_owned()).collect();
+        authority.mint(&spec).unwrap()
+    };
+    let create = |token: &str, cache: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-d",
+            r#"{"keypair":"Generate","is_public":false}"#,
+            &format!("http://{}/_api/v1/cache-config/{cache}", server.address),
+        ])
+    };
+    for (iss, aud) in [
+        (Some("evil"), &["garret"][..]),
+        (None, &["garret"][..]),
+        (Some("honey"), &["elsewhere"][..]),
+        (Some("honey"), &[][..]),
+    ] {
+        let (status, body) = create(&token(iss, aud), "refused");
+        assert_eq!(status, "401", "iss {iss:?} aud {aud:?}: {body}");
+    }
+    let good = token(Some("honey"), &["attic"]);
+    let (status, body) = create(&good, "main");
+    assert_eq!(status, "200", "{body}");
+
+    let (status, body) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {good}"),
+        &format!("http://{}/_api/v1/cache-config/main", server.address),
+    ]);
+    assert_eq!(status, "200", "{body}");
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        config["api_endpoint"],
+        "https://cache.honey.example/garret/"
+    );
+    assert_eq!(
+        config["substituter_endpoint"],
+        "https://cache.honey.example/garret/main"
+    );
+}

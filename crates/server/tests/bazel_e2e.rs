@@ -64,6 +64,7 @@ impl Server {
             blobs,
             tokens: Some(tokens.clone()),
             limits: Limits::default(),
+            spool_dir: dir.path().join("spool"),
         });
         for name in [CACHE, "other"] {
             let new = NewCache {

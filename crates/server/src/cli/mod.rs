@@ -174,6 +174,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         blobs,
         tokens,
         limits: config.limits,
+        spool_dir: config.data_dir.join("spool"),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

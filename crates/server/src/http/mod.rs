@@ -28,6 +28,9 @@ pub struct AppState {
     /// Verifies tokens; without it every request is anonymous.
     pub tokens: Option<TokenAuthority>,
     pub limits: Limits,
+    /// Where REAPI keeps unfinished ByteStream uploads: private to the
+    /// server (under its data directory), emptied when the server starts.
+    pub spool_dir: std::path::PathBuf,
 }
 
 /// Largest JSON request body (a missing-paths query for a 100 000-path

@@ -472,6 +472,13 @@ pub(crate) fn services(reapi: Arc<Reapi>) -> Router {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
+    // ByteStream applies the body limits itself, per message, so that a
+    // stalled Write ends with a status and keeps what it received.
+    let limits = reapi.state.limits;
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        limits,
+        bound_unary_body,
+    ));
     let router = route(
         router,
         ByteStreamServer::new(bytestream::ByteStreamService(reapi))
@@ -479,6 +486,53 @@ pub(crate) fn services(reapi: Arc<Reapi>) -> Router {
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     route(router, HealthServer::new(health::HealthService))
+}
+
+/// Bounds reading a unary request's body as every other body is bounded
+/// (BatchUpdateBlobs and UpdateActionResult carry up to 4 MiB, which tonic
+/// reads before the handler runs): the client may pause at most the idle
+/// timeout between pieces, and the call must finish within the request
+/// timeout. Either ends it with DEADLINE_EXCEEDED. For a streaming reply
+/// (GetTree) the request timeout covers the call up to its first message.
+async fn bound_unary_body(
+    axum::extract::State(limits): axum::extract::State<crate::config::Limits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let total = std::time::Duration::from_secs(limits.request_timeout_secs);
+    let request = request.map(|body| idle_limited(body, limits.idle_timeout()));
+    match tokio::time::timeout(total, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Status::deadline_exceeded(format!(
+            "the call took longer than the server's {} s limit",
+            total.as_secs()
+        ))
+        .into_http(),
+    }
+}
+
+/// `body`, failing with DEADLINE_EXCEEDED if the client sends nothing for
+/// `idle`. The error is a [`Status`], which tonic passes on as it is.
+fn idle_limited(body: Body, idle: std::time::Duration) -> Body {
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let pieces = body.into_data_stream();
+    Body::from_stream(futures::stream::unfold(
+        Some(pieces),
+        move |state| async move {
+            let mut pieces = state?;
+            match tokio::time::timeout(idle, futures::StreamExt::next(&mut pieces)).await {
+                Ok(Some(piece)) => Some((piece.map_err(BoxError::from), Some(pieces))),
+                Ok(None) => None,
+                Err(_) => {
+                    let status = Status::deadline_exceeded(format!(
+                        "the client sent nothing for {} s",
+                        idle.as_secs()
+                    ));
+                    Some((Err(BoxError::from(status)), None))
+                }
+            }
+        },
+    ))
 }
 
 /// Mounts one tonic service under `/{package.Service}/`.
@@ -496,4 +550,24 @@ where
         + 'static,
 {
     router.route_service(&format!("/{}/{{*rest}}", S::NAME), service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_unary_body_ends_with_deadline_exceeded() {
+        // A zero idle limit elapses at once for a body with nothing ready.
+        let (tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, Infallible>>(1);
+        let body = idle_limited(Body::from_stream(rx), std::time::Duration::ZERO);
+        let mut pieces = body.into_data_stream();
+        let err = futures::StreamExt::next(&mut pieces)
+            .await
+            .unwrap()
+            .unwrap_err();
+        let status = Status::from_error(err.into());
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        drop(tx);
+    }
 }

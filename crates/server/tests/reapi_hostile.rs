@@ -332,27 +332,29 @@ async fn batch_totals_cannot_wrap() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
 
-/// A Directory (and Tree) of `len` bytes: one file with a long name.
-fn big_directory(len: usize) -> Directory {
+/// A Directory of `len` bytes: one file (`file`) with a long name.
+fn big_directory(len: usize, file: Digest) -> Directory {
     Directory {
         files: vec![FileNode {
             name: "n".repeat(len),
-            digest: Some(fake(9, 1)),
+            digest: Some(file),
             ..Default::default()
         }],
         ..Default::default()
     }
 }
 
-/// Item 4: blobs named as messages (GetTree roots, output trees) are
-/// refused by size, unread, and GetTree streams its pages.
+/// Item 4: blobs named as messages (GetTree roots, output trees, also
+/// behind Bazel's HTTP `GET /ac/`) are refused by size, unread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused_unread() {
     let h = Hostile::start().await;
-    // A valid Directory, and a valid Tree, each over 4 MiB.
-    let directory = big_directory(5 << 20).encode_to_vec();
+    // A valid Directory, and a valid Tree, each over 4 MiB, whose one file
+    // is stored: read whole, the tree would make a result complete.
+    h.put(&[b"present"]).await;
+    let directory = big_directory(5 << 20, digest(b"present")).encode_to_vec();
     let tree = Tree {
-        root: Some(big_directory(5 << 20)),
+        root: Some(big_directory(5 << 20, digest(b"present"))),
         children: vec![],
     }
     .encode_to_vec();
@@ -376,33 +378,52 @@ async fn oversized_messages_are_refused_unread() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("larger than"), "{status:?}");
 
+    let result = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(digest(&tree)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     let action = fake(7, 100);
     let status = h
         .ac()
         .update_action_result(h.req(UpdateActionResultRequest {
             action_digest: Some(action.clone()),
-            action_result: Some(ActionResult {
-                output_directories: vec![OutputDirectory {
-                    path: "out".into(),
-                    tree_digest: Some(digest(&tree)),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
+            action_result: Some(result.clone()),
             ..Default::default()
         }))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let status = h
-        .ac()
-        .get_action_result(h.req(GetActionResultRequest {
+    let get = |action: Digest| {
+        let mut ac = h.ac();
+        let request = h.req(GetActionResultRequest {
             action_digest: Some(action),
             ..Default::default()
-        }))
+        });
+        async move { ac.get_action_result(request).await }
+    };
+    assert_eq!(code(get(action).await), Code::NotFound);
+
+    // The same result stored directly (as an older server would have): it
+    // is a miss on both protocols, without the tree being read.
+    let stored = fake(8, 100);
+    let meta = &h.server.state.meta;
+    let main = meta.cache("main").await.unwrap();
+    let stored_hash = Sha256Hash::of(&[8]);
+    meta.put_action_result(main.id, stored_hash.as_bytes(), &result.encode_to_vec(), 0)
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+        .unwrap();
+    assert_eq!(code(get(stored).await), Code::NotFound);
+    let response = reqwest::Client::new()
+        .get(format!("{}/main/ac/{}", h.server.url, stored_hash.to_hex()))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
 }
 
 /// Item 4: pages leave as the walk goes; a broken directory deep in the

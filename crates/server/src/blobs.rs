@@ -236,15 +236,27 @@ where
     })
 }
 
-fn chunk_ref(c: &BlobChunk) -> ChunkRef {
-    ChunkRef {
-        id: ChunkId(Sha256Hash::from_bytes(c.chunk.hash)),
+/// A chunk row as the store wants it. Chunks and their frames are far below
+/// 4 GiB, so a size that does not fit a `u32` is a corrupt row: the request
+/// fails with an error (and the row can be repaired), it does not panic.
+fn chunk_ref(c: &BlobChunk) -> Result<ChunkRef, BlobError> {
+    let id = ChunkId(Sha256Hash::from_bytes(c.chunk.hash));
+    let small = |what: &str, value: u64| {
+        u32::try_from(value).map_err(|_| {
+            BlobError::Meta(MetaError::Corrupt(format!(
+                "chunk {} has a {what} of {value} bytes",
+                id.0.to_hex()
+            )))
+        })
+    };
+    Ok(ChunkRef {
+        id,
         offset: c.offset,
-        size: u32::try_from(c.chunk.size).expect("chunks are at most 16 MiB"),
+        size: small("size", c.chunk.size)?,
         file_offset: c.file_offset,
-        stored_size: u32::try_from(c.chunk.stored_size).expect("frames are small"),
+        stored_size: small("stored size", c.chunk.stored_size)?,
         frame_hash: Sha256Hash::from_bytes(c.chunk.frame_hash),
-    }
+    })
 }
 
 impl Blobs {
@@ -401,6 +413,38 @@ impl Blobs {
     /// The chunks overlapping `range`, as the store wants them.
     async fn chunks(&self, blob: BlobId, range: ChunkRange) -> Result<Vec<ChunkRef>, BlobError> {
         let chunks = self.meta.blob_chunks(blob, Some(range)).await?;
-        Ok(chunks.iter().map(chunk_ref).collect())
+        chunks.iter().map(chunk_ref).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(size: u64, stored_size: u64) -> BlobChunk {
+        BlobChunk {
+            seq: 0,
+            offset: 0,
+            file_offset: 0,
+            chunk: garret_meta::Chunk {
+                id: garret_meta::ChunkId(1),
+                hash: [7; 32],
+                size,
+                stored_size,
+                frame_hash: [8; 32],
+                compression: Compression::Zstd,
+            },
+        }
+    }
+
+    #[test]
+    fn an_oversized_chunk_row_is_an_error_not_a_panic() {
+        assert!(chunk_ref(&row(65_536, 1000)).is_ok());
+        for bad in [row(1 << 40, 1000), row(1000, u64::MAX)] {
+            assert!(matches!(
+                chunk_ref(&bad),
+                Err(BlobError::Meta(MetaError::Corrupt(_)))
+            ));
+        }
     }
 }

@@ -65,6 +65,7 @@ impl Server {
             tokens: Some(tokens.clone()),
             limits: Limits::default(),
             endpoints: garret_server::config::Endpoints::default(),
+            spool_dir: dir.path().join("spool"),
         });
         for name in [CACHE, "other"] {
             let new = NewCache {

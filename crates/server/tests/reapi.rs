@@ -76,6 +76,7 @@ impl Server {
             tokens: Some(TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap()),
             limits: Limits::default(),
             endpoints: garret_server::config::Endpoints::default(),
+            spool_dir: dir.path().join("spool"),
         });
         for (name, public) in [("main", false), ("pub", true)] {
             let key = SigningKey::generate(&format!("{name}-1")).unwrap();

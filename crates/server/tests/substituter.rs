@@ -46,6 +46,7 @@ async fn start() -> Server {
         tokens: None,
         limits: garret_server::config::Limits::default(),
         endpoints: garret_server::config::Endpoints::default(),
+        spool_dir: dir.path().join("spool"),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

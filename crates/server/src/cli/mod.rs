@@ -178,6 +178,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokens,
         limits: config.limits,
         endpoints: config.endpoints(),
+        spool_dir: config.data_dir.join("spool"),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -21,6 +21,11 @@ pub(crate) struct ActionCacheService(pub(crate) Arc<Reapi>);
 /// Room kept free in a GetActionResult reply when inlining outputs.
 const REPLY_HEADROOM: usize = 64 << 10;
 
+/// The most `Tree` bytes one completeness check reads: each output tree is
+/// a message (at most [`MAX_MESSAGE_BYTES`]), and a result naming many
+/// (distinct) large trees is refused instead of costing every reader.
+const MAX_TREE_BYTES_PER_RESULT: u64 = 16 * MAX_MESSAGE_BYTES as u64;
+
 /// Why a result's references are incomplete; the caller picks the code
 /// (NOT_FOUND on read, FAILED_PRECONDITION on update).
 struct Missing(String);
@@ -29,6 +34,11 @@ impl Reapi {
     /// Every blob `result` names, including the files inside its output
     /// trees, or what is missing. Present blobs have their access refreshed
     /// (REAPI asks servers to keep a served result's outputs alive).
+    ///
+    /// Trees are read as messages: each is refused unread if its digest is
+    /// over [`MAX_MESSAGE_BYTES`], each distinct tree is read once, and all
+    /// of them together may not exceed [`MAX_TREE_BYTES_PER_RESULT`]
+    /// (RESOURCE_EXHAUSTED).
     async fn check_complete(
         &self,
         cache: &Cache,
@@ -48,15 +58,22 @@ impl Reapi {
         }
         push(result.stdout_digest.as_ref())?;
         push(result.stderr_digest.as_ref())?;
-        let mut trees = Vec::new();
+        let mut trees = std::collections::BTreeSet::new();
         for dir in &result.output_directories {
             let tree = Digest::from_required(dir.tree_digest.as_ref())?;
             push(dir.tree_digest.as_ref())?;
             push(dir.root_directory_digest.as_ref())?;
-            trees.push(tree);
+            trees.insert(tree);
         }
+        let mut tree_bytes = 0u64;
         for tree in trees {
-            let bytes = match self.read_whole(cache, tree).await {
+            tree_bytes = tree_bytes.saturating_add(tree.size);
+            if tree_bytes > MAX_TREE_BYTES_PER_RESULT {
+                return Err(ReapiError::ResourceExhausted(format!(
+                    "the result's output trees exceed {MAX_TREE_BYTES_PER_RESULT} bytes"
+                )));
+            }
+            let bytes = match self.read_bounded(cache, tree, MAX_MESSAGE_BYTES).await {
                 Ok(bytes) => bytes,
                 Err(ReapiError::NotFound(_)) => {
                     return Ok(Err(Missing(format!("output tree {tree} is missing"))));
@@ -97,8 +114,9 @@ impl Reapi {
         };
         match self.check_complete(cache, &result).await {
             Ok(complete) => Ok(complete.is_ok()),
-            // A result naming malformed digests can never be complete.
-            Err(ReapiError::InvalidArgument(_)) => Ok(false),
+            // A result naming malformed digests or oversized trees can
+            // never be served.
+            Err(ReapiError::InvalidArgument(_) | ReapiError::ResourceExhausted(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -128,7 +146,16 @@ impl ActionCacheService {
         let mut result = ActionResult::decode(Bytes::from(stored)).map_err(|e| {
             ReapiError::Internal(format!("stored result of {action} is corrupt: {e}"))
         })?;
-        if let Err(Missing(why)) = reapi.check_complete(&cache, &result).await? {
+        let complete = match reapi.check_complete(&cache, &result).await {
+            Ok(complete) => complete,
+            // Stored before today's limits, or otherwise unservable: to the
+            // client it is a miss, and Bazel re-runs the action.
+            Err(ReapiError::InvalidArgument(why) | ReapiError::ResourceExhausted(why)) => {
+                Err(Missing(why))
+            }
+            Err(e) => return Err(e),
+        };
+        if let Err(Missing(why)) = complete {
             return Err(ReapiError::NotFound(format!(
                 "the result of action {action} is incomplete: {why}"
             )));
@@ -168,7 +195,7 @@ impl ActionCacheService {
                 .transpose()?
             && take(d)
         {
-            result.stdout_raw = reapi.read_whole(cache, d).await?;
+            result.stdout_raw = reapi.read_bounded(cache, d, MAX_MESSAGE_BYTES).await?;
         }
         if request.inline_stderr
             && let Some(d) = result
@@ -178,13 +205,13 @@ impl ActionCacheService {
                 .transpose()?
             && take(d)
         {
-            result.stderr_raw = reapi.read_whole(cache, d).await?;
+            result.stderr_raw = reapi.read_bounded(cache, d, MAX_MESSAGE_BYTES).await?;
         }
         for file in &mut result.output_files {
             if request.inline_output_files.contains(&file.path) {
                 let d = Digest::from_required(file.digest.as_ref())?;
                 if take(d) {
-                    file.contents = reapi.read_whole(cache, d).await?;
+                    file.contents = reapi.read_bounded(cache, d, MAX_MESSAGE_BYTES).await?;
                 }
             }
         }

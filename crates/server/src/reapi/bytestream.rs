@@ -12,18 +12,26 @@
 //! must reach the same replica; an unknown upload reports 0 bytes and the
 //! client starts over, which is always correct.
 //!
+//! Every wait for the client's next message is bounded by the server's idle
+//! timeout, and the whole Write by its request timeout. A client that
+//! stalls gets DEADLINE_EXCEEDED (Bazel retries it, asking QueryWriteStatus
+//! where to resume); what it sent is kept, within the upload quotas (see
+//! [`super::uploads`]), until it resumes or the session expires.
+//!
+//! Every message costs O(1) bookkeeping whatever its size, so a stream of
+//! tiny messages costs the server about what it costs the client to send;
+//! no minimum message size is imposed (REAPI sets none), and the timeouts
+//! bound how long such a stream can last.
+//!
 //! Resuming a compressed upload is not supported: REAPI defines its offsets
 //! as a mix of uncompressed and compressed positions that cannot be mapped
 //! back onto a spool. Such uploads restart at 0.
 
-use std::collections::HashMap;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf as _, Bytes};
+use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _, stream};
 use garret_meta::{Blob, ChunkRange};
 use garret_proto::bytestream::byte_stream_server::ByteStream;
@@ -35,18 +43,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::digest::Digest;
 use super::resource_name::{BlobResource, Compression, UploadResource};
+use super::uploads::{Session, SessionKey, Spool};
 use super::{READ_CHUNK_BYTES, Reapi, ReapiError};
 use crate::auth::ReapiAccess;
 
 #[derive(Debug)]
 pub(crate) struct ByteStreamService(pub(crate) Arc<Reapi>);
-
-/// Spooled bytes kept in memory before an upload moves to a file: most
-/// Bazel outputs are small and never touch the disk.
-const SPOOL_MEMORY_BYTES: usize = 1 << 20;
-
-/// How long an interrupted upload waits to be resumed.
-const SESSION_TTL: Duration = Duration::from_hours(1);
 
 /// Pieces handed from the spool reader to the ingest.
 const INGEST_PIECE_BYTES: usize = 256 << 10;
@@ -54,167 +56,10 @@ const INGEST_PIECE_BYTES: usize = 256 << 10;
 /// zstd's worst case for incompressible data is a few bytes per 128 KiB
 /// block; this bounds what a compressed upload of `size` bytes may send.
 fn max_compressed_len(size: u64) -> u64 {
-    size + size / 1024 + 1024
+    size.saturating_add(size / 1024).saturating_add(1024)
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
-
-/// Where an upload's bytes wait.
-#[derive(Debug)]
-enum Spool {
-    Memory(Vec<Bytes>),
-    File { path: PathBuf, file: std::fs::File },
-}
-
-impl Spool {
-    fn len_in_memory(parts: &[Bytes]) -> usize {
-        parts.iter().map(Bytes::len).sum()
-    }
-
-    /// Appends `data`, moving to a file in `dir` once memory is exceeded.
-    /// File writes are small and sequential; they run on the blocking pool.
-    async fn append(&mut self, dir: &Path, data: Bytes) -> Result<(), ReapiError> {
-        let io = |e: std::io::Error| ReapiError::Internal(format!("upload spool: {e}"));
-        match self {
-            Self::Memory(parts)
-                if Self::len_in_memory(parts) + data.len() <= SPOOL_MEMORY_BYTES =>
-            {
-                parts.push(data);
-            }
-            Self::Memory(parts) => {
-                let parts = std::mem::take(parts);
-                let dir = dir.to_owned();
-                let (path, file) = tokio::task::spawn_blocking(move || {
-                    std::fs::create_dir_all(&dir)?;
-                    let (file, path) = tempfile_in(&dir)?;
-                    let mut writer = std::io::BufWriter::new(&file);
-                    for part in parts.iter().chain(std::iter::once(&data)) {
-                        writer.write_all(part)?;
-                    }
-                    writer.flush()?;
-                    drop(writer);
-                    Ok::<_, std::io::Error>((path, file))
-                })
-                .await
-                .map_err(|e| ReapiError::Internal(e.to_string()))?
-                .map_err(io)?;
-                *self = Self::File { path, file };
-            }
-            Self::File { file, .. } => {
-                let mut file = file.try_clone().map_err(io)?;
-                tokio::task::spawn_blocking(move || file.write_all(&data))
-                    .await
-                    .map_err(|e| ReapiError::Internal(e.to_string()))?
-                    .map_err(io)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A blocking reader over everything spooled, from the start.
-    fn reader(&self) -> std::io::Result<Box<dyn std::io::Read + Send>> {
-        Ok(match self {
-            Self::Memory(parts) => {
-                let joined: Bytes = parts.concat().into();
-                Box::new(joined.reader())
-            }
-            Self::File { path, .. } => Box::new(std::fs::File::open(path)?),
-        })
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        if let Self::File { path, .. } = self {
-            // Best effort: the directory is per-process scratch space.
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// Creates a new file with a unique name in `dir`.
-fn tempfile_in(dir: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = dir.join(format!("upload-{n}"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(file) => return Ok((file, path)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// One upload in progress.
-#[derive(Debug)]
-struct Session {
-    spool: Spool,
-    /// Bytes received, which is also the next expected `write_offset`.
-    committed: u64,
-    touched: Instant,
-}
-
-impl Session {
-    fn new() -> Self {
-        Self {
-            spool: Spool::Memory(Vec::new()),
-            committed: 0,
-            touched: Instant::now(),
-        }
-    }
-}
-
-type SessionKey = (i64, String);
-
-/// The uploads of this process.
-#[derive(Debug)]
-pub(crate) struct Uploads {
-    dir: PathBuf,
-    sessions: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<Session>>>>,
-}
-
-impl Uploads {
-    pub(crate) fn new(dir: PathBuf) -> Self {
-        Self {
-            dir,
-            sessions: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The session for `key`, created if new; expired sessions go first.
-    fn session(&self, key: &SessionKey) -> Arc<tokio::sync::Mutex<Session>> {
-        let mut sessions = self.sessions.lock().expect("upload sessions lock");
-        sessions.retain(|_, s| {
-            s.try_lock()
-                .map_or(true, |s| s.touched.elapsed() < SESSION_TTL)
-        });
-        Arc::clone(
-            sessions
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Session::new()))),
-        )
-    }
-
-    fn existing(&self, key: &SessionKey) -> Option<Arc<tokio::sync::Mutex<Session>>> {
-        self.sessions
-            .lock()
-            .expect("upload sessions lock")
-            .get(key)
-            .cloned()
-    }
-
-    fn remove(&self, key: &SessionKey) {
-        self.sessions
-            .lock()
-            .expect("upload sessions lock")
-            .remove(key);
-    }
-}
 
 /// `committed_size` of a finished upload: the final write offset, and -1
 /// for a compressed blob that was already stored (REAPI's convention).
@@ -331,9 +176,14 @@ impl ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<WriteResponse, ReapiError> {
         let reapi = &self.0;
+        let limits = &reapi.state.limits;
+        let clock = Clock::new(
+            limits.idle_timeout(),
+            Duration::from_secs(limits.request_timeout_secs),
+        );
         let metadata = request.metadata().clone();
         let mut requests = request.into_inner();
-        let first = next_message(&mut requests)
+        let first = next_message(&mut requests, &clock)
             .await?
             .ok_or_else(|| ReapiError::InvalidArgument("Write without any request".into()))?;
         let name = first.resource_name.clone();
@@ -351,7 +201,7 @@ impl ByteStreamService {
             });
         }
         let key = (cache.id.0, upload.upload_key.to_owned());
-        let session = reapi.uploads.session(&key);
+        let session = reapi.uploads.session(&key)?;
         let mut session = session
             .try_lock_owned()
             .map_err(|_| ReapiError::Aborted(format!("another Write to {name} is in progress")))?;
@@ -361,7 +211,7 @@ impl ByteStreamService {
             Compression::Zstd => max_compressed_len(digest.size),
         };
         match (first.write_offset, compression) {
-            (0, _) => *session = Session::new(),
+            (0, _) => *session = reapi.uploads.new_session(),
             (offset, Compression::Identity)
                 if u64::try_from(offset).ok() == Some(session.committed) => {}
             (offset, Compression::Identity) => {
@@ -377,49 +227,25 @@ impl ByteStreamService {
             }
         }
 
-        let mut message = first;
-        loop {
-            if u64::try_from(message.write_offset).ok() != Some(session.committed) {
-                return Err(ReapiError::InvalidArgument(format!(
-                    "write_offset {} is not the {} bytes received so far",
-                    message.write_offset, session.committed
-                )));
-            }
-            if !message.resource_name.is_empty() && message.resource_name != name {
-                return Err(ReapiError::InvalidArgument(
-                    "resource_name changed within one Write".into(),
-                ));
-            }
-            let len = message.data.len() as u64;
-            if session.committed + len > max_len {
+        let upload = Upload {
+            key: &key,
+            name: &name,
+            max_len,
+        };
+        let received = receive(&mut requests, first, &mut session, &upload, &clock, reapi).await;
+        if let Err(e) = received {
+            // An upload that kept nothing has nothing to resume: it must not
+            // hold a session (and count against the limit) for an hour.
+            if session.committed == 0 {
                 reapi.uploads.remove(&key);
-                return Err(ReapiError::InvalidArgument(format!(
-                    "more data than blob {digest} holds"
-                )));
             }
-            if !message.data.is_empty() {
-                session
-                    .spool
-                    .append(&reapi.uploads.dir, message.data)
-                    .await?;
-                session.committed += len;
-                session.touched = Instant::now();
-            }
-            if message.finish_write {
-                break;
-            }
-            message = next_message(&mut requests).await?.ok_or_else(|| {
-                ReapiError::InvalidArgument(format!(
-                    "Write ended after {} bytes without finish_write; resume it",
-                    session.committed
-                ))
-            })?;
+            return Err(e);
         }
 
         // Complete: the session ends whatever the verdict.
         reapi.uploads.remove(&key);
         let committed = session.committed;
-        let spool = std::mem::replace(&mut session.spool, Spool::Memory(Vec::new()));
+        let spool = std::mem::replace(&mut *session, reapi.uploads.new_session()).spool;
         drop(session);
         self.commit_upload(&cache, digest, compression, spool)
             .await?;
@@ -472,20 +298,114 @@ impl ByteStreamService {
     }
 }
 
-/// The next client message; a broken client stream is the client's error.
-async fn next_message(
-    requests: &mut Streaming<WriteRequest>,
-) -> Result<Option<WriteRequest>, ReapiError> {
-    requests.message().await.map_err(|status| {
-        ReapiError::Aborted(format!("the Write stream failed: {}", status.message()))
-    })
+/// What [`receive`] needs to know about the upload.
+struct Upload<'a> {
+    key: &'a SessionKey,
+    name: &'a str,
+    /// The most bytes the client may send.
+    max_len: u64,
+}
+
+/// Spools `first` and the messages after it into `session` until one sets
+/// `finish_write`.
+async fn receive<S>(
+    requests: &mut S,
+    first: WriteRequest,
+    session: &mut Session,
+    upload: &Upload<'_>,
+    clock: &Clock,
+    reapi: &Reapi,
+) -> Result<(), ReapiError>
+where
+    S: Stream<Item = Result<WriteRequest, Status>> + Unpin,
+{
+    let mut message = first;
+    loop {
+        if u64::try_from(message.write_offset).ok() != Some(session.committed) {
+            return Err(ReapiError::InvalidArgument(format!(
+                "write_offset {} is not the {} bytes received so far",
+                message.write_offset, session.committed
+            )));
+        }
+        if !message.resource_name.is_empty() && message.resource_name != upload.name {
+            return Err(ReapiError::InvalidArgument(
+                "resource_name changed within one Write".into(),
+            ));
+        }
+        let len = message.data.len() as u64;
+        if session.committed.saturating_add(len) > upload.max_len {
+            // No resume can fix that: the upload is dropped.
+            reapi.uploads.remove(upload.key);
+            return Err(ReapiError::InvalidArgument(format!(
+                "more data than {} holds",
+                upload.name
+            )));
+        }
+        if len > 0 {
+            session.spool.append(message.data).await?;
+            session.committed += len;
+            session.touched = Instant::now();
+        }
+        if message.finish_write {
+            return Ok(());
+        }
+        message = next_message(requests, clock).await?.ok_or_else(|| {
+            ReapiError::InvalidArgument(format!(
+                "Write ended after {} bytes without finish_write; resume it",
+                session.committed
+            ))
+        })?;
+    }
+}
+
+/// The time limits of one Write: an idle limit for each wait on the
+/// client, and a limit on the whole request.
+struct Clock {
+    idle: Duration,
+    total: Duration,
+    deadline: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new(idle: Duration, total: Duration) -> Self {
+        Self {
+            idle,
+            total,
+            deadline: tokio::time::Instant::now() + total,
+        }
+    }
+}
+
+/// The next client message, within `clock`'s limits. A broken client
+/// stream is ABORTED; a client too slow is DEADLINE_EXCEEDED.
+async fn next_message<S>(
+    requests: &mut S,
+    clock: &Clock,
+) -> Result<Option<WriteRequest>, ReapiError>
+where
+    S: Stream<Item = Result<WriteRequest, Status>> + Unpin,
+{
+    let idle_until = tokio::time::Instant::now() + clock.idle;
+    match tokio::time::timeout_at(idle_until.min(clock.deadline), requests.next()).await {
+        Ok(message) => message.transpose().map_err(|status| {
+            ReapiError::Aborted(format!("the Write stream failed: {}", status.message()))
+        }),
+        Err(_) if idle_until < clock.deadline => Err(ReapiError::DeadlineExceeded(format!(
+            "the client sent nothing for {} s; resume the upload",
+            clock.idle.as_secs()
+        ))),
+        Err(_) => Err(ReapiError::DeadlineExceeded(format!(
+            "the Write took longer than the server's {} s limit; resume the upload",
+            clock.total.as_secs()
+        ))),
+    }
 }
 
 /// The spool's content, decompressed if need be, as the ingest's input.
 /// Reading (and zstd) run on the blocking pool and hand pieces over a small
 /// channel, so memory stays bounded whatever the blob size.
 fn ingest_stream(
-    spool: Spool,
+    spool: super::uploads::Spool,
     compression: Compression,
 ) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, ReapiError> {
     let reader = spool
@@ -598,5 +518,53 @@ impl ByteStream for ByteStreamService {
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         Ok(Response::new(self.inner_query_write_status(request).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(offset: i64) -> WriteRequest {
+        WriteRequest {
+            write_offset: offset,
+            ..Default::default()
+        }
+    }
+
+    // A zero limit elapses at once for a client that has nothing ready,
+    // while a message that is ready is still taken: no time passes in these
+    // tests.
+
+    #[tokio::test]
+    async fn a_stalled_client_meets_the_idle_timeout() {
+        let clock = Clock::new(Duration::ZERO, Duration::from_hours(1));
+        let mut requests = stream::iter([Ok(message(0))]).chain(stream::pending());
+        assert!(next_message(&mut requests, &clock).await.unwrap().is_some());
+        let err = next_message(&mut requests, &clock).await.unwrap_err();
+        assert!(
+            matches!(&err, ReapiError::DeadlineExceeded(m) if m.contains("sent nothing")),
+            "{err}"
+        );
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_meets_the_request_timeout() {
+        let clock = Clock::new(Duration::from_mins(5), Duration::ZERO);
+        let mut requests = stream::pending::<Result<WriteRequest, Status>>();
+        let err = next_message(&mut requests, &clock).await.unwrap_err();
+        assert!(
+            matches!(&err, ReapiError::DeadlineExceeded(m) if m.contains("took longer")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_is_aborted() {
+        let clock = Clock::new(Duration::from_mins(5), Duration::from_hours(1));
+        let mut requests = stream::iter([Err(Status::cancelled("gone"))]);
+        let err = next_message(&mut requests, &clock).await.unwrap_err();
+        assert!(matches!(err, ReapiError::Aborted(_)), "{err}");
     }
 }

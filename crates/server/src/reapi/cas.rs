@@ -36,6 +36,26 @@ const BATCH_CONCURRENCY: usize = 8;
 /// Directories per GetTree page when the client names no page size.
 const DEFAULT_TREE_PAGE: usize = 1000;
 
+/// The most distinct directories one GetTree visits (and keeps digests of):
+/// the walk's work and memory are bounded whatever the tree.
+const MAX_TREE_DIRECTORIES: usize = 100_000;
+
+/// The most directory bytes one GetTree reads.
+const MAX_TREE_BYTES: u64 = 256 << 20;
+
+/// The largest Directory GetTree reads: a page holding only it still fits
+/// a reply.
+const MAX_DIRECTORY_BYTES: usize = MAX_BATCH_TOTAL_BYTES;
+
+/// The most chunks SplitBlob lists: their digests (about 80 bytes each on
+/// the wire) must fit one reply.
+const MAX_SPLIT_CHUNKS: u64 = (MAX_BATCH_TOTAL_BYTES / 80) as u64;
+
+/// The largest zstd window (2^23 = 8 MiB, what `zstd -19` declares) a
+/// BatchUpdateBlobs entry may ask for: batch blobs are smaller than that, and
+/// the window is memory the decoder allocates on the frame's word.
+const MAX_ZSTD_WINDOW_LOG: u32 = 23;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn ok_status() -> garret_proto::rpc::Status {
@@ -120,12 +140,24 @@ impl CasService {
             )
             .await?;
         let requests = request.into_inner().requests;
-        let total: usize = requests.iter().map(|r| r.data.len()).sum();
-        if total > MAX_BATCH_TOTAL_BYTES {
-            return Err(ReapiError::InvalidArgument(format!(
-                "batch carries {total} bytes, over max_batch_total_size_bytes \
-                 ({MAX_BATCH_TOTAL_BYTES}); use ByteStream for large blobs"
-            )));
+        // Both what is sent and what the digests claim (compressed entries
+        // decompress to their digest's size) must fit the batch limit, so
+        // no entry makes the server hold or produce more than that.
+        let sent = checked_total(requests.iter().map(|r| r.data.len() as u64));
+        let claimed = checked_total(
+            requests
+                .iter()
+                .filter_map(|r| Digest::from_required(r.digest.as_ref()).ok())
+                .map(|d| d.size),
+        );
+        for (what, total) in [("carries", sent), ("claims", claimed)] {
+            if total.is_none_or(|t| t > MAX_BATCH_TOTAL_BYTES as u64) {
+                return Err(ReapiError::InvalidArgument(format!(
+                    "batch {what} {} bytes, over max_batch_total_size_bytes \
+                     ({MAX_BATCH_TOTAL_BYTES}); use ByteStream for large blobs",
+                    total.map_or_else(|| "more than 2^64".into(), |t| t.to_string())
+                )));
+            }
         }
         let cache = &cache;
         let responses = stream::iter(requests)
@@ -168,15 +200,21 @@ impl CasService {
         let zstd = request
             .acceptable_compressors
             .contains(&(Compressor::Zstd as i32));
-        let total: u64 = request
-            .digests
-            .iter()
-            .map(|d| u64::try_from(d.size_bytes).unwrap_or(0))
-            .sum();
-        if total > MAX_BATCH_TOTAL_BYTES as u64 {
+        // Invalid digests (negative sizes among them) fail on their own
+        // entry; the valid ones must add up to at most the batch limit,
+        // without wrapping.
+        let total = checked_total(
+            request
+                .digests
+                .iter()
+                .filter_map(|d| Digest::from_proto(d).ok())
+                .map(|d| d.size),
+        );
+        if total.is_none_or(|t| t > MAX_BATCH_TOTAL_BYTES as u64) {
             return Err(ReapiError::InvalidArgument(format!(
-                "batch asks for {total} bytes, over max_batch_total_size_bytes \
-                 ({MAX_BATCH_TOTAL_BYTES}); use ByteStream for large blobs"
+                "batch asks for {} bytes, over max_batch_total_size_bytes \
+                 ({MAX_BATCH_TOTAL_BYTES}); use ByteStream for large blobs",
+                total.map_or_else(|| "more than 2^64".into(), |t| t.to_string())
             )));
         }
         let cache = &cache;
@@ -204,12 +242,13 @@ impl CasService {
     }
 
     /// Every directory below the root, breadth first without repeats, cut
-    /// into pages. The page token is the number of directories already
-    /// returned: the walk is deterministic, so a retry can skip ahead.
+    /// into pages that are produced as the walk goes (see [`TreePages`]).
+    /// The root is read before the stream starts, so a missing root is a
+    /// plain NOT_FOUND status.
     async fn inner_get_tree(
         &self,
         request: Request<GetTreeRequest>,
-    ) -> Result<Vec<GetTreeResponse>, ReapiError> {
+    ) -> Result<TreePages, ReapiError> {
         let reapi = &self.0;
         let cache = reapi
             .cache(
@@ -234,53 +273,59 @@ impl CasService {
             .ok()
             .filter(|&n| n > 0)
             .unwrap_or(DEFAULT_TREE_PAGE);
-
-        let directories = walk_tree(reapi, &cache, root).await?;
-        let mut pages = Vec::new();
-        let mut page = Vec::new();
-        let mut page_bytes = 0;
-        for (index, directory) in directories.into_iter().enumerate().skip(skip) {
-            let len = directory.encoded_len();
-            if !page.is_empty()
-                && (page.len() == page_size || page_bytes + len > MAX_BATCH_TOTAL_BYTES)
-            {
-                pages.push(GetTreeResponse {
-                    directories: std::mem::take(&mut page),
-                    next_page_token: index.to_string(),
-                });
-                page_bytes = 0;
-            }
-            page_bytes += len;
-            page.push(directory);
-        }
-        pages.push(GetTreeResponse {
-            directories: page,
-            next_page_token: String::new(),
-        });
-        Ok(pages)
+        let mut walk = TreeWalk {
+            reapi: Arc::clone(reapi),
+            cache,
+            root,
+            queue: VecDeque::from([root]),
+            seen: HashSet::from([root]),
+            bytes: 0,
+            found: 0,
+        };
+        let first = walk.next().await?;
+        Ok(TreePages {
+            walk,
+            skip,
+            page_size,
+            pending: first,
+            done: false,
+        })
     }
 
     /// The store's own chunks, each made readable as a CAS blob of this
     /// instance. No data moves: a chunk already is a stored zstd frame, so
     /// a single-chunk blob over it is committed from metadata alone.
+    ///
+    /// Permissions: a client reads the chunks SplitBlob names through
+    /// BatchReadBlobs or ByteStream, and those (like FindMissingBlobs and
+    /// SpliceBlob) find blobs through the instance's CAS entries; the chunk
+    /// index alone cannot say whether this instance may read a chunk. So a
+    /// chunk becomes readable only by writing its blob and CAS rows, and
+    /// writing needs the Write (push) permission. With Read alone, the split
+    /// is returned only if every chunk is readable already, and nothing is
+    /// written; otherwise the request is refused as a write would be
+    /// (PERMISSION_DENIED, or UNAUTHENTICATED for an anonymous client of a
+    /// private cache).
     async fn inner_split_blob(
         &self,
         request: Request<SplitBlobRequest>,
     ) -> Result<SplitBlobResponse, ReapiError> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let metadata = request.metadata().clone();
+        let instance = request.get_ref().instance_name.clone();
+        let cache = reapi.cache(&metadata, &instance, ReapiAccess::Read).await?;
         let request = request.into_inner();
         check_chunking_function(request.chunking_function)?;
         let digest = Digest::from_required(request.blob_digest.as_ref())?;
         let mut chunk_digests = Vec::new();
         if !digest.is_empty() {
             let blob = reapi.blob(&cache, digest).await?;
+            if blob.chunk_count > MAX_SPLIT_CHUNKS {
+                return Err(ReapiError::ResourceExhausted(format!(
+                    "blob {digest} has {} chunks, more than one reply lists ({MAX_SPLIT_CHUNKS})",
+                    blob.chunk_count
+                )));
+            }
             let meta = &reapi.state.meta;
             let chunks = meta.blob_chunks(blob.id, None).await?;
             let digests: Vec<Digest> = chunks
@@ -295,6 +340,11 @@ impl CasService {
                 .await?
                 .into_iter()
                 .collect();
+            if !missing.is_empty() {
+                reapi
+                    .cache(&metadata, &instance, ReapiAccess::Write)
+                    .await?;
+            }
             let now = unix_now();
             let mut done = HashSet::new();
             for c in chunks.iter().filter(|c| {
@@ -362,10 +412,11 @@ impl CasService {
             .iter()
             .map(Digest::from_proto)
             .collect::<Result<Vec<_>, _>>()?;
-        let total: u64 = chunks.iter().map(|c| c.size).sum();
-        if total != digest.size {
+        let total = checked_total(chunks.iter().map(|c| c.size));
+        if total != Some(digest.size) {
             return Err(ReapiError::InvalidArgument(format!(
-                "the chunks add up to {total} bytes, not the blob's {}",
+                "the chunks add up to {} bytes, not the blob's {}",
+                total.map_or_else(|| "more than 2^64".into(), |t| t.to_string()),
                 digest.size
             )));
         }
@@ -445,20 +496,49 @@ async fn update_one(
     reapi.store_bytes(cache, digest, data).await
 }
 
-/// Decompresses a zstd payload that must hold `size` bytes; a payload that
-/// holds more fails instead of growing without bound.
+/// The sum of client-given sizes, or `None` if it does not fit a `u64`:
+/// a wrapped total must never pass a limit check.
+fn checked_total(sizes: impl IntoIterator<Item = u64>) -> Option<u64> {
+    sizes.into_iter().try_fold(0u64, u64::checked_add)
+}
+
+/// Decompresses a zstd payload that must hold exactly `size` bytes, on the
+/// blocking pool. The caller has bounded `size` by the batch limit.
 async fn decompress(data: Bytes, size: u64) -> Result<Bytes, ReapiError> {
-    let capacity = usize::try_from(size)
-        .map_err(|_| ReapiError::InvalidArgument("blob too large for memory".into()))?;
-    tokio::task::spawn_blocking(move || zstd::bulk::decompress(&data, capacity))
+    tokio::task::spawn_blocking(move || decompress_exact(&data, size))
         .await
         .map_err(|e| ReapiError::Internal(e.to_string()))?
         .map(Bytes::from)
-        .map_err(|e| {
-            ReapiError::InvalidArgument(format!(
-                "zstd payload does not decompress to the digest's size: {e}"
-            ))
-        })
+}
+
+/// Streams `data` through a zstd decoder, keeping at most `size + 1` bytes
+/// of output: memory grows with what the payload really holds, never with
+/// what the client claims, and a payload holding more than `size` stops
+/// there (a zstd bomb costs at most one byte past the digest's size).
+fn decompress_exact(data: &[u8], size: u64) -> Result<Vec<u8>, ReapiError> {
+    use std::io::Read as _;
+    let unusable =
+        |e: std::io::Error| ReapiError::InvalidArgument(format!("zstd payload is unusable: {e}"));
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(data).map_err(unusable)?;
+    decoder
+        .window_log_max(MAX_ZSTD_WINDOW_LOG)
+        .map_err(unusable)?;
+    let mut out = Vec::new();
+    decoder
+        .take(size.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(unusable)?;
+    if out.len() as u64 != size {
+        return Err(ReapiError::InvalidArgument(format!(
+            "zstd payload decompresses to {} bytes, not the digest's {size}",
+            if out.len() as u64 > size {
+                format!("more than {size}")
+            } else {
+                out.len().to_string()
+            }
+        )));
+    }
+    Ok(out)
 }
 
 /// One BatchReadBlobs entry, as stored frames when the client takes zstd.
@@ -486,38 +566,143 @@ async fn read_one(
     }
 }
 
-/// The directories of a tree, root first, breadth first, each once. A
-/// missing subdirectory is left out (REAPI returns what exists); only a
-/// missing root is NOT_FOUND.
-async fn walk_tree(
-    reapi: &Reapi,
-    cache: &Cache,
+/// A GetTree walk: the directories of a tree, root first, breadth first,
+/// each once. A missing subdirectory is left out (REAPI returns what
+/// exists); only a missing root is NOT_FOUND. The walk stops with
+/// RESOURCE_EXHAUSTED past [`MAX_TREE_DIRECTORIES`] distinct directories or
+/// [`MAX_TREE_BYTES`] of them, and refuses a directory larger than
+/// [`MAX_DIRECTORY_BYTES`] unread.
+struct TreeWalk {
+    reapi: Arc<Reapi>,
+    cache: Cache,
     root: Digest,
-) -> Result<Vec<Directory>, ReapiError> {
-    let mut queue = VecDeque::from([root]);
-    let mut seen = HashSet::from([root]);
-    let mut out = Vec::new();
-    while let Some(digest) = queue.pop_front() {
-        let bytes = match reapi.read_whole(cache, digest).await {
-            Ok(bytes) => bytes,
-            Err(ReapiError::NotFound(m)) if digest != root => {
-                tracing::debug!(%digest, "GetTree: directory missing: {m}");
+    queue: VecDeque<Digest>,
+    seen: HashSet<Digest>,
+    /// Directory bytes taken from the budget so far.
+    bytes: u64,
+    /// Directories returned so far: the next one's position in the walk.
+    found: usize,
+}
+
+impl TreeWalk {
+    /// The next directory that exists, with its position in the walk.
+    async fn next(&mut self) -> Result<Option<(usize, Directory)>, ReapiError> {
+        while let Some(digest) = self.queue.pop_front() {
+            self.bytes = self.bytes.saturating_add(digest.size);
+            if self.bytes > MAX_TREE_BYTES {
+                return Err(ReapiError::ResourceExhausted(format!(
+                    "tree {} holds more than {MAX_TREE_BYTES} bytes of directories",
+                    self.root
+                )));
+            }
+            let bytes = match self
+                .reapi
+                .read_bounded(&self.cache, digest, MAX_DIRECTORY_BYTES)
+                .await
+            {
+                Ok(bytes) => bytes,
+                Err(ReapiError::NotFound(m)) if digest != self.root => {
+                    tracing::debug!(%digest, "GetTree: directory missing: {m}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let directory = Directory::decode(bytes).map_err(|e| {
+                ReapiError::InvalidArgument(format!("{digest} is not a Directory: {e}"))
+            })?;
+            for child in &directory.directories {
+                let child = Digest::from_required(child.digest.as_ref())?;
+                if self.seen.insert(child) {
+                    if self.seen.len() > MAX_TREE_DIRECTORIES {
+                        return Err(ReapiError::ResourceExhausted(format!(
+                            "tree {} has more than {MAX_TREE_DIRECTORIES} directories",
+                            self.root
+                        )));
+                    }
+                    self.queue.push_back(child);
+                }
+            }
+            let position = self.found;
+            self.found += 1;
+            return Ok(Some((position, directory)));
+        }
+        Ok(None)
+    }
+}
+
+/// GetTree's pages, cut from a [`TreeWalk`] as it goes: a page holds at
+/// most `page_size` directories and [`MAX_BATCH_TOTAL_BYTES`] of them, and
+/// only one page (plus the directory that starts the next) is in memory.
+///
+/// The page token is the position in the walk of the next page's first
+/// directory. The walk is deterministic, so a token stays valid; resuming
+/// from one walks (reads, but does not send) what came before it. That
+/// re-walk is the price of a token that is small and keeps no server state
+/// (an encoded BFS frontier can be as large as the tree's widest level, and
+/// the set of directories already seen, needed to skip repeats, as large
+/// as the tree). It is bounded: every call, resumed or not, is capped by
+/// the walk's limits. A client that reads the stream to its end, as
+/// clients do, walks the tree once, linearly.
+struct TreePages {
+    walk: TreeWalk,
+    /// Directories before this position were delivered already.
+    skip: usize,
+    page_size: usize,
+    /// A directory found but not yet placed in a page.
+    pending: Option<(usize, Directory)>,
+    done: bool,
+}
+
+/// What a directory adds to an encoded page: tag, length and body.
+fn page_entry_len(directory: &Directory) -> usize {
+    let len = directory.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
+impl TreePages {
+    async fn next_page(&mut self) -> Result<Option<GetTreeResponse>, ReapiError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut page = Vec::new();
+        let mut page_bytes = 0;
+        loop {
+            let next = match self.pending.take() {
+                Some(found) => Some(found),
+                None => self.walk.next().await?,
+            };
+            let Some((position, directory)) = next else {
+                self.done = true;
+                return Ok(Some(GetTreeResponse {
+                    directories: page,
+                    next_page_token: String::new(),
+                }));
+            };
+            if position < self.skip {
                 continue;
             }
-            Err(e) => return Err(e),
-        };
-        let directory = Directory::decode(bytes).map_err(|e| {
-            ReapiError::InvalidArgument(format!("{digest} is not a Directory: {e}"))
-        })?;
-        for child in &directory.directories {
-            let child = Digest::from_required(child.digest.as_ref())?;
-            if seen.insert(child) {
-                queue.push_back(child);
+            let len = page_entry_len(&directory);
+            if !page.is_empty()
+                && (page.len() >= self.page_size || page_bytes + len > MAX_BATCH_TOTAL_BYTES)
+            {
+                self.pending = Some((position, directory));
+                return Ok(Some(GetTreeResponse {
+                    directories: page,
+                    next_page_token: position.to_string(),
+                }));
             }
+            page_bytes += len;
+            page.push(directory);
         }
-        out.push(directory);
     }
-    Ok(out)
+
+    fn into_stream(self) -> impl Stream<Item = Result<GetTreeResponse, Status>> + Send {
+        stream::try_unfold(self, |mut pages| async move {
+            let page = pages.next_page().await?;
+            Ok::<_, ReapiError>(page.map(|page| (page, pages)))
+        })
+        .map_err(Status::from)
+    }
 }
 
 #[tonic::async_trait]
@@ -550,9 +735,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         let pages = self.inner_get_tree(request).await?;
-        Ok(Response::new(
-            stream::iter(pages.into_iter().map(Ok)).boxed(),
-        ))
+        Ok(Response::new(pages.into_stream().boxed()))
     }
 
     async fn split_blob(
@@ -567,5 +750,48 @@ impl ContentAddressableStorage for CasService {
         request: Request<SpliceBlobRequest>,
     ) -> Result<Response<SpliceBlobResponse>, Status> {
         Ok(Response::new(self.inner_splice_blob(request).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_of_client_sizes_never_wrap() {
+        assert_eq!(checked_total([1, 2, 3]), Some(6));
+        assert_eq!(checked_total([u64::MAX, 1]), None);
+        let half = 1u64 << 63;
+        assert_eq!(checked_total([half, half]), None);
+    }
+
+    #[test]
+    fn decompression_stops_at_the_digest_size() {
+        let data = vec![7u8; 1 << 20];
+        let frame = zstd::bulk::compress(&data, 3).unwrap();
+        assert_eq!(decompress_exact(&frame, 1 << 20).unwrap(), data);
+        // Claims less than the frame holds: refused, having produced at most
+        // one byte past the claim.
+        let err = decompress_exact(&frame, 1000).unwrap_err();
+        assert!(
+            matches!(&err, ReapiError::InvalidArgument(m) if m.contains("more than 1000")),
+            "{err}"
+        );
+        // Claims more than it holds (a 10-byte entry claiming gigabytes).
+        let err = decompress_exact(&frame, 60 << 30).unwrap_err();
+        assert!(matches!(err, ReapiError::InvalidArgument(_)), "{err}");
+        let err = decompress_exact(b"0123456789", 60 << 30).unwrap_err();
+        assert!(matches!(err, ReapiError::InvalidArgument(_)), "{err}");
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_huge_window_is_refused() {
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        encoder.include_contentsize(false).unwrap();
+        encoder.window_log(27).unwrap();
+        std::io::Write::write_all(&mut encoder, b"hello").unwrap();
+        let frame = encoder.finish().unwrap();
+        let err = decompress_exact(&frame, 5).unwrap_err();
+        assert!(matches!(err, ReapiError::InvalidArgument(_)), "{err}");
     }
 }

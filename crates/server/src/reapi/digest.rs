@@ -20,7 +20,16 @@ pub enum DigestError {
     BadHash(String),
     #[error("digest size {0} is negative")]
     NegativeSize(i64),
+    /// Only the empty blob has size 0, and its hash is SHA-256 of nothing;
+    /// any other pairing names content that cannot exist.
+    #[error(
+        "digest {hash}/{size} is impossible: only the empty blob (hash {EMPTY_HEX}) has size 0"
+    )]
+    ImpossibleEmpty { hash: String, size: u64 },
 }
+
+/// [`EMPTY_HASH`] as it appears on the wire.
+const EMPTY_HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// A validated SHA-256 digest of `size` bytes of content.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,13 +60,20 @@ impl Digest {
     }
 
     /// Parses the textual parts of a digest, as they appear in resource names
-    /// and in the wire message.
+    /// and in the wire message. A size of 0 with another hash than the empty
+    /// blob's (or the empty blob's hash with another size) is refused here,
+    /// so no handler can mistake it for the empty blob, which every instance
+    /// holds without storing it.
     pub fn parse(hash: &str, size: i64) -> Result<Self, DigestError> {
         let size = u64::try_from(size).map_err(|_| DigestError::NegativeSize(size))?;
-        Ok(Self {
-            hash: parse_hex(hash)?,
-            size,
-        })
+        let hash = parse_hex(hash)?;
+        if (size == 0) != (*hash.as_bytes() == EMPTY_HASH) {
+            return Err(DigestError::ImpossibleEmpty {
+                hash: hash.to_hex(),
+                size,
+            });
+        }
+        Ok(Self { hash, size })
     }
 
     pub fn from_proto(digest: &reapi::Digest) -> Result<Self, DigestError> {
@@ -76,8 +92,11 @@ impl Digest {
         }
     }
 
+    /// Whether this is the empty blob: size 0 *and* SHA-256 of nothing.
+    /// (Parsing refuses the other size-0 digests; this still checks both, so
+    /// a digest built in code cannot pass for the empty blob either.)
     pub fn is_empty(self) -> bool {
-        self.size == 0
+        self == Self::EMPTY
     }
 
     pub fn hash_bytes(&self) -> &[u8; 32] {
@@ -125,8 +144,6 @@ impl fmt::Debug for Digest {
 mod tests {
     use super::*;
 
-    const EMPTY_HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
     #[test]
     fn empty_digest_is_sha256_of_nothing() {
         assert_eq!(Digest::of(b""), Digest::EMPTY);
@@ -155,6 +172,31 @@ mod tests {
             Err(DigestError::NegativeSize(-1))
         );
         assert_eq!(Digest::from_required(None), Err(DigestError::Missing));
+    }
+
+    #[test]
+    fn only_the_empty_hash_has_size_zero() {
+        let other = Digest::of(b"x").hash.to_hex();
+        assert_eq!(
+            Digest::parse(&other, 0),
+            Err(DigestError::ImpossibleEmpty {
+                hash: other.clone(),
+                size: 0
+            })
+        );
+        assert_eq!(
+            Digest::parse(EMPTY_HEX, 1),
+            Err(DigestError::ImpossibleEmpty {
+                hash: EMPTY_HEX.into(),
+                size: 1
+            })
+        );
+        // Built in code, not parsed: still not the empty blob.
+        let forged = Digest {
+            hash: Digest::of(b"x").hash,
+            size: 0,
+        };
+        assert!(!forged.is_empty());
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod cas;
 pub mod digest;
 mod health;
 pub mod resource_name;
+mod uploads;
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -73,18 +74,52 @@ pub struct ReapiConfig {
     pub default_cache: CacheName,
     /// Largest blob accepted (`max_cas_blob_size_bytes`).
     pub max_blob_size: u64,
-    /// Where interrupted ByteStream uploads keep their bytes until resumed.
+    /// Where ByteStream uploads keep their bytes until finished or resumed.
+    /// Owned by this core: its contents are removed when the core starts.
     pub spool_dir: PathBuf,
+    /// Bounds on what unfinished ByteStream uploads may hold.
+    pub uploads: UploadLimits,
+}
+
+/// Bounds on ByteStream upload sessions: a client that opens uploads and
+/// walks away must not be able to fill memory or the disk. A Write over a
+/// bound fails with RESOURCE_EXHAUSTED and the client retries later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Upload sessions open at once, live or waiting to be resumed.
+    pub max_sessions: usize,
+    /// Bytes one session keeps in memory before it moves to a spool file.
+    pub session_memory_bytes: usize,
+    /// Bytes all sessions together keep in memory; past it, new data goes
+    /// to spool files.
+    pub total_memory_bytes: usize,
+    /// Bytes all spool files together may hold.
+    pub total_spool_bytes: u64,
+    /// How long an interrupted upload waits to be resumed.
+    pub session_ttl: std::time::Duration,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 4096,
+            session_memory_bytes: 1 << 20,
+            total_memory_bytes: 256 << 20,
+            total_spool_bytes: 64 << 30,
+            session_ttl: std::time::Duration::from_hours(1),
+        }
+    }
 }
 
 impl ReapiConfig {
-    /// The defaults for `state`: blobs up to the NAR limit, spooling under
-    /// the system temp directory in a per-process directory.
+    /// The defaults for `state`: blobs up to the NAR limit, spooling in the
+    /// state's spool directory (under the server's data directory).
     pub fn new(state: &AppState, default_cache: CacheName) -> Self {
         Self {
             default_cache,
             max_blob_size: state.limits.max_nar_size,
-            spool_dir: std::env::temp_dir().join(format!("garret-uploads-{}", std::process::id())),
+            spool_dir: state.spool_dir.clone(),
+            uploads: UploadLimits::default(),
         }
     }
 }
@@ -110,6 +145,10 @@ pub enum ReapiError {
     /// A transient store condition (GC racing a write); retry.
     #[error("{0}")]
     Unavailable(String),
+    /// A client that stalled or took too long; what it sent so far is kept
+    /// where it can be resumed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -125,6 +164,7 @@ impl ReapiError {
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Aborted(_) => Code::Aborted,
             Self::Unavailable(_) => Code::Unavailable,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -221,12 +261,12 @@ impl From<garret_store::StoreError> for ReapiError {
 pub(crate) struct Reapi {
     state: Arc<AppState>,
     config: ReapiConfig,
-    uploads: bytestream::Uploads,
+    uploads: Arc<uploads::Uploads>,
 }
 
 impl Reapi {
     fn new(state: Arc<AppState>, config: ReapiConfig) -> Self {
-        let uploads = bytestream::Uploads::new(config.spool_dir.clone());
+        let uploads = uploads::Uploads::start(config.spool_dir.clone(), config.uploads);
         Self {
             state,
             config,
@@ -290,8 +330,21 @@ impl Reapi {
         }
     }
 
-    /// A whole blob in memory; only for blobs bounded by a message size.
-    async fn read_whole(&self, cache: &Cache, digest: Digest) -> Result<Bytes, ReapiError> {
+    /// A whole blob in memory, for protobuf messages kept in the CAS
+    /// (Directory, Tree) and for inlined outputs. A digest over `limit`
+    /// bytes is refused before anything is looked up or read: a client
+    /// that names a huge blob as a message costs nothing.
+    async fn read_bounded(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        limit: usize,
+    ) -> Result<Bytes, ReapiError> {
+        if digest.size > limit as u64 {
+            return Err(ReapiError::InvalidArgument(format!(
+                "blob {digest} is larger than the {limit} bytes read as one message"
+            )));
+        }
         if digest.is_empty() {
             return Ok(Bytes::new());
         }
@@ -299,9 +352,15 @@ impl Reapi {
         self.read_blob(&blob).await
     }
 
+    /// `blob`'s content in memory; callers bound its size first (the size
+    /// comes from the row, which matches the digest the caller checked).
     async fn read_blob(&self, blob: &Blob) -> Result<Bytes, ReapiError> {
         let stream = self.state.blobs.read(blob.id, 0..blob.size).await?;
-        let mut out = BytesMut::with_capacity(usize::try_from(blob.size).unwrap_or(0));
+        let mut out = BytesMut::with_capacity(
+            usize::try_from(blob.size)
+                .unwrap_or(0)
+                .min(MAX_MESSAGE_BYTES),
+        );
         let mut stream = std::pin::pin!(stream);
         while let Some(piece) = stream.try_next().await? {
             out.extend_from_slice(&piece);
@@ -398,24 +457,82 @@ pub(crate) fn services(reapi: Arc<Reapi>) -> Router {
     let router = route(
         router,
         CapabilitiesServer::new(capabilities::CapabilitiesService(Arc::clone(&reapi)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     let router = route(
         router,
         ContentAddressableStorageServer::new(cas::CasService(Arc::clone(&reapi)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     let router = route(
         router,
         ActionCacheServer::new(action_cache::ActionCacheService(Arc::clone(&reapi)))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
+    // ByteStream applies the body limits itself, per message, so that a
+    // stalled Write ends with a status and keeps what it received.
+    let limits = reapi.state.limits;
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        limits,
+        bound_unary_body,
+    ));
     let router = route(
         router,
         ByteStreamServer::new(bytestream::ByteStreamService(reapi))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
     route(router, HealthServer::new(health::HealthService))
+}
+
+/// Bounds reading a unary request's body as every other body is bounded
+/// (BatchUpdateBlobs and UpdateActionResult carry up to 4 MiB, which tonic
+/// reads before the handler runs): the client may pause at most the idle
+/// timeout between pieces, and the call must finish within the request
+/// timeout. Either ends it with DEADLINE_EXCEEDED. For a streaming reply
+/// (GetTree) the request timeout covers the call up to its first message.
+async fn bound_unary_body(
+    axum::extract::State(limits): axum::extract::State<crate::config::Limits>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let total = std::time::Duration::from_secs(limits.request_timeout_secs);
+    let request = request.map(|body| idle_limited(body, limits.idle_timeout()));
+    match tokio::time::timeout(total, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Status::deadline_exceeded(format!(
+            "the call took longer than the server's {} s limit",
+            total.as_secs()
+        ))
+        .into_http(),
+    }
+}
+
+/// `body`, failing with DEADLINE_EXCEEDED if the client sends nothing for
+/// `idle`. The error is a [`Status`], which tonic passes on as it is.
+fn idle_limited(body: Body, idle: std::time::Duration) -> Body {
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let pieces = body.into_data_stream();
+    Body::from_stream(futures::stream::unfold(
+        Some(pieces),
+        move |state| async move {
+            let mut pieces = state?;
+            match tokio::time::timeout(idle, futures::StreamExt::next(&mut pieces)).await {
+                Ok(Some(piece)) => Some((piece.map_err(BoxError::from), Some(pieces))),
+                Ok(None) => None,
+                Err(_) => {
+                    let status = Status::deadline_exceeded(format!(
+                        "the client sent nothing for {} s",
+                        idle.as_secs()
+                    ));
+                    Some((Err(BoxError::from(status)), None))
+                }
+            }
+        },
+    ))
 }
 
 /// Mounts one tonic service under `/{package.Service}/`.
@@ -433,4 +550,24 @@ where
         + 'static,
 {
     router.route_service(&format!("/{}/{{*rest}}", S::NAME), service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stalled_unary_body_ends_with_deadline_exceeded() {
+        // A zero idle limit elapses at once for a body with nothing ready.
+        let (tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, Infallible>>(1);
+        let body = idle_limited(Body::from_stream(rx), std::time::Duration::ZERO);
+        let mut pieces = body.into_data_stream();
+        let err = futures::StreamExt::next(&mut pieces)
+            .await
+            .unwrap()
+            .unwrap_err();
+        let status = Status::from_error(err.into());
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        drop(tx);
+    }
 }

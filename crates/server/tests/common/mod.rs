@@ -86,6 +86,7 @@ impl TestServer {
             tokens: Some(TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap()),
             limits,
             endpoints: garret_server::config::Endpoints::default(),
+            spool_dir: dir.path().join("spool"),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

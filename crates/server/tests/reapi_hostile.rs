@@ -1,0 +1,729 @@
+//! REAPI under hostile input (issue 10): each attack that was reproduced
+//! against a running server gets a clear gRPC status, and nothing is
+//! stored. The server runs in-process on SQLite + local disk; the limits
+//! hit here are the server's own, so the storage deployment does not matter.
+
+#![allow(
+    clippy::cast_possible_wrap,
+    clippy::cast_possible_truncation,
+    reason = "sizes in these tests are a few MiB, and the wire uses i64"
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream;
+use garret_nix::Sha256Hash;
+use garret_nix::signing::SigningKey;
+use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
+use garret_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use garret_proto::reapi::action_cache_client::ActionCacheClient;
+use garret_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use garret_proto::reapi::{
+    ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode,
+    FileNode, FindMissingBlobsRequest, GetActionResultRequest, GetTreeRequest, OutputDirectory,
+    SpliceBlobRequest, SplitBlobRequest, Tree, UpdateActionResultRequest,
+    batch_update_blobs_request,
+};
+use garret_server::auth::{CacheName, Permission};
+use garret_server::reapi::{
+    MAX_BATCH_TOTAL_BYTES, ReapiConfig, UploadLimits, grpc_router, grpc_router_with,
+};
+use prost::Message as _;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use common::{Deployment, TestServer};
+
+const EMPTY_HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// A REAPI server whose default instance is the private cache `main`; `pub`
+/// is public. `token` may pull and push on both; requests without it are
+/// anonymous.
+struct Hostile {
+    server: TestServer,
+    channel: Channel,
+    token: String,
+}
+
+impl Hostile {
+    async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// With `uploads`, the gRPC services run with those upload limits.
+    async fn start_with(uploads: Option<UploadLimits>) -> Self {
+        let server = TestServer::start(Deployment::SqliteFs).await;
+        for (name, public) in [("main", false), ("pub", true)] {
+            let key = SigningKey::generate(&format!("{name}-1")).unwrap();
+            server.create_cache(name, public, &key).await;
+        }
+        let state = Arc::clone(&server.state);
+        let main = CacheName::new("main").unwrap();
+        let app = match uploads {
+            None => grpc_router(state, main),
+            Some(limits) => {
+                let mut config = ReapiConfig::new(&state, main);
+                config.uploads = limits;
+                grpc_router_with(state, config)
+            }
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let token = server.token(&[("*", Permission::PULL.union(Permission::PUSH))]);
+        Self {
+            server,
+            channel,
+            token,
+        }
+    }
+
+    fn req<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().unwrap(),
+        );
+        request
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+    }
+
+    fn ac(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel.clone())
+    }
+
+    /// Stores blobs in `main` through BatchUpdateBlobs, asserting success.
+    async fn put(&self, blobs: &[&[u8]]) {
+        let requests = blobs
+            .iter()
+            .map(|data| batch_update_blobs_request::Request {
+                digest: Some(digest(data)),
+                data: Bytes::copy_from_slice(data),
+                compressor: 0,
+            })
+            .collect();
+        let response = self
+            .cas()
+            .batch_update_blobs(self.req(BatchUpdateBlobsRequest {
+                requests,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        for entry in response.responses {
+            assert_eq!(entry.status.unwrap().code, 0, "{:?}", entry.digest);
+        }
+    }
+
+    /// Stores a blob of any size in `instance` through ByteStream.
+    async fn write(&self, instance: &str, data: &[u8]) {
+        let name = format!(
+            "{instance}uploads/w/blobs/{}/{}",
+            digest(data).hash,
+            data.len()
+        );
+        let messages: Vec<WriteRequest> = data
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, chunk)| WriteRequest {
+                resource_name: if i == 0 { name.clone() } else { String::new() },
+                write_offset: (i << 20) as i64,
+                finish_write: (i + 1) << 20 >= data.len(),
+                data: Bytes::copy_from_slice(chunk),
+            })
+            .collect();
+        self.bytestream()
+            .write(self.req(stream::iter(messages)))
+            .await
+            .unwrap();
+    }
+
+    /// The digests among `digests` that `main` lacks.
+    async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        self.cas()
+            .find_missing_blobs(self.req(FindMissingBlobsRequest {
+                blob_digests: digests.to_vec(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .missing_blob_digests
+    }
+}
+
+fn digest(data: &[u8]) -> Digest {
+    Digest {
+        hash: Sha256Hash::of(data).to_hex(),
+        size_bytes: data.len() as i64,
+    }
+}
+
+fn fake(seed: u8, size_bytes: i64) -> Digest {
+    Digest {
+        hash: Sha256Hash::of(&[seed]).to_hex(),
+        size_bytes,
+    }
+}
+
+/// The status of a unary or streaming call, whichever way it failed.
+fn code<T>(result: Result<T, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+/// Item 2: a compressed batch entry is never decompressed into a buffer of
+/// the size its digest claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_bombs_in_batch_update_are_refused() {
+    let h = Hostile::start().await;
+    let files_before = h.server.storage_files();
+    let update = |entries: Vec<batch_update_blobs_request::Request>| {
+        let mut cas = h.cas();
+        let request = h.req(BatchUpdateBlobsRequest {
+            requests: entries,
+            ..Default::default()
+        });
+        async move { cas.batch_update_blobs(request).await }
+    };
+    // Ten bytes claiming 60 GiB (this aborted the process): refused before
+    // any work, as over the batch limit.
+    let claims_60g = fake(1, 60 << 30);
+    let status = update(vec![batch_update_blobs_request::Request {
+        digest: Some(claims_60g.clone()),
+        data: Bytes::from_static(b"0123456789"),
+        compressor: 1,
+    }])
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("max_batch_total_size_bytes"));
+
+    // Within the limit, but the payload decompresses to far more than its
+    // digest, or to less, or asks for a huge window: per-entry refusals.
+    let content = vec![0u8; 3 << 20];
+    let short = digest(&content[..1000]);
+    let long = fake(2, MAX_BATCH_TOTAL_BYTES as i64);
+    for (entry_digest, data) in [
+        (short.clone(), zstd::bulk::compress(&content, 3).unwrap()),
+        (long.clone(), zstd::bulk::compress(&content, 3).unwrap()),
+    ] {
+        let response = update(vec![batch_update_blobs_request::Request {
+            digest: Some(entry_digest),
+            data: data.into(),
+            compressor: 1,
+        }])
+        .await
+        .unwrap()
+        .into_inner();
+        let status = response.responses[0].status.clone().unwrap();
+        assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+    }
+    let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    encoder.include_contentsize(false).unwrap();
+    encoder.window_log(27).unwrap();
+    std::io::Write::write_all(&mut encoder, b"hello").unwrap();
+    let response = update(vec![batch_update_blobs_request::Request {
+        digest: Some(digest(b"hello")),
+        data: encoder.finish().unwrap().into(),
+        compressor: 1,
+    }])
+    .await
+    .unwrap()
+    .into_inner();
+    let status = response.responses[0].status.clone().unwrap();
+    assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+
+    let asked = vec![claims_60g, short, long, digest(b"hello")];
+    assert_eq!(h.missing(&asked).await, asked);
+    assert_eq!(h.server.storage_files(), files_before);
+}
+
+/// Item 3: sizes that add up past 2^64 cannot wrap the batch total to a
+/// small number (this sent an anonymous client a 400 MiB reply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_totals_cannot_wrap() {
+    let h = Hostile::start().await;
+    let real = vec![5u8; 1 << 20];
+    h.write("pub/", &real).await;
+    // Anonymous, on the public cache.
+    let wrapping = vec![
+        fake(1, i64::MAX),
+        fake(2, i64::MAX),
+        fake(3, 2),
+        digest(&real),
+    ];
+    let status = h
+        .cas()
+        .batch_read_blobs(Request::new(BatchReadBlobsRequest {
+            instance_name: "pub".into(),
+            digests: wrapping,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // A negative size fails its own entry only.
+    let response = h
+        .cas()
+        .batch_read_blobs(Request::new(BatchReadBlobsRequest {
+            instance_name: "pub".into(),
+            digests: vec![fake(1, -1), digest(&real)],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.responses[0].status.as_ref().unwrap().code,
+        Code::InvalidArgument as i32
+    );
+    assert_eq!(response.responses[1].data.len(), real.len());
+
+    // The same trick on uploads' claimed sizes.
+    let status = h
+        .cas()
+        .batch_update_blobs(
+            h.req(BatchUpdateBlobsRequest {
+                requests: [fake(1, i64::MAX), fake(2, i64::MAX), fake(3, 2)]
+                    .into_iter()
+                    .map(|d| batch_update_blobs_request::Request {
+                        digest: Some(d),
+                        data: Bytes::from_static(b"x"),
+                        compressor: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // And on SpliceBlob's chunk total, which wrapped to the empty blob.
+    let status = h
+        .cas()
+        .splice_blob(h.req(SpliceBlobRequest {
+            blob_digest: Some(Digest {
+                hash: EMPTY_HASH.into(),
+                size_bytes: 0,
+            }),
+            chunk_digests: vec![fake(1, i64::MAX), fake(2, i64::MAX), fake(3, 2)],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}
+
+/// A Directory of `len` bytes: one file (`file`) with a long name.
+fn big_directory(len: usize, file: Digest) -> Directory {
+    Directory {
+        files: vec![FileNode {
+            name: "n".repeat(len),
+            digest: Some(file),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Item 4: blobs named as messages (GetTree roots, output trees, also
+/// behind Bazel's HTTP `GET /ac/`) are refused by size, unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_unread() {
+    let h = Hostile::start().await;
+    // A valid Directory, and a valid Tree, each over 4 MiB, whose one file
+    // is stored: read whole, the tree would make a result complete.
+    h.put(&[b"present"]).await;
+    let directory = big_directory(5 << 20, digest(b"present")).encode_to_vec();
+    let tree = Tree {
+        root: Some(big_directory(5 << 20, digest(b"present"))),
+        children: vec![],
+    }
+    .encode_to_vec();
+    h.write("", &directory).await;
+    h.write("", &tree).await;
+
+    let status = async {
+        let mut stream = h
+            .cas()
+            .get_tree(h.req(GetTreeRequest {
+                root_digest: Some(digest(&directory)),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("larger than"), "{status:?}");
+
+    let result = ActionResult {
+        output_directories: vec![OutputDirectory {
+            path: "out".into(),
+            tree_digest: Some(digest(&tree)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let action = fake(7, 100);
+    let status = h
+        .ac()
+        .update_action_result(h.req(UpdateActionResultRequest {
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let get = |action: Digest| {
+        let mut ac = h.ac();
+        let request = h.req(GetActionResultRequest {
+            action_digest: Some(action),
+            ..Default::default()
+        });
+        async move { ac.get_action_result(request).await }
+    };
+    assert_eq!(code(get(action).await), Code::NotFound);
+
+    // The same result stored directly (as an older server would have): it
+    // is a miss on both protocols, without the tree being read.
+    let stored = fake(8, 100);
+    let meta = &h.server.state.meta;
+    let main = meta.cache("main").await.unwrap();
+    let stored_hash = Sha256Hash::of(&[8]);
+    meta.put_action_result(main.id, stored_hash.as_bytes(), &result.encode_to_vec(), 0)
+        .await
+        .unwrap();
+    assert_eq!(code(get(stored).await), Code::NotFound);
+    let response = reqwest::Client::new()
+        .get(format!("{}/main/ac/{}", h.server.url, stored_hash.to_hex()))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
+}
+
+/// Item 4: pages leave as the walk goes; a broken directory deep in the
+/// tree ends the stream with its error after the pages before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_tree_streams_pages_before_a_later_error() {
+    let h = Hostile::start().await;
+    let b = Directory {
+        files: vec![FileNode {
+            name: "f".into(),
+            digest: Some(fake(1, 1)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let broken = b"\xff\xff not a Directory".to_vec();
+    let node = |name: &str, bytes: &[u8]| DirectoryNode {
+        name: name.into(),
+        digest: Some(digest(bytes)),
+    };
+    let root = Directory {
+        directories: vec![node("b", &b), node("c", &broken)],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    h.put(&[&root, &b, &broken]).await;
+
+    let mut stream = h
+        .cas()
+        .get_tree(h.req(GetTreeRequest {
+            root_digest: Some(digest(&root)),
+            page_size: 1,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.directories[0].encode_to_vec(), root);
+    assert_eq!(first.next_page_token, "1");
+    let error = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the broken directory went unnoticed"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+}
+
+/// Item 11: the count of open upload sessions and the bytes they spool
+/// are bounded; sessions with nothing to resume are not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_sessions_are_bounded() {
+    let h = Hostile::start_with(Some(UploadLimits {
+        max_sessions: 2,
+        session_memory_bytes: 1024,
+        total_memory_bytes: 4096,
+        total_spool_bytes: 64 << 10,
+        ..UploadLimits::default()
+    }))
+    .await;
+    let files_before = h.server.storage_files();
+    let data = vec![3u8; 48 << 10];
+    let name = |uuid: &str| format!("uploads/{uuid}/blobs/{}/{}", digest(&data).hash, data.len());
+    // Starts an upload of `data` with `len` bytes and leaves it unfinished.
+    let start = |uuid: &'static str, len: usize| {
+        let mut client = h.bytestream();
+        let request = h.req(stream::iter([WriteRequest {
+            resource_name: name(uuid),
+            write_offset: 0,
+            finish_write: false,
+            data: Bytes::copy_from_slice(&data[..len]),
+        }]));
+        async move { client.write(request).await }
+    };
+    let committed = |uuid: &'static str| {
+        let mut client = h.bytestream();
+        let request = h.req(QueryWriteStatusRequest {
+            resource_name: name(uuid),
+        });
+        async move {
+            client
+                .query_write_status(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .committed_size
+        }
+    };
+
+    // Sending nothing keeps no session.
+    assert_eq!(code(start("empty", 0).await), Code::InvalidArgument);
+    // Two sessions keep what they got (one spilled to the spool file).
+    assert_eq!(code(start("a", 40 << 10).await), Code::InvalidArgument);
+    assert_eq!(code(start("b", 100).await), Code::InvalidArgument);
+    assert_eq!(committed("a").await, 40 << 10);
+    assert_eq!(committed("b").await, 100);
+    // A third is one too many.
+    let status = start("c", 100).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(committed("c").await, 0);
+    // Over the spool quota: refused, and `b` keeps what it had.
+    let resume = WriteRequest {
+        resource_name: name("b"),
+        write_offset: 100,
+        finish_write: true,
+        data: Bytes::copy_from_slice(&data[100..]),
+    };
+    let status = h
+        .bytestream()
+        .write(h.req(stream::iter([resume])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(committed("b").await, 100);
+    assert_eq!(h.missing(&[digest(&data)]).await.len(), 1);
+    assert_eq!(h.server.storage_files(), files_before);
+
+    // Item 12: spool files live in the server's private spool directory,
+    // unlinked, so nothing of them is visible there.
+    let spool = &h.server.state.spool_dir;
+    assert!(spool.starts_with(h.server.dir.path()));
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(spool).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+    assert_eq!(std::fs::read_dir(spool).unwrap().count(), 0);
+
+    // Resuming `a` to the end works and stores the blob.
+    let resume = WriteRequest {
+        resource_name: name("a"),
+        write_offset: 40 << 10,
+        finish_write: true,
+        data: Bytes::copy_from_slice(&data[40 << 10..]),
+    };
+    h.bytestream()
+        .write(h.req(stream::iter([resume])))
+        .await
+        .unwrap();
+    assert!(h.missing(&[digest(&data)]).await.is_empty());
+}
+
+/// Item 5: a Write of many tiny messages is accepted and stored right (its
+/// cost per message is constant; this checks the bookkeeping, not time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_messages_spool_correctly() {
+    let h = Hostile::start_with(Some(UploadLimits {
+        session_memory_bytes: 4096,
+        ..UploadLimits::default()
+    }))
+    .await;
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    let name = format!("uploads/t/blobs/{}/{}", digest(&data).hash, data.len());
+    let messages: Vec<WriteRequest> = data
+        .iter()
+        .enumerate()
+        .map(|(i, byte)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: i as i64,
+            finish_write: i + 1 == data.len(),
+            data: Bytes::copy_from_slice(&[*byte]),
+        })
+        .collect();
+    let committed = h
+        .bytestream()
+        .write(h.req(stream::iter(messages)))
+        .await
+        .unwrap()
+        .into_inner()
+        .committed_size;
+    assert_eq!(committed, data.len() as i64);
+    assert!(h.missing(&[digest(&data)]).await.is_empty());
+}
+
+/// Item 13: SplitBlob writes rows only for a client that may write; with
+/// read access alone it answers only when the chunks are readable already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_blob_writes_only_with_push() {
+    let h = Hostile::start().await;
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    h.write("pub/", &data).await;
+    let split = |token: bool| {
+        let mut cas = h.cas();
+        let message = SplitBlobRequest {
+            instance_name: "pub".into(),
+            blob_digest: Some(digest(&data)),
+            ..Default::default()
+        };
+        let request = if token {
+            h.req(message)
+        } else {
+            Request::new(message)
+        };
+        async move { cas.split_blob(request).await }
+    };
+    // The chunk digests, from the metadata.
+    let meta = &h.server.state.meta;
+    let blob = meta
+        .blob_by_hash(Sha256Hash::of(&data).as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    let chunks: Vec<Digest> = meta
+        .blob_chunks(blob.id, None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| Digest {
+            hash: Sha256Hash::from_bytes(c.chunk.hash).to_hex(),
+            size_bytes: c.chunk.size as i64,
+        })
+        .collect();
+    assert!(chunks.len() > 4, "{} chunks", chunks.len());
+    let missing_in_pub = |chunks: Vec<Digest>| {
+        let mut cas = h.cas();
+        let request = Request::new(FindMissingBlobsRequest {
+            instance_name: "pub".into(),
+            blob_digests: chunks,
+            ..Default::default()
+        });
+        async move {
+            cas.find_missing_blobs(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .missing_blob_digests
+                .len()
+        }
+    };
+
+    // Anonymous: refused, and no chunk became readable.
+    let status = split(false).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(missing_in_pub(chunks.clone()).await, chunks.len());
+    // With push: the chunks become readable blobs.
+    let split_chunks = split(true).await.unwrap().into_inner().chunk_digests;
+    assert_eq!(split_chunks, chunks);
+    assert_eq!(missing_in_pub(chunks.clone()).await, 0);
+    // Now anonymous reading clients get the split, which writes nothing.
+    assert_eq!(
+        split(false).await.unwrap().into_inner().chunk_digests,
+        chunks
+    );
+}
+
+/// Item 15: a size-0 digest is the empty blob only with the empty hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_size_digests_must_be_the_empty_blob() {
+    let h = Hostile::start().await;
+    let impostor = fake(1, 0);
+    let response = h
+        .cas()
+        .batch_update_blobs(h.req(BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(impostor.clone()),
+                data: Bytes::new(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.responses[0].status.as_ref().unwrap().code,
+        Code::InvalidArgument as i32
+    );
+    let response = h
+        .cas()
+        .batch_read_blobs(h.req(BatchReadBlobsRequest {
+            digests: vec![impostor.clone()],
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.responses[0].status.as_ref().unwrap().code,
+        Code::InvalidArgument as i32
+    );
+    let status = h
+        .bytestream()
+        .write(h.req(stream::iter([WriteRequest {
+            resource_name: format!("uploads/z/blobs/{}/0", impostor.hash),
+            finish_write: true,
+            ..Default::default()
+        }])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = h
+        .cas()
+        .find_missing_blobs(h.req(FindMissingBlobsRequest {
+            blob_digests: vec![impostor],
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}

@@ -1,7 +1,7 @@
 //! `garret serve` as operators run it: the real binary, configured by file
-//! and environment, against raw sockets and curl. Connection bounds (idle,
-//! half-open, shutdown), private data files, token binding and the
-//! configured endpoints.
+//! and environment, against raw sockets and curl. First start, SIGTERM,
+//! connection bounds (idle, half-open, shutdown), private data files, token
+//! binding and the configured endpoints.
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::TcpStream;
@@ -339,5 +339,55 @@ fn token_binding_and_endpoints_are_configured() {
     assert_eq!(
         config["substituter_endpoint"],
         "https://cache.honey.example/garret/main"
+    );
+}
+
+#[test]
+fn serves_a_cache_created_by_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let created = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .args(["cache", "create", "demo", "--public"])
+        .env("GARRET_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(created.status.success());
+    let server = Server::start(&data, None, &[]);
+    let (status, body) = curl(&[&format!("http://{}/demo/nix-cache-info", server.address)]);
+    assert_eq!(status, "200");
+    assert_eq!(
+        body,
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n"
+    );
+}
+
+/// The first start creates the token secret and prints an admin token
+/// once; a later start reuses the secret, so the token still works.
+#[test]
+fn first_start_prints_an_admin_token_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let body = r#"{"keypair":"Generate","is_public":false}"#;
+
+    let mut server = Server::start(&data, None, &[]);
+    let api = format!("http://{}/_api/v1/cache-config/fresh", server.address);
+    let (status, _) = curl(&["-X", "POST", "-d", body, &api]);
+    assert_eq!(status, "401", "strangers may not create caches");
+    let admin = server.admin_token();
+    server.stop_within(Duration::from_mins(1));
+    assert_eq!(mode(&data.join("token-secret")), 0o600);
+
+    let mut server = Server::start(&data, None, &[]);
+    let api = format!("http://{}/_api/v1/cache-config/fresh", server.address);
+    let auth = format!("Authorization: Bearer {admin}");
+    let (status, reply) = curl(&["-X", "POST", "-H", &auth, "-d", body, &api]);
+    assert_eq!(status, "200", "{reply}");
+    assert_eq!(curl(&["-H", &auth, &api]).0, "200");
+    assert_eq!(curl(&[&api]).0, "401", "the new cache is private");
+    server.stop_within(Duration::from_mins(1));
+    let printed: Vec<String> = server.stdout.try_iter().collect();
+    assert!(
+        !printed.iter().any(|line| line.starts_with("ey")),
+        "printed again: {printed:?}"
     );
 }

@@ -2,7 +2,7 @@
 //! `{"code","error","message"}` with a single status mapping.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -14,6 +14,10 @@ use crate::upload::BodyError;
 pub enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Refused before the request names a cache: the requester could not
+    /// do this to any cache (see `access::require_anywhere`).
+    #[error("Unauthorized: {0}")]
+    Unauthorized(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -49,6 +53,7 @@ impl ApiError {
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 e.kind(),
             ),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
@@ -78,11 +83,28 @@ impl From<BlobError> for ApiError {
             BlobError::Store(StoreError::TooLarge { limit }) => Self::PayloadTooLarge(format!(
                 "the upload is larger than the limit of {limit} bytes"
             )),
-            BlobError::Store(StoreError::Input(e)) => match e.downcast_ref::<BodyError>() {
-                Some(BodyError::Idle(_)) => Self::RequestTimeout(e.to_string()),
-                _ => Self::BadRequest(e.to_string()),
+            BlobError::Store(StoreError::Input(e)) => match e.downcast::<BodyError>() {
+                Ok(body) => (*body).into(),
+                Err(e) => Self::BadRequest(e.to_string()),
             },
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A body that broke a limit is a 408 or 413; anything else wrong with it
+/// (a bad NAR, corrupt compression, a reset connection) is a 400.
+impl From<BodyError> for ApiError {
+    fn from(err: BodyError) -> Self {
+        match err {
+            BodyError::Idle(_) | BodyError::Timeout(_) => Self::RequestTimeout(err.to_string()),
+            BodyError::TooLarge { .. }
+            | BodyError::DecoderMemory { .. }
+            | BodyError::Expansion { .. } => Self::PayloadTooLarge(err.to_string()),
+            BodyError::InvalidNar(_)
+            | BodyError::Read(_)
+            | BodyError::Decompress(_)
+            | BodyError::FileHashMismatch { .. } => Self::BadRequest(err.to_string()),
         }
     }
 }
@@ -106,6 +128,14 @@ impl IntoResponse for ApiError {
             error: kind,
             message: self.to_string(),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Self::RangeNotSatisfiable { size } = self {
+            // RFC 9110 §15.5.17: a 416 says how large the representation is.
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ASCII digits"),
+            );
+        }
+        response
     }
 }

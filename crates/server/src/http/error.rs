@@ -15,7 +15,7 @@ pub enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     /// Refused before the request names a cache: the requester could not
-    /// do this to any cache (see `access::require_anywhere`).
+    /// do this to any cache (see `access::token_that_could`).
     #[error("Unauthorized: {0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -137,5 +137,47 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn unsatisfiable_ranges_say_the_size() {
+        let response = ApiError::RangeNotSatisfiable { size: 1234 }.into_response();
+        assert_eq!(response.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(response.headers()[header::CONTENT_RANGE], "bytes */1234");
+    }
+
+    #[test]
+    fn body_limits_are_408_and_413_and_bad_bodies_400() {
+        let status = |err: BodyError| ApiError::from(err).status_and_kind().0;
+        let second = Duration::from_secs(1);
+        assert_eq!(status(BodyError::Idle(second)), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            status(BodyError::Timeout(second)),
+            StatusCode::REQUEST_TIMEOUT
+        );
+        for too_much in [
+            BodyError::TooLarge { limit: 1 },
+            BodyError::DecoderMemory { limit: 1 },
+            BodyError::Expansion { ratio: 1, floor: 1 },
+        ] {
+            assert_eq!(status(too_much), StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        let corrupt = BodyError::Decompress(std::io::Error::other("corrupt"));
+        assert_eq!(status(corrupt), StatusCode::BAD_REQUEST);
+        // The same table applies when the store reports the body's error.
+        let via_store = BlobError::Store(garret_store::StoreError::Input(Box::new(
+            BodyError::Idle(second),
+        )));
+        assert_eq!(
+            ApiError::from(via_store).status_and_kind().0,
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 }

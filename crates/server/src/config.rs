@@ -157,24 +157,91 @@ impl Default for Chunking {
     }
 }
 
-/// Request limits.
+/// Request limits: every body garret reads is bounded in size, time and
+/// (for compressed uploads) in what it may expand to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest NAR (uncompressed) accepted by an upload.
     pub max_nar_size: u64,
-    /// Largest `X-Attic-Nar-Info-Preamble-Size` accepted.
+    /// Largest `X-Attic-Nar-Info-Preamble-Size`, and largest narinfo a plain
+    /// Nix upload may PUT.
     pub max_preamble_size: u64,
-    /// Whole-request time limit; long enough for multi-GB uploads on slow links.
+    /// Whole-request time limit for reading any body; long enough for
+    /// multi-GB uploads on slow links.
     pub request_timeout_secs: u64,
-    /// An upload whose client sends nothing for this long is aborted, so a
+    /// A request whose client sends nothing for this long is aborted, so a
     /// stalled client cannot hold a connection for the whole request limit.
     pub idle_timeout_secs: u64,
+    /// Memory one decoder of a compressed plain Nix upload may use: the xz
+    /// memory limit, and for zstd the largest power-of-two window within it.
+    /// The default admits `xz -9` (a 64 MiB dictionary needs 64.1 MiB) and
+    /// zstd's own default window cap (128 MiB); a stream declaring more is a
+    /// 413 before any of that memory is taken.
+    pub max_decompression_memory: u64,
+    /// How many times its compressed size a plain Nix upload may expand to.
+    /// NARs compress 3–10×, so the default leaves room for unusually
+    /// redundant paths while a small zstd bomb stops early.
+    pub max_decompression_ratio: u64,
+    /// Bytes every compressed upload may expand to whatever its ratio, so
+    /// small, highly compressible paths (long runs of zeros) still go
+    /// through. The ratio bounds only what lies beyond this.
+    pub decompression_ratio_floor: u64,
 }
 
 impl Limits {
     pub fn idle_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub fn request_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// Reads the `GARRET_*` variables that override limits.
+    fn apply_env(
+        &mut self,
+        var: impl Fn(&'static str) -> Option<(&'static str, String)>,
+    ) -> Result<(), ConfigError> {
+        let fields = [
+            ("GARRET_MAX_NAR_SIZE", &mut self.max_nar_size),
+            (
+                "GARRET_MAX_DECOMPRESSION_MEMORY",
+                &mut self.max_decompression_memory,
+            ),
+            (
+                "GARRET_MAX_DECOMPRESSION_RATIO",
+                &mut self.max_decompression_ratio,
+            ),
+            (
+                "GARRET_DECOMPRESSION_RATIO_FLOOR",
+                &mut self.decompression_ratio_floor,
+            ),
+        ];
+        for (name, field) in fields {
+            if let Some((name, value)) = var(name) {
+                *field = parse(name, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("max_nar_size", self.max_nar_size),
+            ("max_preamble_size", self.max_preamble_size),
+            ("request_timeout_secs", self.request_timeout_secs),
+            ("idle_timeout_secs", self.idle_timeout_secs),
+            ("max_decompression_memory", self.max_decompression_memory),
+            ("max_decompression_ratio", self.max_decompression_ratio),
+            ("decompression_ratio_floor", self.decompression_ratio_floor),
+        ];
+        match positive.iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(ConfigError::Invalid(format!(
+                "limits.{name} must be positive"
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -185,6 +252,9 @@ impl Default for Limits {
             max_preamble_size: 1 << 20,
             request_timeout_secs: 3600,
             idle_timeout_secs: 300,
+            max_decompression_memory: 128 << 20,
+            max_decompression_ratio: 100,
+            decompression_ratio_floor: 64 << 20,
         }
     }
 }
@@ -350,9 +420,7 @@ impl Config {
                 .map(str::to_owned)
                 .collect();
         }
-        if let Some((name, value)) = var("GARRET_MAX_NAR_SIZE") {
-            self.limits.max_nar_size = parse(name, value)?;
-        }
+        self.limits.apply_env(var)?;
         Ok(())
     }
 
@@ -388,13 +456,7 @@ impl Config {
                 ));
             }
         }
-        if self.limits.max_preamble_size == 0
-            || self.limits.max_nar_size == 0
-            || self.limits.request_timeout_secs == 0
-            || self.limits.idle_timeout_secs == 0
-        {
-            return Err(ConfigError::Invalid("limits must be positive".into()));
-        }
+        self.limits.validate()?;
         let c = &self.connections;
         if c.header_read_timeout_secs == 0
             || c.keepalive_idle_secs == 0
@@ -495,7 +557,7 @@ impl Config {
             (Storage::Local { .. }, None) => unreachable!("local storage always has a path"),
         };
         format!(
-            "listen: {}\ndata_dir: {}\ndatabase: {}\nstorage: {storage}\nchunking: avg {} B, zstd level {}\nlimits: max NAR {} B, max preamble {} B, request timeout {} s, idle timeout {} s\n",
+            "listen: {}\ndata_dir: {}\ndatabase: {}\nstorage: {storage}\nchunking: avg {} B, zstd level {}\nlimits: max NAR {} B, max preamble {} B, request timeout {} s, idle timeout {} s, decompression memory {} B, ratio {} beyond {} B\n",
             self.listen,
             self.data_dir.display(),
             redact_url(&self.database_url()),
@@ -505,6 +567,9 @@ impl Config {
             self.limits.max_preamble_size,
             self.limits.request_timeout_secs,
             self.limits.idle_timeout_secs,
+            self.limits.max_decompression_memory,
+            self.limits.max_decompression_ratio,
+            self.limits.decompression_ratio_floor,
         ) + &format!(
             "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\n",
             self.connections.max_connections,
@@ -634,7 +699,13 @@ mod tests {
         "#;
         let config = load(
             Some(toml),
-            &[("GARRET_S3_PREFIX", "honey"), ("GARRET_ZSTD_LEVEL", "5")],
+            &[
+                ("GARRET_S3_PREFIX", "honey"),
+                ("GARRET_ZSTD_LEVEL", "5"),
+                ("GARRET_MAX_DECOMPRESSION_RATIO", "20"),
+                ("GARRET_DECOMPRESSION_RATIO_FLOOR", "1048576"),
+                ("GARRET_MAX_DECOMPRESSION_MEMORY", "67108864"),
+            ],
         )
         .unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
@@ -647,6 +718,14 @@ mod tests {
         assert_eq!(config.store_config().chunker.max_size, 4 * 131_072);
         assert_eq!(config.store_config().zstd_level, 5);
         assert_eq!(config.limits.max_nar_size, 1000);
+        assert_eq!(
+            (
+                config.limits.max_decompression_ratio,
+                config.limits.decompression_ratio_floor,
+                config.limits.max_decompression_memory
+            ),
+            (20, 1 << 20, 64 << 20)
+        );
         assert!(
             config
                 .summary()
@@ -691,6 +770,16 @@ mod tests {
                 None,
                 &[("GARRET_MAX_NAR_SIZE", "-1")],
                 "GARRET_MAX_NAR_SIZE",
+            ),
+            (
+                Some("[limits]\nmax_decompression_ratio = 0"),
+                &[],
+                "limits.max_decompression_ratio must be positive",
+            ),
+            (
+                None,
+                &[("GARRET_MAX_DECOMPRESSION_MEMORY", "lots")],
+                "GARRET_MAX_DECOMPRESSION_MEMORY",
             ),
         ];
         for (toml, vars, expected) in cases {

@@ -68,19 +68,21 @@ pub struct ServeLimits {
     pub max_connections: usize,
     pub shutdown_timeout: Duration,
     /// A connection with requests in flight and no traffic this long is
-    /// dropped; the same bound request bodies have.
+    /// dropped: twice the idle bound request bodies have, so a handler's
+    /// own clear 408 always comes first and this only catches what no
+    /// handler watches (a client that stopped reading its response).
     pub stalled_timeout: Duration,
 }
 
 impl ServeLimits {
-    pub fn new(connections: &Connections, stalled_timeout: Duration) -> Self {
+    pub fn new(connections: &Connections, body_idle_timeout: Duration) -> Self {
         Self {
             header_read_timeout: Duration::from_secs(connections.header_read_timeout_secs),
             keepalive_idle: Duration::from_secs(connections.keepalive_idle_secs),
             h2_keepalive_interval: Duration::from_secs(connections.h2_keepalive_interval_secs),
             max_connections: connections.max_connections,
             shutdown_timeout: Duration::from_secs(connections.shutdown_timeout_secs),
-            stalled_timeout,
+            stalled_timeout: body_idle_timeout.saturating_mul(2),
         }
     }
 }

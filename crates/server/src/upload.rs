@@ -26,6 +26,21 @@ pub enum BodyError {
     Decompress(std::io::Error),
     #[error("the client sent nothing for {} s", .0.as_secs())]
     Idle(std::time::Duration),
+    #[error("the request took longer than {} s", .0.as_secs())]
+    Timeout(std::time::Duration),
+    #[error("the body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error(
+        "the compressed data needs more than {limit} bytes of memory to decode \
+         (limits.max_decompression_memory); compress with a smaller dictionary or window"
+    )]
+    DecoderMemory { limit: u64 },
+    #[error(
+        "the upload decompresses to more than {ratio} times its compressed size beyond \
+         its first {floor} bytes (limits.max_decompression_ratio, \
+         limits.decompression_ratio_floor)"
+    )]
+    Expansion { ratio: u64, floor: u64 },
     #[error("the uploaded file does not match its name: expected {expected}, got {actual}")]
     FileHashMismatch {
         expected: Sha256Hash,

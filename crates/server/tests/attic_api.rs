@@ -1005,11 +1005,26 @@ async fn refuses_push_without_push_permission(deployment: Deployment) {
     let reader = f
         .api
         .with_token(Some(f.server.token(&[("neg", Permission::PULL)])));
+    // These name their cache in the body, which is not read for a token
+    // that could push nowhere: Attic's 403 for some permission but not
+    // enough, from the headers alone (issue 10).
     let reply = reader
         .upload(&f.path.info("neg"), &f.path.nar, InfoIn::Header)
         .await;
     assert_error(&reply, 403, Some("AccessError"));
     let reply = reader.missing("neg", &[f.path.hash()]).await;
+    assert_error(&reply, 403, Some("AccessError"));
+    // A token that may push elsewhere has its body read, and is told what
+    // it lacks on this cache.
+    let elsewhere = f.api.with_token(Some(
+        f.server
+            .token(&[("neg", Permission::PULL), ("other-*", PUSH_PULL)]),
+    ));
+    let reply = elsewhere
+        .upload(&f.path.info("neg"), &f.path.nar, InfoIn::Header)
+        .await;
+    assert_error(&reply, 403, Some("AccessError"));
+    let reply = elsewhere.missing("neg", &[f.path.hash()]).await;
     assert_error(&reply, 403, Some("AccessError"));
     f.assert_nothing_left(f.path.hash()).await;
 }

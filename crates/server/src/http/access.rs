@@ -7,7 +7,7 @@ use garret_meta::{Cache, MetaError};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::auth::{CacheName, CacheState, Permission, Token, authorize};
+use crate::auth::{CacheName, CacheState, Permission, Requester, Token, authorize};
 
 /// The verified token of a request; no `Authorization` header is anonymous,
 /// an unusable one a 401.
@@ -21,11 +21,77 @@ pub fn token(state: &AppState, headers: &HeaderMap) -> Result<Option<Token>, Api
     })
 }
 
+/// The verified token of a request that names its cache only in the body
+/// (get-missing-paths, upload-path), checked before that body is read:
+/// a requester that could not hold `required` on any cache is refused at
+/// once (401), so strangers cannot make the server buffer and parse for
+/// them. Anonymous requests never qualify for a write (public caches grant
+/// only `pull`); a token qualifies if any of its patterns grants
+/// `required`. The named cache is still authorized once the body names it.
+pub fn token_that_could(
+    state: &AppState,
+    headers: &HeaderMap,
+    required: Permission,
+) -> Result<Option<Token>, ApiError> {
+    let token = token(state, headers)?;
+    let could = match &token {
+        None => required.difference(Permission::PULL).is_empty(),
+        Some(token) => token
+            .claims()
+            .access
+            .caches
+            .values()
+            .any(|granted| granted.contains(required)),
+    };
+    if could {
+        return Ok(token);
+    }
+    let Some(token) = token else {
+        return Err(ApiError::Unauthorized(format!(
+            "{} holds the {required} permission on no cache",
+            Requester::Anonymous
+        )));
+    };
+    let message = format!(
+        "{} holds the {required} permission on no cache",
+        Requester::Token {
+            subject: token.sub().map(str::to_owned),
+        }
+    );
+    let holds_any = token
+        .claims()
+        .access
+        .caches
+        .values()
+        .any(|granted| !granted.is_empty());
+    Err(if holds_any {
+        ApiError::Forbidden(message)
+    } else {
+        ApiError::Unauthorized(message)
+    })
+}
+
 /// A cache the requester holds `required` on, with the grant it holds.
 #[derive(Debug)]
 pub struct Granted {
     pub cache: Cache,
     pub permission: Permission,
+}
+
+impl Granted {
+    /// Checks a further requirement that only the request body revealed
+    /// (a retention change in a cache patch), against the cache already
+    /// looked up.
+    pub fn require(&self, token: Option<&Token>, required: Permission) -> Result<(), ApiError> {
+        let name = CacheName::new(self.cache.name.clone())?;
+        let state = if self.cache.is_public {
+            CacheState::Public
+        } else {
+            CacheState::Private
+        };
+        authorize(token, &name, state, required)?;
+        Ok(())
+    }
 }
 
 /// Looks `name` up and checks that `token` holds `required` on it.

@@ -3,10 +3,9 @@
 //! follow Attic's; see `shared/protocol-notes.md`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -17,10 +16,10 @@ use garret_nix::store_path::DEFAULT_STORE_DIR;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 use serde::{Deserialize, Serialize};
 
-use super::body::{BodyStream, idle_limited};
+use super::body::{BodyStream, idle_limited, read_small, within_request_timeout};
 use super::error::ApiError;
-use super::{AppState, access};
-use crate::auth::{CacheName, Permission};
+use super::{AppState, MAX_JSON_BODY, access};
+use crate::auth::{CacheName, Permission, Token};
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
 use crate::config::Endpoints;
@@ -30,10 +29,16 @@ use garret_store::StoreError;
 const NAR_INFO_HEADER: &str = "x-attic-nar-info";
 const PREAMBLE_SIZE_HEADER: &str = "x-attic-nar-info-preamble-size";
 
-/// Parses a JSON request body; whatever the `Content-Type`, as Attic does,
-/// and with errors in Attic's JSON shape.
-fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+/// Reads and parses a JSON request body within the request limits;
+/// whatever the `Content-Type`, as Attic does, and with errors in Attic's
+/// JSON shape. Callers authorize as far as they can before calling this.
+async fn json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let body = read_small(body, headers, MAX_JSON_BODY as u64, &state.limits).await?;
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
@@ -49,14 +54,18 @@ pub struct GetMissingPathsResponse {
 }
 
 /// `POST /_api/v1/get-missing-paths`: the client asks once per closure.
+/// The cache is named in the body, so only a requester that could push
+/// somewhere gets it read.
 pub async fn get_missing_paths(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Json<GetMissingPathsResponse>, ApiError> {
-    let request: GetMissingPathsRequest = json(&body)?;
-    let cache =
-        access::cache_for_request(&state, &headers, &request.cache, Permission::PUSH).await?;
+    let token = access::token_that_could(&state, &headers, Permission::PUSH)?;
+    let request: GetMissingPathsRequest = json(&state, &headers, body).await?;
+    let cache = access::cache(&state, token.as_ref(), &request.cache, Permission::PUSH)
+        .await?
+        .cache;
     for hash in &request.store_path_hashes {
         hash.parse::<StorePathHash>()
             .map_err(|e| ApiError::BadRequest(format!("invalid store path hash {hash:?}: {e}")))?;
@@ -151,21 +160,24 @@ pub enum UploadPathResult {
 /// `PUT /_api/v1/upload-path`: the raw NAR, with its NarInfo JSON in a
 /// header or in a preamble at the start of the body. The NAR is checked
 /// (grammar, NarHash, NarSize) while it streams; a mismatch stores nothing.
+/// The NarInfo names the cache, so only a requester that could push
+/// somewhere gets a preamble read.
 pub async fn upload_path(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<UploadPathResult>, ApiError> {
-    let limit = Duration::from_secs(state.limits.request_timeout_secs);
-    tokio::time::timeout(limit, upload(&state, &headers, body))
-        .await
-        .map_err(|_| {
-            ApiError::RequestTimeout(format!("the upload took longer than {} s", limit.as_secs()))
-        })?
+    let token = access::token_that_could(&state, &headers, Permission::PUSH)?;
+    within_request_timeout(
+        &state.limits,
+        upload(&state, token.as_ref(), &headers, body),
+    )
+    .await
 }
 
 async fn upload(
     state: &AppState,
+    token: Option<&Token>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Json<UploadPathResult>, ApiError> {
@@ -194,8 +206,7 @@ async fn upload(
         serde_json::from_slice(value.as_bytes())
             .map_err(|e| ApiError::BadRequest(format!("invalid {NAR_INFO_HEADER}: {e}")))?
     };
-    let token = access::token(state, headers)?;
-    let cache = access::cache(state, token.as_ref(), &nar_info.cache, Permission::PUSH)
+    let cache = access::cache(state, token, &nar_info.cache, Permission::PUSH)
         .await?
         .cache;
     let info = nar_info.path_info(&cache.store_dir)?;
@@ -246,20 +257,22 @@ async fn upload(
     }))
 }
 
-/// Reads exactly `size` bytes from the front of the body, leaving the rest
-/// (the NAR) in the stream.
+/// Reads exactly `size` bytes (already checked against the preamble limit)
+/// from the front of the body, leaving the rest (the NAR) in the stream.
+/// The buffer grows with what arrives, not by the announced size, so a
+/// client that announces a preamble and stalls costs nothing.
 async fn read_preamble(stream: &mut BodyStream, size: u64) -> Result<Vec<u8>, ApiError> {
     use futures::StreamExt as _;
     let size =
         usize::try_from(size).map_err(|_| ApiError::BadRequest("preamble too large".into()))?;
-    let mut preamble = Vec::with_capacity(size);
+    let mut preamble = Vec::new();
     while preamble.len() < size {
         let Some(part) = stream.next().await else {
             return Err(ApiError::BadRequest(
                 "the body ended inside the NarInfo preamble".into(),
             ));
         };
-        let part = part.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let part = part?;
         let take = (size - preamble.len()).min(part.len());
         preamble.extend_from_slice(&part[..take]);
         if take < part.len() {
@@ -416,10 +429,10 @@ pub async fn create_cache(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     access::cache_for_create(&state, &headers, &name)?;
-    let request: CreateCacheRequest = json(&body)?;
+    let request: CreateCacheRequest = json(&state, &headers, body).await?;
     let name = CacheName::new(name)?;
     if name.is_reserved() {
         return Err(ApiError::BadRequest(format!(
@@ -461,20 +474,25 @@ fn validate_store_dir(dir: &str) -> Result<(), ApiError> {
     }
 }
 
-/// `PATCH /_api/v1/cache-config/{cache}`: changes some settings.
+/// `PATCH /_api/v1/cache-config/{cache}`: changes some settings. Every
+/// patch needs `cr`, checked before the body is read; a retention change
+/// also needs `cq`, checked once the body shows one.
 pub async fn patch_cache(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    // Which permission a patch needs depends on what it changes.
-    let request: PatchCacheRequest = json(&body)?;
-    let mut required = Permission::CONFIGURE_CACHE;
+    let token = access::token(&state, &headers)?;
+    let granted = access::cache(&state, token.as_ref(), &name, Permission::CONFIGURE_CACHE).await?;
+    let request: PatchCacheRequest = json(&state, &headers, body).await?;
     if request.retention_period.is_some() {
-        required = required.union(Permission::CONFIGURE_CACHE_RETENTION);
+        granted.require(
+            token.as_ref(),
+            Permission::CONFIGURE_CACHE.union(Permission::CONFIGURE_CACHE_RETENTION),
+        )?;
     }
-    let cache = access::cache_for_request(&state, &headers, &name, required).await?;
+    let cache = granted.cache;
     let cache_name = CacheName::new(cache.name.clone())?;
     let patch = CachePatch {
         is_public: request.is_public,

@@ -10,8 +10,10 @@
 //!   <jwt>`, or `http://user:<jwt>@host/…`, which Bazel sends as Basic).
 //! - **CAS uploads are verified** against the hash in the path before
 //!   anything becomes visible; a mismatch is a 400 with Attic's error body,
-//!   a blob over `limits.max_nar_size` a 413. Uploads get the same idle and
-//!   whole-request timeouts as NAR uploads.
+//!   a blob over `limits.max_nar_size` a 413. Every PUT body (CAS and AC)
+//!   gets the same idle and whole-request timeouts as NAR uploads (408).
+//! - **No byte ranges** on CAS GETs: Bazel's HTTP cache never asks for
+//!   them, so a `Range` header is ignored and the whole blob sent (200).
 //! - **The empty blob always exists**, in every cache, and is never stored.
 //! - **AC entries are `ActionResult`s.** A PUT must decode as one (else
 //!   400) and is stored as sent, up to [`MAX_ACTION_RESULT`] (else 413). A
@@ -22,7 +24,6 @@
 //!   static segments win, as they must for `/ac/<sha256>` to reach us.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -35,13 +36,14 @@ use garret_meta::Cache;
 use garret_nix::Sha256Hash;
 use serde::Deserialize;
 
-use super::body::idle_limited;
+use super::body::{idle_limited, read_small, within_request_timeout};
 use super::error::ApiError;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
 use crate::reapi::Reapi;
+use crate::upload::BodyError;
 use garret_proto::reapi::ActionResult;
 use prost::Message as _;
 
@@ -162,17 +164,7 @@ async fn ac_put(
 ) -> Result<Response, ApiError> {
     let cache = key.cache(&state, &headers, &core, Permission::PUSH).await?;
     let hash = key.hash()?;
-    let too_large = || {
-        ApiError::PayloadTooLarge(format!(
-            "the action result is larger than the limit of {MAX_ACTION_RESULT} bytes"
-        ))
-    };
-    if content_length(&headers)?.is_some_and(|len| len > MAX_ACTION_RESULT as u64) {
-        return Err(too_large());
-    }
-    let result = axum::body::to_bytes(body, MAX_ACTION_RESULT)
-        .await
-        .map_err(|_| too_large())?;
+    let result = read_small(body, &headers, MAX_ACTION_RESULT as u64, &state.limits).await?;
     ActionResult::decode(result.clone())
         .map_err(|e| ApiError::BadRequest(format!("the body is not an ActionResult: {e}")))?;
     state
@@ -242,10 +234,13 @@ async fn cas_put(
     }
     if *hash.as_bytes() == EMPTY_SHA256 {
         // Nothing to store, but the body must still be what the path says.
-        axum::body::to_bytes(body, 0)
-            .await
-            .map_err(|_| ApiError::BadRequest("the empty blob's body is not empty".into()))?;
-        return stored();
+        return match read_small(body, &headers, 0, &state.limits).await {
+            Ok(_) => stored(),
+            Err(BodyError::TooLarge { .. }) => Err(ApiError::BadRequest(
+                "the empty blob's body is not empty".into(),
+            )),
+            Err(e) => Err(e.into()),
+        };
     }
     let expect = Expect {
         hash: Some(hash),
@@ -255,13 +250,10 @@ async fn cas_put(
     let put = state
         .blobs
         .put(idle_limited(body, state.limits.idle_timeout()), expect);
-    let timeout = Duration::from_secs(state.limits.request_timeout_secs);
-    let blob = tokio::time::timeout(timeout, put).await.map_err(|_| {
-        ApiError::RequestTimeout(format!(
-            "the upload took longer than {} s",
-            timeout.as_secs()
-        ))
-    })??;
+    let blob = within_request_timeout(&state.limits, async {
+        Ok::<_, ApiError>(Box::pin(put).await?)
+    })
+    .await?;
     state
         .meta
         .put_cas_entry(cache.id, blob.id, unix_now())

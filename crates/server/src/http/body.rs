@@ -1,16 +1,24 @@
-//! Request bodies as upload streams: an idle timeout, and for plain Nix NAR
-//! uploads the file-hash check and decompression. Every failure is a
+//! Request bodies, and the one place their limits are applied: every body
+//! is read with an idle timeout and a whole-request timeout, small bodies
+//! (JSON, narinfo, action results) are read whole up to a size bound, and
+//! plain Nix NAR uploads are checked against their file hash and
+//! decompressed within a memory and an expansion bound. Every failure is a
 //! [`BodyError`], which the error mapping turns into a 4xx.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
+use axum::http::{HeaderMap, header};
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use garret_nix::{Sha256Hash, Sha256Hasher};
 
+use crate::config::Limits;
 use crate::upload::BodyError;
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
@@ -35,6 +43,52 @@ pub fn idle_limited(body: Body, idle: Duration) -> BodyStream {
     ))
 }
 
+/// Runs `work` (which reads a body) within the whole-request time limit.
+pub async fn within_request_timeout<T, E>(
+    limits: &Limits,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E>
+where
+    E: From<BodyError>,
+{
+    let limit = limits.request_timeout();
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| Err(BodyError::Timeout(limit).into()))
+}
+
+/// Reads a small body whole: at most `max` bytes (refused up front when
+/// `Content-Length` says more), within the idle and whole-request timeouts.
+/// The buffer grows with what arrives, never by what the client announces,
+/// so a stalled or lying client costs no memory it did not send.
+pub async fn read_small(
+    body: Body,
+    headers: &HeaderMap,
+    max: u64,
+    limits: &Limits,
+) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(BodyError::TooLarge { limit: max });
+    }
+    within_request_timeout(limits, async {
+        let mut stream = idle_limited(body, limits.idle_timeout());
+        let mut buf = BytesMut::new();
+        while let Some(part) = stream.next().await {
+            let part = part?;
+            if (buf.len() + part.len()) as u64 > max {
+                return Err(BodyError::TooLarge { limit: max });
+            }
+            buf.extend_from_slice(&part);
+        }
+        Ok(buf.freeze())
+    })
+    .await
+}
+
 /// How a plain Nix upload compressed its NAR, from the file name's
 /// extension (`nix copy --to …?compression=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,13 +111,16 @@ impl Compression {
     }
 }
 
-/// Passes the file through while hashing it, and fails at its end if the
-/// hash is not the one its name promised: the error arrives before the
-/// stream ends, so the upload is refused before anything is committed.
+/// Passes the file through while hashing and counting it, and fails at its
+/// end if the hash is not the one its name promised: the error arrives
+/// before the stream ends, so the upload is refused before anything is
+/// committed.
 struct FileHashCheck<S> {
     inner: S,
     hasher: Option<Sha256Hasher>,
     expected: Sha256Hash,
+    /// Compressed bytes read so far, for the expansion bound.
+    read: Arc<AtomicU64>,
 }
 
 impl<S> Stream for FileHashCheck<S>
@@ -81,6 +138,7 @@ where
                 if let Some(hasher) = self.hasher.as_mut() {
                     hasher.update(&bytes);
                 }
+                self.read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(bytes)))
             }
             Poll::Ready(None) => {
@@ -99,46 +157,146 @@ where
     }
 }
 
+/// What a compressed upload may cost to decode, from [`Limits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Decoder memory: the xz memory limit; zstd's window limit within it.
+    pub memory: u64,
+    /// Output beyond `floor` may be at most this many times the input.
+    pub ratio: u64,
+    pub floor: u64,
+}
+
+impl DecodeLimits {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            memory: limits.max_decompression_memory,
+            ratio: limits.max_decompression_ratio,
+            floor: limits.decompression_ratio_floor,
+        }
+    }
+
+    /// Most output allowed once `read` compressed bytes have arrived. Only
+    /// bytes that arrived count, not a `Content-Length`: a client could
+    /// announce a large body, send a small bomb and let it expand.
+    fn allowed(&self, read: u64) -> u64 {
+        self.floor.max(read.saturating_mul(self.ratio))
+    }
+
+    /// zstd's window-log limit: the largest power-of-two window within the
+    /// memory limit, inside what zstd accepts (1 KiB to 2 GiB).
+    fn zstd_window_log_max(&self) -> u32 {
+        self.memory.max(1).ilog2().clamp(10, 31)
+    }
+}
+
+/// Stops a decoder's output once it outgrows [`DecodeLimits::allowed`]:
+/// a small zstd or xz bomb is refused after a bounded amount of work,
+/// instead of expanding to whatever `max_nar_size` allows.
+struct ExpansionLimit<S> {
+    inner: S,
+    limits: DecodeLimits,
+    read: Arc<AtomicU64>,
+    written: u64,
+    failed: bool,
+}
+
+impl<S> Stream for ExpansionLimit<S>
+where
+    S: Stream<Item = Result<Bytes, BodyError>> + Unpin,
+{
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        let item = std::task::ready!(Pin::new(&mut self.inner).poll_next(cx));
+        if let Some(Ok(bytes)) = &item {
+            self.written = self.written.saturating_add(bytes.len() as u64);
+            let allowed = self.limits.allowed(self.read.load(Ordering::Relaxed));
+            if self.written > allowed {
+                self.failed = true;
+                return Poll::Ready(Some(Err(BodyError::Expansion {
+                    ratio: self.limits.ratio,
+                    floor: self.limits.floor,
+                })));
+            }
+        }
+        Poll::Ready(item)
+    }
+}
+
 /// The NAR inside a plain Nix upload: the file is checked against the hash
-/// in its name and decompressed. Concatenated frames/streams are accepted,
-/// and the decoder reads to the end, so the file-hash check always runs.
+/// in its name and decompressed within `limits`. Concatenated
+/// frames/streams are accepted, and the decoder reads to the end, so the
+/// file-hash check always runs.
 pub fn nar_of_file(
     file: BodyStream,
     file_hash: Sha256Hash,
     compression: Compression,
+    limits: DecodeLimits,
 ) -> BodyStream {
     use async_compression::tokio::bufread::{XzDecoder, ZstdDecoder};
+    use async_compression::zstd::DParameter;
     use tokio_util::io::{ReaderStream, StreamReader};
 
+    let read = Arc::new(AtomicU64::new(0));
     let checked = FileHashCheck {
         inner: file,
         hasher: Some(Sha256Hasher::new()),
         expected: file_hash,
+        read: Arc::clone(&read),
     };
     let reader = StreamReader::new(checked.map_err(std::io::Error::other));
     let decoded: Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>> = match compression {
-        Compression::None => return Box::pin(reader_stream_errors(ReaderStream::new(reader))),
+        Compression::None => {
+            return Box::pin(reader_stream_errors(
+                ReaderStream::new(reader),
+                limits.memory,
+            ));
+        }
         Compression::Zstd => {
-            let mut decoder = ZstdDecoder::new(reader);
+            let params = [DParameter::window_log_max(limits.zstd_window_log_max())];
+            let mut decoder = ZstdDecoder::with_params(reader, &params);
             decoder.multiple_members(true);
             Box::pin(ReaderStream::with_capacity(decoder, 256 << 10))
         }
         Compression::Xz => {
-            let mut decoder = XzDecoder::new(reader);
+            let mut decoder = XzDecoder::with_mem_limit(reader, limits.memory);
             decoder.multiple_members(true);
             Box::pin(ReaderStream::with_capacity(decoder, 256 << 10))
         }
     };
-    Box::pin(reader_stream_errors(decoded))
+    Box::pin(ExpansionLimit {
+        inner: reader_stream_errors(decoded, limits.memory),
+        limits,
+        read,
+        written: 0,
+        failed: false,
+    })
+}
+
+/// Whether a decoder refused its input for needing more memory than its
+/// limit. The decoders report this only as text (liblzma's "memory limit
+/// reached", zstd's "Frame requires too much memory for decoding"), so the
+/// text is matched; `decoder_memory_errors_are_recognised` pins it.
+fn is_decoder_memory_error(err: &std::io::Error) -> bool {
+    let text = err.to_string();
+    text.contains("memory limit reached") || text.contains("requires too much memory")
 }
 
 /// Recovers our own errors from the `io::Error`s the reader adapters wrap
-/// them in; anything else went wrong in the decoder, i.e. bad input.
-fn reader_stream_errors<S>(stream: S) -> impl Stream<Item = Result<Bytes, BodyError>> + Send
+/// them in; anything else went wrong in the decoder: a memory limit
+/// (`memory_limit`) it hit, or bad input.
+fn reader_stream_errors<S>(
+    stream: S,
+    memory_limit: u64,
+) -> impl Stream<Item = Result<Bytes, BodyError>> + Send + Unpin
 where
-    S: Stream<Item = std::io::Result<Bytes>> + Send,
+    S: Stream<Item = std::io::Result<Bytes>> + Send + Unpin,
 {
-    stream.map_err(|e| {
+    stream.map_err(move |e| {
         if e.get_ref()
             .is_some_and(<dyn std::error::Error + Send + Sync>::is::<BodyError>)
         {
@@ -146,6 +304,10 @@ where
                 .expect("checked above")
                 .downcast::<BodyError>()
                 .expect("checked above")
+        } else if is_decoder_memory_error(&e) {
+            BodyError::DecoderMemory {
+                limit: memory_limit,
+            }
         } else {
             BodyError::Decompress(e)
         }
@@ -161,6 +323,13 @@ mod tests {
             parts.into_iter().map(|p| Ok(Bytes::from(p))),
         ))
     }
+
+    /// The defaults, which every ordinary upload fits.
+    const LIMITS: DecodeLimits = DecodeLimits {
+        memory: 128 << 20,
+        ratio: 100,
+        floor: 64 << 20,
+    };
 
     async fn collect(stream: BodyStream) -> Result<Vec<u8>, BodyError> {
         let parts: Vec<Bytes> = stream.try_collect().await?;
@@ -192,11 +361,17 @@ mod tests {
         zst.extend(zstd::encode_all(&content[10_000..], 3).unwrap());
         let hash = Sha256Hash::of(&zst);
         let parts = vec![zst[..7].to_vec(), zst[7..].to_vec()];
-        let out = collect(nar_of_file(file(parts.clone()), hash, Compression::Zstd)).await;
+        let out = collect(nar_of_file(
+            file(parts.clone()),
+            hash,
+            Compression::Zstd,
+            LIMITS,
+        ))
+        .await;
         assert_eq!(out.unwrap(), content);
 
         let wrong = Sha256Hash::of(b"other");
-        let out = collect(nar_of_file(file(parts), wrong, Compression::Zstd)).await;
+        let out = collect(nar_of_file(file(parts), wrong, Compression::Zstd, LIMITS)).await;
         assert!(
             matches!(out, Err(BodyError::FileHashMismatch { .. })),
             "{out:?}"
@@ -206,6 +381,7 @@ mod tests {
             file(vec![content.clone()]),
             Sha256Hash::of(&content),
             Compression::None,
+            LIMITS,
         ))
         .await;
         assert_eq!(plain.unwrap(), content);
@@ -218,6 +394,7 @@ mod tests {
             file(vec![junk.clone()]),
             Sha256Hash::of(&junk),
             Compression::Zstd,
+            LIMITS,
         ))
         .await;
         assert!(matches!(out, Err(BodyError::Decompress(_))), "{out:?}");
@@ -225,33 +402,163 @@ mod tests {
             file(vec![junk.clone()]),
             Sha256Hash::of(&junk),
             Compression::Xz,
+            LIMITS,
         ))
         .await;
         assert!(matches!(out, Err(BodyError::Decompress(_))), "{out:?}");
     }
 
-    #[tokio::test]
-    async fn xz_round_trip() {
-        let content = b"xz content ".repeat(500);
-        let xz = std::process::Command::new("xz")
-            .args(["-z", "-c"])
+    /// `content` compressed by the `program` binary (`xz`, `zstd`) with
+    /// `args`, read from stdin so the header cannot shrink to the input.
+    fn compress_with(program: &str, args: &[&str], content: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(program)
+            .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .and_then(|mut child| {
-                use std::io::Write as _;
-                child.stdin.take().unwrap().write_all(&content)?;
-                child.wait_with_output()
-            });
-        let Ok(output) = xz else {
-            panic!("xz (xz-utils) is needed for this test");
-        };
-        let out = collect(nar_of_file(
-            file(vec![output.stdout.clone()]),
-            Sha256Hash::of(&output.stdout),
-            Compression::Xz,
+            .unwrap_or_else(|e| panic!("{program} is needed for this test: {e}"));
+        let mut stdin = child.stdin.take().unwrap();
+        let content = content.to_vec();
+        let writer = std::thread::spawn(move || stdin.write_all(&content));
+        let output = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(output.status.success(), "{program} {args:?} failed");
+        output.stdout
+    }
+
+    async fn decode(
+        compressed: &[u8],
+        compression: Compression,
+        limits: DecodeLimits,
+    ) -> Result<Vec<u8>, BodyError> {
+        collect(nar_of_file(
+            file(vec![compressed.to_vec()]),
+            Sha256Hash::of(compressed),
+            compression,
+            limits,
         ))
-        .await;
-        assert_eq!(out.unwrap(), content);
+        .await
+    }
+
+    #[tokio::test]
+    async fn xz_round_trip_up_to_level_9() {
+        let content = b"xz content ".repeat(500);
+        for level in ["-6", "-9e"] {
+            let xz = compress_with("xz", &["-z", "-c", level], &content);
+            assert_eq!(decode(&xz, Compression::Xz, LIMITS).await.unwrap(), content);
+        }
+    }
+
+    /// A tiny stream that declares a huge dictionary or window is refused
+    /// at its header, before the decoder takes that memory.
+    #[tokio::test]
+    async fn huge_dictionaries_and_windows_are_refused() {
+        let content = b"not much ".repeat(1000);
+        let xz = compress_with("xz", &["-z", "-c", "--lzma2=dict=1536MiB"], &content);
+        let out = decode(&xz, Compression::Xz, LIMITS).await;
+        assert!(
+            matches!(out, Err(BodyError::DecoderMemory { limit }) if limit == LIMITS.memory),
+            "{out:?}"
+        );
+        let zst = compress_with("zstd", &["-c", "--long=30"], &content);
+        let out = decode(&zst, Compression::Zstd, LIMITS).await;
+        assert!(
+            matches!(out, Err(BodyError::DecoderMemory { .. })),
+            "{out:?}"
+        );
+        // Within a limit that admits them, the same streams decode.
+        let roomy = DecodeLimits {
+            memory: 2 << 30,
+            ..LIMITS
+        };
+        assert_eq!(
+            decode(&zst, Compression::Zstd, roomy).await.unwrap(),
+            content
+        );
+    }
+
+    #[test]
+    fn zstd_window_follows_the_memory_limit() {
+        let window = |memory| DecodeLimits { memory, ..LIMITS }.zstd_window_log_max();
+        assert_eq!(window(128 << 20), 27);
+        assert_eq!(window((128 << 20) - 1), 26);
+        assert_eq!(window(1), 10);
+        assert_eq!(window(u64::MAX), 31);
+    }
+
+    #[tokio::test]
+    async fn expansion_beyond_the_ratio_is_refused() {
+        let zeros = vec![0u8; 8 << 20];
+        let zst = zstd::encode_all(&zeros[..], 3).unwrap();
+        let tight = DecodeLimits {
+            ratio: 10,
+            floor: 1 << 20,
+            ..LIMITS
+        };
+        let out = decode(&zst, Compression::Zstd, tight).await;
+        assert!(
+            matches!(out, Err(BodyError::Expansion { ratio: 10, floor }) if floor == 1 << 20),
+            "{out:?}"
+        );
+        // The floor lets small, very compressible files through whatever
+        // their ratio; beyond it, the ratio decides.
+        let within_floor = DecodeLimits {
+            floor: 8 << 20,
+            ..tight
+        };
+        assert_eq!(
+            decode(&zst, Compression::Zstd, within_floor).await.unwrap(),
+            zeros
+        );
+        let generous = DecodeLimits {
+            ratio: 100_000,
+            ..tight
+        };
+        assert_eq!(
+            decode(&zst, Compression::Zstd, generous).await.unwrap(),
+            zeros
+        );
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_bounded() {
+        let limits = Limits::default();
+        let mut headers = HeaderMap::new();
+        let body = read_small(Body::from("0123456789"), &headers, 10, &limits).await;
+        assert_eq!(body.unwrap(), "0123456789");
+        let body = read_small(Body::from("0123456789"), &headers, 9, &limits).await;
+        assert!(
+            matches!(body, Err(BodyError::TooLarge { limit: 9 })),
+            "{body:?}"
+        );
+        // A Content-Length over the bound is refused without reading.
+        headers.insert(header::CONTENT_LENGTH, "1000000".parse().unwrap());
+        let body = read_small(Body::from("x"), &headers, 10, &limits).await;
+        assert!(
+            matches!(body, Err(BodyError::TooLarge { limit: 10 })),
+            "{body:?}"
+        );
+    }
+
+    /// Each limit at its shortest (1 s), alone: the status is asserted,
+    /// not how long it took.
+    #[tokio::test]
+    async fn stalled_small_bodies_time_out() {
+        let stalled =
+            || Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        let headers = HeaderMap::new();
+        let idle = Limits {
+            idle_timeout_secs: 1,
+            ..Limits::default()
+        };
+        let body = read_small(stalled(), &headers, 10, &idle).await;
+        assert!(matches!(body, Err(BodyError::Idle(_))), "{body:?}");
+        let whole = Limits {
+            request_timeout_secs: 1,
+            ..Limits::default()
+        };
+        let body = read_small(stalled(), &headers, 10, &whole).await;
+        assert!(matches!(body, Err(BodyError::Timeout(_))), "{body:?}");
     }
 }

@@ -2,7 +2,7 @@
 //! `{"code","error","message"}` with a single status mapping.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -14,6 +14,14 @@ use crate::upload::BodyError;
 pub enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Refused before the request names a cache: the requester could not
+    /// do this to any cache (see `access::token_that_could`).
+    #[error("Unauthorized: {0}")]
+    Unauthorized(String),
+    /// As `Unauthorized`, for a token that holds some permission, only not
+    /// this one anywhere: Attic's 403 for "some permission, not enough".
+    #[error("AccessError: {0}")]
+    Forbidden(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -49,6 +57,8 @@ impl ApiError {
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 e.kind(),
             ),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "AccessError"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeout"),
@@ -78,11 +88,28 @@ impl From<BlobError> for ApiError {
             BlobError::Store(StoreError::TooLarge { limit }) => Self::PayloadTooLarge(format!(
                 "the upload is larger than the limit of {limit} bytes"
             )),
-            BlobError::Store(StoreError::Input(e)) => match e.downcast_ref::<BodyError>() {
-                Some(BodyError::Idle(_)) => Self::RequestTimeout(e.to_string()),
-                _ => Self::BadRequest(e.to_string()),
+            BlobError::Store(StoreError::Input(e)) => match e.downcast::<BodyError>() {
+                Ok(body) => (*body).into(),
+                Err(e) => Self::BadRequest(e.to_string()),
             },
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A body that broke a limit is a 408 or 413; anything else wrong with it
+/// (a bad NAR, corrupt compression, a reset connection) is a 400.
+impl From<BodyError> for ApiError {
+    fn from(err: BodyError) -> Self {
+        match err {
+            BodyError::Idle(_) | BodyError::Timeout(_) => Self::RequestTimeout(err.to_string()),
+            BodyError::TooLarge { .. }
+            | BodyError::DecoderMemory { .. }
+            | BodyError::Expansion { .. } => Self::PayloadTooLarge(err.to_string()),
+            BodyError::InvalidNar(_)
+            | BodyError::Read(_)
+            | BodyError::Decompress(_)
+            | BodyError::FileHashMismatch { .. } => Self::BadRequest(err.to_string()),
         }
     }
 }
@@ -106,6 +133,56 @@ impl IntoResponse for ApiError {
             error: kind,
             message: self.to_string(),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Self::RangeNotSatisfiable { size } = self {
+            // RFC 9110 §15.5.17: a 416 says how large the representation is.
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ASCII digits"),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn unsatisfiable_ranges_say_the_size() {
+        let response = ApiError::RangeNotSatisfiable { size: 1234 }.into_response();
+        assert_eq!(response.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(response.headers()[header::CONTENT_RANGE], "bytes */1234");
+    }
+
+    #[test]
+    fn body_limits_are_408_and_413_and_bad_bodies_400() {
+        let status = |err: BodyError| ApiError::from(err).status_and_kind().0;
+        let second = Duration::from_secs(1);
+        assert_eq!(status(BodyError::Idle(second)), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(
+            status(BodyError::Timeout(second)),
+            StatusCode::REQUEST_TIMEOUT
+        );
+        for too_much in [
+            BodyError::TooLarge { limit: 1 },
+            BodyError::DecoderMemory { limit: 1 },
+            BodyError::Expansion { ratio: 1, floor: 1 },
+        ] {
+            assert_eq!(status(too_much), StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        let corrupt = BodyError::Decompress(std::io::Error::other("corrupt"));
+        assert_eq!(status(corrupt), StatusCode::BAD_REQUEST);
+        // The same table applies when the store reports the body's error.
+        let via_store = BlobError::Store(garret_store::StoreError::Input(Box::new(
+            BodyError::Idle(second),
+        )));
+        assert_eq!(
+            ApiError::from(via_store).status_and_kind().0,
+            StatusCode::REQUEST_TIMEOUT
+        );
     }
 }

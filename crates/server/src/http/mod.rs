@@ -36,7 +36,8 @@ pub struct AppState {
 }
 
 /// Largest JSON request body (a missing-paths query for a 100 000-path
-/// closure is about 4 MiB). Uploads stream and are bounded by `Limits`.
+/// closure is about 4 MiB), read by `body::read_small` once the request is
+/// authorized. Uploads stream and are bounded by `Limits`.
 const MAX_JSON_BODY: usize = 16 << 20;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -48,8 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .post(attic::create_cache)
                 .patch(attic::patch_cache)
                 .delete(attic::delete_cache),
-        )
-        .layer(DefaultBodyLimit::max(MAX_JSON_BODY));
+        );
     let uploads = Router::new()
         .route("/_api/v1/upload-path", put(attic::upload_path))
         .route(

@@ -9,7 +9,6 @@
 //! narinfo is re-signed with the cache's key when served.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,7 +18,9 @@ use futures::TryStreamExt as _;
 use garret_nix::narinfo::NarInfo;
 use garret_nix::{Sha256Hash, StorePathHash};
 
-use super::body::{Compression, idle_limited, nar_of_file};
+use super::body::{
+    Compression, DecodeLimits, idle_limited, nar_of_file, read_small, within_request_timeout,
+};
 use super::error::ApiError;
 use super::{AppState, access};
 use crate::auth::Permission;
@@ -44,10 +45,13 @@ pub async fn put_cache_file(
         .ok_or_else(|| ApiError::BadRequest(format!("cannot upload {file:?} here")))?
         .parse()
         .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
-    let limit = usize::try_from(state.limits.max_preamble_size).unwrap_or(usize::MAX);
-    let text = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("reading the narinfo: {e}")))?;
+    let text = read_small(
+        body,
+        &headers,
+        state.limits.max_preamble_size,
+        &state.limits,
+    )
+    .await?;
     let text = std::str::from_utf8(&text)
         .map_err(|_| ApiError::BadRequest("the narinfo is not UTF-8".into()))?;
     let narinfo = NarInfo::parse(text, &cache.store_dir)
@@ -120,11 +124,13 @@ pub async fn put_nar(
     })?;
     let file_hash = Sha256Hash::parse_prefixed(&format!("sha256:{stem}"))
         .map_err(|e| ApiError::BadRequest(format!("invalid file hash in {file:?}: {e}")))?;
-    let limit = Duration::from_secs(state.limits.request_timeout_secs);
+    // Nix sends the NAR before its narinfo, so its NarSize is not known
+    // yet: the decoder's memory and expansion bounds stop a bomb early.
     let stream = nar_of_file(
         idle_limited(body, state.limits.idle_timeout()),
         file_hash,
         compression,
+        DecodeLimits::new(&state.limits),
     );
     let put = state.blobs.put(
         NarCheck::new(stream.into_stream()),
@@ -134,9 +140,10 @@ pub async fn put_nar(
             max_size: Some(state.limits.max_nar_size),
         },
     );
-    let stored = tokio::time::timeout(limit, put).await.map_err(|_| {
-        ApiError::RequestTimeout(format!("the upload took longer than {} s", limit.as_secs()))
-    })??;
+    let stored = within_request_timeout(&state.limits, async {
+        Ok::<_, ApiError>(Box::pin(put).await?)
+    })
+    .await?;
     state
         .meta
         .record_nix_upload(cache.id, stored.id, unix_now())

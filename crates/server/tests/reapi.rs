@@ -11,220 +11,28 @@
 mod common;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream;
-use garret_meta::NewCache;
 use garret_nix::Sha256Hash;
-use garret_nix::signing::SigningKey;
-use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
-use garret_proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
+use garret_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
 use garret_proto::health::HealthCheckRequest;
 use garret_proto::health::health_client::HealthClient;
-use garret_proto::reapi::action_cache_client::ActionCacheClient;
 use garret_proto::reapi::capabilities_client::CapabilitiesClient;
 use garret_proto::reapi::compressor::Value as Compressor;
-use garret_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use garret_proto::reapi::{
     ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode,
     FileNode, FindMissingBlobsRequest, GetActionResultRequest, GetCapabilitiesRequest,
     GetTreeRequest, OutputDirectory, OutputFile, SpliceBlobRequest, SplitBlobRequest, Tree,
     UpdateActionResultRequest, batch_update_blobs_request,
 };
-use garret_server::auth::{CacheName, Permission, TokenAuthority, TokenSpec};
-use garret_server::config::Limits;
-use garret_server::http::AppState;
-use garret_server::reapi::{MAX_BATCH_TOTAL_BYTES, grpc_router};
+use garret_server::auth::Permission;
+use garret_server::reapi::MAX_BATCH_TOTAL_BYTES;
 use prost::Message as _;
-use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-use common::{TEST_SECRET_BASE64, postgres_s3_blobs, sqlite_fs_blobs};
-
-/// A gRPC server on 127.0.0.1 whose default instance is the private cache
-/// `main`; `pub` is public; `token` may pull and push on both.
-struct Server {
-    channel: Channel,
-    state: Arc<AppState>,
-    tokens: TokenAuthority,
-    token: String,
-    _dir: tempfile::TempDir,
-    _s3: Option<garret_store::testing::S3TestServer>,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Deployment {
-    SqliteFs,
-    PostgresS3,
-}
-
-impl Server {
-    async fn start(deployment: Deployment) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (blobs, s3) = match deployment {
-            Deployment::SqliteFs => (sqlite_fs_blobs(dir.path()).await, None),
-            Deployment::PostgresS3 => {
-                let (blobs, s3) = postgres_s3_blobs(dir.path()).await;
-                (blobs, Some(s3))
-            }
-        };
-        let state = Arc::new(AppState {
-            meta: blobs.meta().clone(),
-            blobs,
-            tokens: Some(TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap()),
-            limits: Limits::default(),
-            endpoints: garret_server::config::Endpoints::default(),
-            spool_dir: dir.path().join("spool"),
-        });
-        for (name, public) in [("main", false), ("pub", true)] {
-            let key = SigningKey::generate(&format!("{name}-1")).unwrap();
-            let new = NewCache {
-                name: name.into(),
-                is_public: public,
-                store_dir: "/nix/store".into(),
-                priority: 41,
-                signing_key: key.to_secret_string(),
-                upstream_cache_key_names: vec![],
-                retention_period: None,
-            };
-            state.meta.create_cache(&new, 0).await.unwrap();
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = grpc_router(Arc::clone(&state), CacheName::new("main").unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-        let tokens = TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap();
-        let token = mint(&tokens, "*", Permission::PULL.union(Permission::PUSH));
-        Self {
-            channel,
-            state,
-            tokens,
-            token,
-            _dir: dir,
-            _s3: s3,
-        }
-    }
-
-    fn req<T>(&self, message: T) -> Request<T> {
-        with_token(message, &self.token)
-    }
-
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
-            .max_decoding_message_size(8 << 20)
-    }
-
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
-    }
-
-    fn ac(&self) -> ActionCacheClient<Channel> {
-        ActionCacheClient::new(self.channel.clone())
-    }
-
-    /// Uploads through BatchUpdateBlobs, asserting success.
-    async fn put(&self, blobs: &[&[u8]]) {
-        let requests = blobs
-            .iter()
-            .map(|data| batch_update_blobs_request::Request {
-                digest: Some(digest(data)),
-                data: Bytes::copy_from_slice(data),
-                compressor: 0,
-            })
-            .collect();
-        let response = self
-            .cas()
-            .batch_update_blobs(self.req(BatchUpdateBlobsRequest {
-                requests,
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        for entry in response.responses {
-            assert_eq!(entry.status.unwrap().code, 0, "{:?}", entry.digest);
-        }
-    }
-
-    /// ByteStream Write in `pieces`, returning the committed size.
-    async fn write(&self, name: &str, data: &[u8], pieces: usize) -> Result<i64, tonic::Status> {
-        let piece = data.len().div_ceil(pieces.max(1)).max(1);
-        let mut messages: Vec<WriteRequest> = data
-            .chunks(piece)
-            .scan(0, |offset, chunk| {
-                let message = WriteRequest {
-                    resource_name: if *offset == 0 {
-                        name.to_owned()
-                    } else {
-                        String::new()
-                    },
-                    write_offset: *offset,
-                    finish_write: false,
-                    data: Bytes::copy_from_slice(chunk),
-                };
-                *offset += chunk.len() as i64;
-                Some(message)
-            })
-            .collect();
-        if messages.is_empty() {
-            messages.push(WriteRequest {
-                resource_name: name.to_owned(),
-                ..Default::default()
-            });
-        }
-        messages.last_mut().unwrap().finish_write = true;
-        self.bytestream()
-            .write(self.req(stream::iter(messages)))
-            .await
-            .map(|r| r.into_inner().committed_size)
-    }
-
-    /// ByteStream Read, all of it.
-    async fn read(&self, name: &str, offset: i64, limit: i64) -> Result<Vec<u8>, tonic::Status> {
-        let mut stream = self
-            .bytestream()
-            .read(self.req(ReadRequest {
-                resource_name: name.to_owned(),
-                read_offset: offset,
-                read_limit: limit,
-            }))
-            .await?
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(message) = stream.message().await? {
-            out.extend_from_slice(&message.data);
-        }
-        Ok(out)
-    }
-}
-
-fn mint(tokens: &TokenAuthority, pattern: &str, permission: Permission) -> String {
-    let mut spec = TokenSpec::new("reapi-test", Duration::from_hours(1));
-    spec.grant(pattern.parse().unwrap(), permission);
-    tokens.mint(&spec).unwrap()
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
-}
-
-fn hex(data: &[u8]) -> String {
-    Sha256Hash::of(data).to_hex()
-}
-
-fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: hex(data),
-        size_bytes: data.len() as i64,
-    }
-}
+use common::Deployment;
+use common::grpc::{EMPTY_HASH, GrpcServer, digest, hex, with_token};
 
 /// Deterministic incompressible bytes.
 fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -238,8 +46,6 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
-
-const EMPTY_HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /// Runs a scenario on both deployments, each in its own test.
 macro_rules! both_deployments {
@@ -265,10 +71,10 @@ macro_rules! both_deployments {
 
 async fn run<F, Fut>(deployment: Deployment, scenario: F)
 where
-    F: FnOnce(Server) -> Fut,
+    F: FnOnce(GrpcServer) -> Fut,
     Fut: Future<Output = ()>,
 {
-    scenario(Server::start(deployment).await).await;
+    scenario(GrpcServer::start(deployment).await).await;
 }
 
 both_deployments!(
@@ -285,7 +91,7 @@ both_deployments!(
     auth_rules,
 );
 
-async fn capabilities_and_health(server: Server) {
+async fn capabilities_and_health(server: GrpcServer) {
     let caps = CapabilitiesClient::new(server.channel.clone())
         .get_capabilities(server.req(GetCapabilitiesRequest::default()))
         .await
@@ -326,19 +132,15 @@ async fn capabilities_and_health(server: Server) {
     assert_eq!(health.status, 1);
 }
 
-async fn empty_blob_always_exists(server: Server) {
+async fn empty_blob_always_exists(server: GrpcServer) {
     let empty = digest(b"");
     assert_eq!(empty.hash, EMPTY_HASH);
-    let missing = server
-        .cas()
-        .find_missing_blobs(server.req(FindMissingBlobsRequest {
-            blob_digests: vec![empty.clone()],
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(missing.missing_blob_digests.is_empty());
+    assert!(
+        server
+            .missing(std::slice::from_ref(&empty))
+            .await
+            .is_empty()
+    );
     assert_eq!(
         server
             .read(&format!("blobs/{EMPTY_HASH}/0"), 0, 0)
@@ -366,7 +168,7 @@ async fn empty_blob_always_exists(server: Server) {
     assert_eq!(server.write(&name, b"", 1).await.unwrap(), 0);
 }
 
-async fn digest_mismatch_is_invalid_argument(server: Server) {
+async fn digest_mismatch_is_invalid_argument(server: GrpcServer) {
     let good = b"good blob".to_vec();
     let bad = b"bad blob".to_vec();
     let response = server
@@ -417,16 +219,7 @@ async fn digest_mismatch_is_invalid_argument(server: Server) {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // Nothing of the lying upload is visible under either digest.
-    let missing = server
-        .cas()
-        .find_missing_blobs(server.req(FindMissingBlobsRequest {
-            blob_digests: vec![digest(&data)],
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(missing.missing_blob_digests.len(), 1);
+    assert_eq!(server.missing(&[digest(&data)]).await.len(), 1);
     // A wrong size is a mismatch too.
     let status = server
         .write(
@@ -439,7 +232,7 @@ async fn digest_mismatch_is_invalid_argument(server: Server) {
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
-async fn plain_reads_honour_offset_and_limit(server: Server) {
+async fn plain_reads_honour_offset_and_limit(server: GrpcServer) {
     let data = random(700_000, 3);
     let hash = hex(&data);
     let size = data.len();
@@ -487,7 +280,7 @@ async fn plain_reads_honour_offset_and_limit(server: Server) {
     assert_eq!(malformed.code(), Code::InvalidArgument);
 }
 
-async fn compressed_round_trip_across_frames(server: Server) {
+async fn compressed_round_trip_across_frames(server: GrpcServer) {
     // 1 MiB of incompressible data: about 16 chunks of the 64 KiB chunker.
     let data = random(1 << 20, 11);
     let hash = hex(&data);
@@ -559,7 +352,7 @@ async fn compressed_round_trip_across_frames(server: Server) {
     assert_eq!(zstd::decode_all(&entry.data[..]).unwrap(), data);
 }
 
-async fn resumable_write(server: Server) {
+async fn resumable_write(server: GrpcServer) {
     let data = random(3 << 20, 5);
     let hash = hex(&data);
     let size = data.len();
@@ -657,7 +450,7 @@ async fn resumable_write(server: Server) {
     clippy::too_many_lines,
     reason = "one story: refused, stored, found, inlined, then incomplete results missed"
 )]
-async fn action_cache_completeness(server: Server) {
+async fn action_cache_completeness(server: GrpcServer) {
     let out = b"output file".to_vec();
     let stdout = b"hello from the action\n".to_vec();
     let in_tree = b"a file inside an output directory".to_vec();
@@ -728,7 +521,7 @@ async fn action_cache_completeness(server: Server) {
 
     // Results stored behind the server's back that name missing blobs are
     // misses: a plain output, and a file inside an output tree.
-    let cache = server.state.meta.cache("main").await.unwrap();
+    let cache = server.http.state.meta.cache("main").await.unwrap();
     let lost_file = ActionResult {
         output_files: vec![OutputFile {
             path: "x".into(),
@@ -762,6 +555,7 @@ async fn action_cache_completeness(server: Server) {
         let key = digest(format!("bad action {i}").as_bytes());
         let hash = *Sha256Hash::of(format!("bad action {i}").as_bytes()).as_bytes();
         server
+            .http
             .state
             .meta
             .put_action_result(cache.id, &hash, &bad.encode_to_vec(), 0)
@@ -796,7 +590,7 @@ async fn action_cache_completeness(server: Server) {
     );
 }
 
-async fn get_tree_pages(server: Server) {
+async fn get_tree_pages(server: GrpcServer) {
     let leaf = Directory {
         files: vec![FileNode {
             name: "leaf.txt".into(),
@@ -901,7 +695,7 @@ async fn get_tree_pages(server: Server) {
     assert_eq!(status.code(), Code::NotFound);
 }
 
-async fn split_and_splice(server: Server) {
+async fn split_and_splice(server: GrpcServer) {
     let data = random(1 << 20, 13);
     let size = data.len();
     server
@@ -980,19 +774,10 @@ async fn split_and_splice(server: Server) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let missing = server
-        .cas()
-        .find_missing_blobs(server.req(FindMissingBlobsRequest {
-            blob_digests: vec![wrong],
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(missing.missing_blob_digests.len(), 1);
+    assert_eq!(server.missing(&[wrong]).await.len(), 1);
 }
 
-async fn find_missing_ten_thousand(server: Server) {
+async fn find_missing_ten_thousand(server: GrpcServer) {
     let present: Vec<Vec<u8>> = (0..10)
         .map(|i| format!("present {i}").into_bytes())
         .collect();
@@ -1011,22 +796,13 @@ async fn find_missing_ten_thousand(server: Server) {
     let mut wrong_size = digest(&present[0]);
     wrong_size.size_bytes += 1;
     query.push(wrong_size.clone());
-    let missing = server
-        .cas()
-        .find_missing_blobs(server.req(FindMissingBlobsRequest {
-            blob_digests: query,
-            ..Default::default()
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests;
+    let missing = server.missing(&query).await;
     let mut expected = absent;
     expected.push(wrong_size);
     assert_eq!(missing, expected);
 }
 
-async fn auth_rules(server: Server) {
+async fn auth_rules(server: GrpcServer) {
     let find = |instance: &str, token: Option<&str>| {
         let message = FindMissingBlobsRequest {
             instance_name: instance.into(),
@@ -1066,7 +842,7 @@ async fn auth_rules(server: Server) {
         .unwrap_err();
     assert_eq!(anonymous_write.code(), Code::PermissionDenied);
     // A pull-only token may read but not write.
-    let reader = mint(&server.tokens, "main", Permission::PULL);
+    let reader = server.http.token(&[("main", Permission::PULL)]);
     find("main", Some(&reader)).await.unwrap();
     let denied = server
         .write_with(
@@ -1106,19 +882,4 @@ async fn auth_rules(server: Server) {
         find("a/b", Some(&server.token)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-}
-
-impl Server {
-    async fn write_with(&self, token: &str, name: &str, data: &[u8]) -> Result<i64, tonic::Status> {
-        let message = WriteRequest {
-            resource_name: name.to_owned(),
-            write_offset: 0,
-            finish_write: true,
-            data: Bytes::copy_from_slice(data),
-        };
-        self.bytestream()
-            .write(with_token(stream::iter(vec![message]), token))
-            .await
-            .map(|r| r.into_inner().committed_size)
-    }
 }

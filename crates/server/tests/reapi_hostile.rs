@@ -11,165 +11,31 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures::stream;
 use garret_nix::Sha256Hash;
-use garret_nix::signing::SigningKey;
-use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
 use garret_proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
-use garret_proto::reapi::action_cache_client::ActionCacheClient;
-use garret_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use garret_proto::reapi::{
     ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Digest, Directory, DirectoryNode,
     FileNode, FindMissingBlobsRequest, GetActionResultRequest, GetTreeRequest, OutputDirectory,
     SpliceBlobRequest, SplitBlobRequest, Tree, UpdateActionResultRequest,
     batch_update_blobs_request,
 };
-use garret_server::auth::{CacheName, Permission};
-use garret_server::reapi::{
-    MAX_BATCH_TOTAL_BYTES, ReapiConfig, UploadLimits, grpc_router, grpc_router_with,
-};
+use garret_server::reapi::{MAX_BATCH_TOTAL_BYTES, UploadLimits};
 use prost::Message as _;
-use tonic::transport::Channel;
 use tonic::{Code, Request};
 
-use common::{Deployment, TestServer};
+use common::Deployment;
+use common::grpc::{EMPTY_HASH, GrpcServer, digest};
 
-const EMPTY_HASH: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-/// A REAPI server whose default instance is the private cache `main`; `pub`
-/// is public. `token` may pull and push on both; requests without it are
-/// anonymous.
-struct Hostile {
-    server: TestServer,
-    channel: Channel,
-    token: String,
+/// The limits hit here are the server's own: one deployment is enough.
+async fn start() -> GrpcServer {
+    GrpcServer::start(Deployment::SqliteFs).await
 }
 
-impl Hostile {
-    async fn start() -> Self {
-        Self::start_with(None).await
-    }
-
-    /// With `uploads`, the gRPC services run with those upload limits.
-    async fn start_with(uploads: Option<UploadLimits>) -> Self {
-        let server = TestServer::start(Deployment::SqliteFs).await;
-        for (name, public) in [("main", false), ("pub", true)] {
-            let key = SigningKey::generate(&format!("{name}-1")).unwrap();
-            server.create_cache(name, public, &key).await;
-        }
-        let state = Arc::clone(&server.state);
-        let main = CacheName::new("main").unwrap();
-        let app = match uploads {
-            None => grpc_router(state, main),
-            Some(limits) => {
-                let mut config = ReapiConfig::new(&state, main);
-                config.uploads = limits;
-                grpc_router_with(state, config)
-            }
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-        let token = server.token(&[("*", Permission::PULL.union(Permission::PUSH))]);
-        Self {
-            server,
-            channel,
-            token,
-        }
-    }
-
-    fn req<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.token).parse().unwrap(),
-        );
-        request
-    }
-
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
-            .max_decoding_message_size(64 << 20)
-    }
-
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
-    }
-
-    fn ac(&self) -> ActionCacheClient<Channel> {
-        ActionCacheClient::new(self.channel.clone())
-    }
-
-    /// Stores blobs in `main` through BatchUpdateBlobs, asserting success.
-    async fn put(&self, blobs: &[&[u8]]) {
-        let requests = blobs
-            .iter()
-            .map(|data| batch_update_blobs_request::Request {
-                digest: Some(digest(data)),
-                data: Bytes::copy_from_slice(data),
-                compressor: 0,
-            })
-            .collect();
-        let response = self
-            .cas()
-            .batch_update_blobs(self.req(BatchUpdateBlobsRequest {
-                requests,
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner();
-        for entry in response.responses {
-            assert_eq!(entry.status.unwrap().code, 0, "{:?}", entry.digest);
-        }
-    }
-
-    /// Stores a blob of any size in `instance` through ByteStream.
-    async fn write(&self, instance: &str, data: &[u8]) {
-        let name = format!(
-            "{instance}uploads/w/blobs/{}/{}",
-            digest(data).hash,
-            data.len()
-        );
-        let messages: Vec<WriteRequest> = data
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, chunk)| WriteRequest {
-                resource_name: if i == 0 { name.clone() } else { String::new() },
-                write_offset: (i << 20) as i64,
-                finish_write: (i + 1) << 20 >= data.len(),
-                data: Bytes::copy_from_slice(chunk),
-            })
-            .collect();
-        self.bytestream()
-            .write(self.req(stream::iter(messages)))
-            .await
-            .unwrap();
-    }
-
-    /// The digests among `digests` that `main` lacks.
-    async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
-        self.cas()
-            .find_missing_blobs(self.req(FindMissingBlobsRequest {
-                blob_digests: digests.to_vec(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .missing_blob_digests
-    }
-}
-
-fn digest(data: &[u8]) -> Digest {
-    Digest {
-        hash: Sha256Hash::of(data).to_hex(),
-        size_bytes: data.len() as i64,
-    }
+/// [`start`] with the gRPC services' upload limits set to `uploads`.
+async fn start_with(uploads: UploadLimits) -> GrpcServer {
+    GrpcServer::start_with(Deployment::SqliteFs, Some(uploads)).await
 }
 
 fn fake(seed: u8, size_bytes: i64) -> Digest {
@@ -187,12 +53,34 @@ fn code<T>(result: Result<T, tonic::Status>) -> Code {
     }
 }
 
+/// The status of a call that must fail with `expected`.
+#[track_caller]
+fn refused<T>(result: Result<T, tonic::Status>, expected: Code) -> tonic::Status {
+    match result {
+        Ok(_) => panic!("succeeded; expected {expected:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), expected, "{status:?}");
+            status
+        }
+    }
+}
+
+/// Asserts that a batch entry's status is INVALID_ARGUMENT.
+#[track_caller]
+fn entry_refused(status: Option<&garret_proto::rpc::Status>) {
+    assert_eq!(
+        status.unwrap().code,
+        Code::InvalidArgument as i32,
+        "{status:?}"
+    );
+}
+
 /// Item 2: a compressed batch entry is never decompressed into a buffer of
 /// the size its digest claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zstd_bombs_in_batch_update_are_refused() {
-    let h = Hostile::start().await;
-    let files_before = h.server.storage_files();
+    let h = start().await;
+    let files_before = h.http.storage_files();
     let update = |entries: Vec<batch_update_blobs_request::Request>| {
         let mut cas = h.cas();
         let request = h.req(BatchUpdateBlobsRequest {
@@ -204,14 +92,15 @@ async fn zstd_bombs_in_batch_update_are_refused() {
     // Ten bytes claiming 60 GiB (this aborted the process): refused before
     // any work, as over the batch limit.
     let claims_60g = fake(1, 60 << 30);
-    let status = update(vec![batch_update_blobs_request::Request {
-        digest: Some(claims_60g.clone()),
-        data: Bytes::from_static(b"0123456789"),
-        compressor: 1,
-    }])
-    .await
-    .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = refused(
+        update(vec![batch_update_blobs_request::Request {
+            digest: Some(claims_60g.clone()),
+            data: Bytes::from_static(b"0123456789"),
+            compressor: 1,
+        }])
+        .await,
+        Code::InvalidArgument,
+    );
     assert!(status.message().contains("max_batch_total_size_bytes"));
 
     // Within the limit, but the payload decompresses to far more than its
@@ -231,8 +120,7 @@ async fn zstd_bombs_in_batch_update_are_refused() {
         .await
         .unwrap()
         .into_inner();
-        let status = response.responses[0].status.clone().unwrap();
-        assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+        entry_refused(response.responses[0].status.as_ref());
     }
     let mut encoder = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
     encoder.include_contentsize(false).unwrap();
@@ -246,21 +134,20 @@ async fn zstd_bombs_in_batch_update_are_refused() {
     .await
     .unwrap()
     .into_inner();
-    let status = response.responses[0].status.clone().unwrap();
-    assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+    entry_refused(response.responses[0].status.as_ref());
 
     let asked = vec![claims_60g, short, long, digest(b"hello")];
     assert_eq!(h.missing(&asked).await, asked);
-    assert_eq!(h.server.storage_files(), files_before);
+    assert_eq!(h.http.storage_files(), files_before);
 }
 
 /// Item 3: sizes that add up past 2^64 cannot wrap the batch total to a
 /// small number (this sent an anonymous client a 400 MiB reply).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_totals_cannot_wrap() {
-    let h = Hostile::start().await;
+    let h = start().await;
     let real = vec![5u8; 1 << 20];
-    h.write("pub/", &real).await;
+    h.store("pub/", &real).await;
     // Anonymous, on the public cache.
     let wrapping = vec![
         fake(1, i64::MAX),
@@ -268,16 +155,16 @@ async fn batch_totals_cannot_wrap() {
         fake(3, 2),
         digest(&real),
     ];
-    let status = h
-        .cas()
-        .batch_read_blobs(Request::new(BatchReadBlobsRequest {
-            instance_name: "pub".into(),
-            digests: wrapping,
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    refused(
+        h.cas()
+            .batch_read_blobs(Request::new(BatchReadBlobsRequest {
+                instance_name: "pub".into(),
+                digests: wrapping,
+                ..Default::default()
+            }))
+            .await,
+        Code::InvalidArgument,
+    );
 
     // A negative size fails its own entry only.
     let response = h
@@ -290,46 +177,43 @@ async fn batch_totals_cannot_wrap() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        response.responses[0].status.as_ref().unwrap().code,
-        Code::InvalidArgument as i32
-    );
+    entry_refused(response.responses[0].status.as_ref());
     assert_eq!(response.responses[1].data.len(), real.len());
 
     // The same trick on uploads' claimed sizes.
-    let status = h
-        .cas()
-        .batch_update_blobs(
-            h.req(BatchUpdateBlobsRequest {
-                requests: [fake(1, i64::MAX), fake(2, i64::MAX), fake(3, 2)]
-                    .into_iter()
-                    .map(|d| batch_update_blobs_request::Request {
-                        digest: Some(d),
-                        data: Bytes::from_static(b"x"),
-                        compressor: 0,
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    refused(
+        h.cas()
+            .batch_update_blobs(
+                h.req(BatchUpdateBlobsRequest {
+                    requests: [fake(1, i64::MAX), fake(2, i64::MAX), fake(3, 2)]
+                        .into_iter()
+                        .map(|d| batch_update_blobs_request::Request {
+                            digest: Some(d),
+                            data: Bytes::from_static(b"x"),
+                            compressor: 0,
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+            )
+            .await,
+        Code::InvalidArgument,
+    );
 
     // And on SpliceBlob's chunk total, which wrapped to the empty blob.
-    let status = h
-        .cas()
-        .splice_blob(h.req(SpliceBlobRequest {
-            blob_digest: Some(Digest {
-                hash: EMPTY_HASH.into(),
-                size_bytes: 0,
-            }),
-            chunk_digests: vec![fake(1, i64::MAX), fake(2, i64::MAX), fake(3, 2)],
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    refused(
+        h.cas()
+            .splice_blob(h.req(SpliceBlobRequest {
+                blob_digest: Some(Digest {
+                    hash: EMPTY_HASH.into(),
+                    size_bytes: 0,
+                }),
+                chunk_digests: vec![fake(1, i64::MAX), fake(2, i64::MAX), fake(3, 2)],
+                ..Default::default()
+            }))
+            .await,
+        Code::InvalidArgument,
+    );
 }
 
 /// A Directory of `len` bytes: one file (`file`) with a long name.
@@ -348,7 +232,7 @@ fn big_directory(len: usize, file: Digest) -> Directory {
 /// behind Bazel's HTTP `GET /ac/`) are refused by size, unread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused_unread() {
-    let h = Hostile::start().await;
+    let h = start().await;
     // A valid Directory, and a valid Tree, each over 4 MiB, whose one file
     // is stored: read whole, the tree would make a result complete.
     h.put(&[b"present"]).await;
@@ -358,24 +242,25 @@ async fn oversized_messages_are_refused_unread() {
         children: vec![],
     }
     .encode_to_vec();
-    h.write("", &directory).await;
-    h.write("", &tree).await;
+    h.store("", &directory).await;
+    h.store("", &tree).await;
 
-    let status = async {
-        let mut stream = h
-            .cas()
-            .get_tree(h.req(GetTreeRequest {
-                root_digest: Some(digest(&directory)),
-                ..Default::default()
-            }))
-            .await?
-            .into_inner();
-        while stream.message().await?.is_some() {}
-        Ok::<_, tonic::Status>(())
-    }
-    .await
-    .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = refused(
+        async {
+            let mut stream = h
+                .cas()
+                .get_tree(h.req(GetTreeRequest {
+                    root_digest: Some(digest(&directory)),
+                    ..Default::default()
+                }))
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        }
+        .await,
+        Code::InvalidArgument,
+    );
     assert!(status.message().contains("larger than"), "{status:?}");
 
     let result = ActionResult {
@@ -387,16 +272,16 @@ async fn oversized_messages_are_refused_unread() {
         ..Default::default()
     };
     let action = fake(7, 100);
-    let status = h
-        .ac()
-        .update_action_result(h.req(UpdateActionResultRequest {
-            action_digest: Some(action.clone()),
-            action_result: Some(result.clone()),
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    refused(
+        h.ac()
+            .update_action_result(h.req(UpdateActionResultRequest {
+                action_digest: Some(action.clone()),
+                action_result: Some(result.clone()),
+                ..Default::default()
+            }))
+            .await,
+        Code::InvalidArgument,
+    );
     let get = |action: Digest| {
         let mut ac = h.ac();
         let request = h.req(GetActionResultRequest {
@@ -410,7 +295,7 @@ async fn oversized_messages_are_refused_unread() {
     // The same result stored directly (as an older server would have): it
     // is a miss on both protocols, without the tree being read.
     let stored = fake(8, 100);
-    let meta = &h.server.state.meta;
+    let meta = &h.http.state.meta;
     let main = meta.cache("main").await.unwrap();
     let stored_hash = Sha256Hash::of(&[8]);
     meta.put_action_result(main.id, stored_hash.as_bytes(), &result.encode_to_vec(), 0)
@@ -418,7 +303,7 @@ async fn oversized_messages_are_refused_unread() {
         .unwrap();
     assert_eq!(code(get(stored).await), Code::NotFound);
     let response = reqwest::Client::new()
-        .get(format!("{}/main/ac/{}", h.server.url, stored_hash.to_hex()))
+        .get(format!("{}/main/ac/{}", h.http.url, stored_hash.to_hex()))
         .bearer_auth(&h.token)
         .send()
         .await
@@ -430,7 +315,7 @@ async fn oversized_messages_are_refused_unread() {
 /// tree ends the stream with its error after the pages before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_tree_streams_pages_before_a_later_error() {
-    let h = Hostile::start().await;
+    let h = start().await;
     let b = Directory {
         files: vec![FileNode {
             name: "f".into(),
@@ -479,15 +364,15 @@ async fn get_tree_streams_pages_before_a_later_error() {
 /// are bounded; sessions with nothing to resume are not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_sessions_are_bounded() {
-    let h = Hostile::start_with(Some(UploadLimits {
+    let h = start_with(UploadLimits {
         max_sessions: 2,
         session_memory_bytes: 1024,
         total_memory_bytes: 4096,
         total_spool_bytes: 64 << 10,
         ..UploadLimits::default()
-    }))
+    })
     .await;
-    let files_before = h.server.storage_files();
+    let files_before = h.http.storage_files();
     let data = vec![3u8; 48 << 10];
     let name = |uuid: &str| format!("uploads/{uuid}/blobs/{}/{}", digest(&data).hash, data.len());
     // Starts an upload of `data` with `len` bytes and leaves it unfinished.
@@ -524,8 +409,7 @@ async fn upload_sessions_are_bounded() {
     assert_eq!(committed("a").await, 40 << 10);
     assert_eq!(committed("b").await, 100);
     // A third is one too many.
-    let status = start("c", 100).await.unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    refused(start("c", 100).await, Code::ResourceExhausted);
     assert_eq!(committed("c").await, 0);
     // Over the spool quota: refused, and `b` keeps what it had.
     let resume = WriteRequest {
@@ -534,20 +418,18 @@ async fn upload_sessions_are_bounded() {
         finish_write: true,
         data: Bytes::copy_from_slice(&data[100..]),
     };
-    let status = h
-        .bytestream()
-        .write(h.req(stream::iter([resume])))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    refused(
+        h.bytestream().write(h.req(stream::iter([resume]))).await,
+        Code::ResourceExhausted,
+    );
     assert_eq!(committed("b").await, 100);
     assert_eq!(h.missing(&[digest(&data)]).await.len(), 1);
-    assert_eq!(h.server.storage_files(), files_before);
+    assert_eq!(h.http.storage_files(), files_before);
 
     // Item 12: spool files live in the server's private spool directory,
     // unlinked, so nothing of them is visible there.
-    let spool = &h.server.state.spool_dir;
-    assert!(spool.starts_with(h.server.dir.path()));
+    let spool = &h.http.state.spool_dir;
+    assert!(spool.starts_with(h.http.dir.path()));
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(spool).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700);
@@ -571,10 +453,10 @@ async fn upload_sessions_are_bounded() {
 /// cost per message is constant; this checks the bookkeeping, not time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_messages_spool_correctly() {
-    let h = Hostile::start_with(Some(UploadLimits {
+    let h = start_with(UploadLimits {
         session_memory_bytes: 4096,
         ..UploadLimits::default()
-    }))
+    })
     .await;
     let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     let name = format!("uploads/t/blobs/{}/{}", digest(&data).hash, data.len());
@@ -603,11 +485,11 @@ async fn tiny_messages_spool_correctly() {
 /// read access alone it answers only when the chunks are readable already.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_blob_writes_only_with_push() {
-    let h = Hostile::start().await;
+    let h = start().await;
     let data: Vec<u8> = (0..(1u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    h.write("pub/", &data).await;
+    h.store("pub/", &data).await;
     let split = |token: bool| {
         let mut cas = h.cas();
         let message = SplitBlobRequest {
@@ -623,7 +505,7 @@ async fn split_blob_writes_only_with_push() {
         async move { cas.split_blob(request).await }
     };
     // The chunk digests, from the metadata.
-    let meta = &h.server.state.meta;
+    let meta = &h.http.state.meta;
     let blob = meta
         .blob_by_hash(Sha256Hash::of(&data).as_bytes())
         .await
@@ -658,8 +540,7 @@ async fn split_blob_writes_only_with_push() {
     };
 
     // Anonymous: refused, and no chunk became readable.
-    let status = split(false).await.unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    refused(split(false).await, Code::PermissionDenied);
     assert_eq!(missing_in_pub(chunks.clone()).await, chunks.len());
     // With push: the chunks become readable blobs.
     let split_chunks = split(true).await.unwrap().into_inner().chunk_digests;
@@ -675,7 +556,7 @@ async fn split_blob_writes_only_with_push() {
 /// Item 15: a size-0 digest is the empty blob only with the empty hash.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_size_digests_must_be_the_empty_blob() {
-    let h = Hostile::start().await;
+    let h = start().await;
     let impostor = fake(1, 0);
     let response = h
         .cas()
@@ -690,10 +571,7 @@ async fn zero_size_digests_must_be_the_empty_blob() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        response.responses[0].status.as_ref().unwrap().code,
-        Code::InvalidArgument as i32
-    );
+    entry_refused(response.responses[0].status.as_ref());
     let response = h
         .cas()
         .batch_read_blobs(h.req(BatchReadBlobsRequest {
@@ -703,27 +581,16 @@ async fn zero_size_digests_must_be_the_empty_blob() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        response.responses[0].status.as_ref().unwrap().code,
-        Code::InvalidArgument as i32
+    entry_refused(response.responses[0].status.as_ref());
+    refused(
+        h.bytestream()
+            .write(h.req(stream::iter([WriteRequest {
+                resource_name: format!("uploads/z/blobs/{}/0", impostor.hash),
+                finish_write: true,
+                ..Default::default()
+            }])))
+            .await,
+        Code::InvalidArgument,
     );
-    let status = h
-        .bytestream()
-        .write(h.req(stream::iter([WriteRequest {
-            resource_name: format!("uploads/z/blobs/{}/0", impostor.hash),
-            finish_write: true,
-            ..Default::default()
-        }])))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    let status = h
-        .cas()
-        .find_missing_blobs(h.req(FindMissingBlobsRequest {
-            blob_digests: vec![impostor],
-            ..Default::default()
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    refused(h.try_missing(&[impostor]).await, Code::InvalidArgument);
 }

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
+pub mod grpc;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -42,6 +44,20 @@ pub async fn postgres_s3_blobs(dir: &Path) -> (Blobs, S3TestServer) {
         Blobs::new(ChunkStore::new(backend, StoreConfig::default()), meta),
         s3,
     )
+}
+
+/// Serves `app` on `listener` in the background until the test ends, the
+/// way `garret serve` does: default connection bounds, and `limits`' idle
+/// time for stalled connections.
+pub fn spawn_serve(listener: tokio::net::TcpListener, app: axum::Router, limits: &Limits) {
+    let connections = garret_server::config::Connections::default();
+    let serve_limits = garret_server::serve::ServeLimits::new(&connections, limits.idle_timeout());
+    tokio::spawn(garret_server::serve::serve(
+        listener,
+        app,
+        serve_limits,
+        std::future::pending(),
+    ));
 }
 
 /// Which deployment a server runs on.
@@ -94,15 +110,7 @@ impl TestServer {
             Arc::clone(&state),
             &garret_server::auth::CacheName::new("default").unwrap(),
         );
-        let connections = garret_server::config::Connections::default();
-        let serve_limits =
-            garret_server::serve::ServeLimits::new(&connections, limits.idle_timeout());
-        tokio::spawn(garret_server::serve::serve(
-            listener,
-            app,
-            serve_limits,
-            std::future::pending(),
-        ));
+        spawn_serve(listener, app, &limits);
         Self {
             url,
             state,

@@ -31,6 +31,8 @@ server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
+# Running, as opposed to gone or a zombie (an orphan nobody has reaped).
+alive() { [ -r "/proc/$server/status" ] && ! grep -qE '^State:[[:space:]]+[ZX]' "/proc/$server/status"; }
 starts=0
 listen=127.0.0.1:0
 start_server() {
@@ -44,14 +46,14 @@ start_server() {
   )
   server=$(cat "$work/pid")
   until grep -qs "address=" "$work/log.$starts"; do
-    kill -0 "$server" # fails the script if the server died
+    alive || { cat "$work/log.$starts"; exit 2; }
     sleep 0.1
   done
   listen=$(grep -o 'address=[^ ]*' "$work/log.$starts" | head -1 | cut -d= -f2)
 }
 stop_server() {
   kill "$server" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+  for _ in $(seq 100); do alive || break; sleep 0.1; done
   kill -9 "$server" 2>/dev/null || true
 }
 start_server
@@ -70,7 +72,7 @@ echo
 status=0
 notes=()
 for attack in "${attacks[@]}"; do
-  if ! kill -0 "$server" 2>/dev/null; then
+  if ! alive; then
     start_server
   elif [ "${SAME_SERVER:-0}" != 1 ] && [ "$attack" != "${attacks[0]}" ]; then
     stop_server

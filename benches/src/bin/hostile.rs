@@ -162,7 +162,8 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if !args.attacks.is_empty() && (args.url.is_empty() || args.pid == 0 || args.token.is_empty()) {
+    let unaddressed = args.url.is_empty() || args.pid == 0 || args.token.is_empty();
+    if (args.attacks.is_empty() && !args.header) || (!args.attacks.is_empty() && unaddressed) {
         usage();
     }
     args

@@ -30,6 +30,10 @@ pub enum BodyError {
     Timeout(std::time::Duration),
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    /// Small bodies other clients are sending fill the server's memory
+    /// budget for them; retrying later succeeds.
+    #[error("the server is receiving too many request bodies at once; retry later")]
+    Busy,
     #[error(
         "the compressed data needs more than {limit} bytes of memory to decode \
          (limits.max_decompression_memory); compress with a smaller dictionary or window"

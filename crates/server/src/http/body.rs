@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use garret_nix::{Sha256Hash, Sha256Hasher};
 
@@ -57,11 +57,33 @@ where
         .unwrap_or_else(|_| Err(BodyError::Timeout(limit).into()))
 }
 
+/// Bytes of small bodies (JSON, narinfo, ActionResult) held in memory at
+/// once by the whole process. Each is bounded on its own, but hundreds of
+/// authorized clients sending large ones and stalling just short of the end
+/// would otherwise add up to gigabytes (issue 10 measured 470 MiB for 100).
+const SMALL_BODY_BUDGET_BYTES: usize = 64 << 20;
+
+static SMALL_BODY_BUDGET: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(SMALL_BODY_BUDGET_BYTES);
+
 /// Reads a small body whole: at most `max` bytes (refused up front when
 /// `Content-Length` says more), within the idle and whole-request timeouts.
-/// The buffer grows with what arrives, never by what the client announces,
-/// so a stalled or lying client costs no memory it did not send.
+/// What arrives is kept as the pieces it came in and joined once at the
+/// end, never sized by what the client announces, so a stalled or lying
+/// client costs no memory it did not send. Every piece is counted against
+/// the process's budget for small bodies; a request that finds it spent
+/// for a whole idle period is answered 503.
 pub async fn read_small(
+    body: Body,
+    headers: &HeaderMap,
+    max: u64,
+    limits: &Limits,
+) -> Result<Bytes, BodyError> {
+    read_small_within(&SMALL_BODY_BUDGET, body, headers, max, limits).await
+}
+
+async fn read_small_within(
+    budget: &tokio::sync::Semaphore,
     body: Body,
     headers: &HeaderMap,
     max: u64,
@@ -76,15 +98,32 @@ pub async fn read_small(
     }
     within_request_timeout(limits, async {
         let mut stream = idle_limited(body, limits.idle_timeout());
-        let mut buf = BytesMut::new();
+        let mut parts = Vec::new();
+        let mut len = 0u64;
+        let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
         while let Some(part) = stream.next().await {
             let part = part?;
-            if (buf.len() + part.len()) as u64 > max {
+            len += part.len() as u64;
+            if len > max {
                 return Err(BodyError::TooLarge { limit: max });
             }
-            buf.extend_from_slice(&part);
+            let want = u32::try_from(part.len()).map_err(|_| BodyError::TooLarge { limit: max })?;
+            let permit = tokio::time::timeout(limits.idle_timeout(), budget.acquire_many(want))
+                .await
+                .map_err(|_| BodyError::Busy)?
+                .expect("the budget is never closed");
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            parts.push(part);
         }
-        Ok(buf.freeze())
+        let whole = match parts.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => many.concat().into(),
+        };
+        Ok(whole)
     })
     .await
 }
@@ -539,6 +578,29 @@ mod tests {
             matches!(body, Err(BodyError::TooLarge { limit: 10 })),
             "{body:?}"
         );
+    }
+
+    /// Bodies in flight share one memory budget: what a request holds is
+    /// returned when it ends, and a request that finds the budget spent for
+    /// a whole idle period is told to come back (503), not queued forever.
+    #[tokio::test]
+    async fn small_bodies_share_a_memory_budget() {
+        let budget = tokio::sync::Semaphore::new(16);
+        let limits = Limits {
+            idle_timeout_secs: 1,
+            ..Limits::default()
+        };
+        let headers = HeaderMap::new();
+        for _ in 0..3 {
+            let body = read_small_within(&budget, Body::from("0123456789"), &headers, 64, &limits);
+            assert_eq!(body.await.unwrap(), "0123456789");
+        }
+        assert_eq!(budget.available_permits(), 16);
+        let _held = budget.acquire_many(10).await.unwrap();
+        let body =
+            read_small_within(&budget, Body::from("0123456789"), &headers, 64, &limits).await;
+        assert!(matches!(body, Err(BodyError::Busy)), "{body:?}");
+        assert_eq!(budget.available_permits(), 6);
     }
 
     /// Each limit at its shortest (1 s), alone: the status is asserted,

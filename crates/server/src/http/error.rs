@@ -39,6 +39,9 @@ pub enum ApiError {
     /// served whole right now, and must not be served short.
     #[error("the object is incomplete in storage: {0}")]
     IncompleteObject(String),
+    /// Overloaded for a moment (a memory budget is spent); retry.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -68,6 +71,7 @@ impl ApiError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "RangeNotSatisfiable")
             }
             Self::IncompleteObject(_) => (StatusCode::SERVICE_UNAVAILABLE, "IncompleteNar"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError"),
         }
     }
@@ -103,6 +107,7 @@ impl From<BodyError> for ApiError {
     fn from(err: BodyError) -> Self {
         match err {
             BodyError::Idle(_) | BodyError::Timeout(_) => Self::RequestTimeout(err.to_string()),
+            BodyError::Busy => Self::Unavailable(err.to_string()),
             BodyError::TooLarge { .. }
             | BodyError::DecoderMemory { .. }
             | BodyError::Expansion { .. } => Self::PayloadTooLarge(err.to_string()),

@@ -91,7 +91,8 @@ pub struct UploadLimits {
     /// Bytes one session keeps in memory before it moves to a spool file.
     pub session_memory_bytes: usize,
     /// Bytes all sessions together keep in memory; past it, new data goes
-    /// to spool files.
+    /// to spool files. Small against the server's whole budget (issue 10
+    /// holds it under 300 MiB with thousands of abandoned sessions).
     pub total_memory_bytes: usize,
     /// Bytes all spool files together may hold.
     pub total_spool_bytes: u64,
@@ -104,7 +105,7 @@ impl Default for UploadLimits {
         Self {
             max_sessions: 4096,
             session_memory_bytes: 1 << 20,
-            total_memory_bytes: 256 << 20,
+            total_memory_bytes: 64 << 20,
             total_spool_bytes: 64 << 30,
             session_ttl: std::time::Duration::from_hours(1),
         }

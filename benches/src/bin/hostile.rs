@@ -575,15 +575,20 @@ impl Ctx {
     ) -> (Vec<TcpStream>, Tally) {
         let mut failed = Tally::default();
         let heads: Vec<String> = (0..count).map(head).collect();
-        let results: Vec<std::io::Result<TcpStream>> = stream::iter(heads)
+        let results: Vec<std::io::Result<(TcpStream, bool)>> = stream::iter(heads)
             .map(|head| {
                 let body = body_prefix.clone();
                 let addr = self.addr.clone();
+                let hold = self.hold;
                 async move {
                     let mut socket = TcpStream::connect(&addr).await?;
                     socket.write_all(head.as_bytes()).await?;
-                    socket.write_all(&body).await?;
-                    Ok(socket)
+                    // A server that stops reading (a memory budget spent)
+                    // pushes back; the connection is then stalled anyway.
+                    let pushed_back = tokio::time::timeout(hold, socket.write_all(&body))
+                        .await
+                        .map_or(Ok(true), |sent| sent.map(|()| false))?;
+                    Ok((socket, pushed_back))
                 }
             })
             .buffer_unordered(32)
@@ -592,7 +597,12 @@ impl Ctx {
         let mut sockets = Vec::new();
         for result in results {
             match result {
-                Ok(socket) => sockets.push(socket),
+                Ok((socket, pushed_back)) => {
+                    if pushed_back {
+                        failed.add("server stopped reading".to_owned());
+                    }
+                    sockets.push(socket);
+                }
                 Err(e) => failed.add(format!("send failed: {}", e.kind())),
             }
         }

@@ -6,6 +6,7 @@ pub mod blobs;
 pub mod clock;
 pub mod config;
 pub mod http;
+pub mod idle;
 pub mod reapi;
 pub mod serve;
 pub mod upload;

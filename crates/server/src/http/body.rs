@@ -24,23 +24,14 @@ use crate::upload::BodyError;
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
 
 /// The request body as a stream that fails if the client sends nothing for
-/// `idle`: multi-GB uploads may take hours, but a stalled one must not hold
-/// its chunks and a connection forever.
+/// `idle`.
 pub fn idle_limited(body: Body, idle: Duration) -> BodyStream {
     let inner = body
         .into_data_stream()
         .map_err(|e| BodyError::Read(e.into_inner()));
-    Box::pin(futures::stream::unfold(
-        Some(Box::pin(inner)),
-        move |state| async move {
-            let mut inner = state?;
-            match tokio::time::timeout(idle, inner.next()).await {
-                Ok(Some(item)) => Some((item, Some(inner))),
-                Ok(None) => None,
-                Err(_) => Some((Err(BodyError::Idle(idle)), None)),
-            }
-        },
-    ))
+    Box::pin(crate::idle::bounded(inner, idle, move || {
+        BodyError::Idle(idle)
+    }))
 }
 
 /// Runs `work` (which reads a body) within the whole-request time limit.

@@ -516,24 +516,13 @@ async fn bound_unary_body(
 /// `idle`. The error is a [`Status`], which tonic passes on as it is.
 fn idle_limited(body: Body, idle: std::time::Duration) -> Body {
     type BoxError = Box<dyn std::error::Error + Send + Sync>;
-    let pieces = body.into_data_stream();
-    Body::from_stream(futures::stream::unfold(
-        Some(pieces),
-        move |state| async move {
-            let mut pieces = state?;
-            match tokio::time::timeout(idle, futures::StreamExt::next(&mut pieces)).await {
-                Ok(Some(piece)) => Some((piece.map_err(BoxError::from), Some(pieces))),
-                Ok(None) => None,
-                Err(_) => {
-                    let status = Status::deadline_exceeded(format!(
-                        "the client sent nothing for {} s",
-                        idle.as_secs()
-                    ));
-                    Some((Err(BoxError::from(status)), None))
-                }
-            }
-        },
-    ))
+    let pieces = body.into_data_stream().map_err(BoxError::from);
+    Body::from_stream(crate::idle::bounded(pieces, idle, move || {
+        BoxError::from(Status::deadline_exceeded(format!(
+            "the client sent nothing for {} s",
+            idle.as_secs()
+        )))
+    }))
 }
 
 /// Mounts one tonic service under `/{package.Service}/`.

@@ -8,5 +8,6 @@ pub mod config;
 pub mod http;
 pub mod idle;
 pub mod reapi;
+pub mod request_log;
 pub mod serve;
 pub mod upload;

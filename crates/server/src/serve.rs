@@ -45,7 +45,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use tracing::Instrument as _;
+
 use crate::config::Connections;
+use crate::request_log::RequestLog;
 
 /// How long a connection asked to stop gracefully (idle, or at shutdown)
 /// may take to do so before it is dropped.
@@ -381,20 +384,29 @@ impl hyper::service::Service<Request<Incoming>> for TrackedService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.enter();
+        let (mut log, request) = RequestLog::start(request);
+        let span = log.span().clone();
         let mut app = self.app.clone();
-        Box::pin(async move {
-            let response = tower_service::Service::call(&mut app, request.map(Body::new)).await?;
-            Ok(response.map(|body| TrackedBody {
-                inner: body,
-                _in_flight: in_flight,
-            }))
-        })
+        Box::pin(
+            async move {
+                let response = tower_service::Service::call(&mut app, request).await?;
+                log.responded(response.status(), response.headers());
+                Ok(response.map(|body| TrackedBody {
+                    inner: body,
+                    log,
+                    _in_flight: in_flight,
+                }))
+            }
+            .instrument(span),
+        )
     }
 }
 
-/// A response body that keeps its request counted as in flight.
+/// A response body that keeps its request counted as in flight and logs
+/// it once sent.
 struct TrackedBody {
     inner: Body,
+    log: RequestLog,
     _in_flight: InFlight,
 }
 
@@ -406,7 +418,11 @@ impl HttpBody for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            self.log.sent(frame);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

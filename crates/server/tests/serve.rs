@@ -20,6 +20,8 @@ struct Server {
     address: String,
     /// Its standard output, line by line (the first-start banner).
     stdout: mpsc::Receiver<String>,
+    /// Its log (standard error) after the address line, line by line.
+    log: mpsc::Receiver<String>,
 }
 
 impl Server {
@@ -43,17 +45,25 @@ impl Server {
         }
         let mut child = command.spawn().unwrap();
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        // `address=A` in text logs, `"address":"A"` in JSON ones.
         let address = lines
             .by_ref()
             .map(Result::unwrap)
             .find_map(|line| {
-                line.split("address=")
+                let rest = line
+                    .split("address=")
                     .nth(1)
-                    .map(|a| a.split_whitespace().next().unwrap().to_owned())
+                    .or_else(|| line.split("\"address\":\"").nth(1))?;
+                Some(rest.split([' ', '"']).next().unwrap().to_owned())
             })
             .expect("serve logs its address");
         // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let (log_tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = log_tx.send(line);
+            }
+        });
         let (tx, stdout) = mpsc::channel();
         let out = std::io::BufReader::new(child.stdout.take().unwrap());
         std::thread::spawn(move || {
@@ -65,6 +75,20 @@ impl Server {
             child: Some(child),
             address,
             stdout,
+            log,
+        }
+    }
+
+    /// The first log line after now that `wanted` accepts.
+    fn log_line(&self, wanted: impl Fn(&str) -> bool) -> String {
+        loop {
+            let line = self
+                .log
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the awaited log line");
+            if wanted(&line) {
+                return line;
+            }
         }
     }
 
@@ -374,6 +398,14 @@ fn first_start_prints_an_admin_token_once() {
     let (status, _) = curl(&["-X", "POST", "-d", body, &api]);
     assert_eq!(status, "401", "strangers may not create caches");
     let admin = server.admin_token();
+    // Bazel's default instance works at once: its private cache exists.
+    let (status, config) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {admin}"),
+        &format!("http://{}/_api/v1/cache-config/default", server.address),
+    ]);
+    assert_eq!(status, "200", "{config}");
+    assert!(config.contains("\"is_public\":false"), "{config}");
     server.stop_within(Duration::from_mins(1));
     assert_eq!(mode(&data.join("token-secret")), 0o600);
 
@@ -390,4 +422,52 @@ fn first_start_prints_an_admin_token_once() {
         !printed.iter().any(|line| line.starts_with("ey")),
         "printed again: {printed:?}"
     );
+}
+
+/// Every request gets one access line in its span: id, method, path,
+/// cache, token subject, status and sizes; plain text without colours
+/// when the log is not a terminal, JSON lines when configured.
+#[test]
+fn each_request_gets_an_access_log_line() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(
+            &dir.path().join("data"),
+            None,
+            &[("GARRET_LOG_FORMAT", format)],
+        );
+        let admin = server.admin_token();
+        let (status, body) = curl(&[
+            "-H",
+            &format!("Authorization: Bearer {admin}"),
+            &format!("http://{}/_api/v1/cache-config/default", server.address),
+        ]);
+        assert_eq!(status, "200", "{body}");
+        let line = server.log_line(|line| line.contains("request done"));
+        assert!(
+            !line.contains('\u{1b}'),
+            "no ANSI escapes in a pipe: {line:?}"
+        );
+        if format == "text" {
+            for field in [
+                "method=GET",
+                "path=/_api/v1/cache-config/default",
+                "cache=default",
+                "subject=admin",
+                "status=200",
+                "bytes_out=",
+                "duration_ms=",
+            ] {
+                assert!(line.contains(field), "{field} in {line}");
+            }
+            assert!(line.contains("request{id="), "{line}");
+        } else {
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(json["target"], "garret::access", "{json}");
+            assert_eq!(json["fields"]["status"], 200, "{json}");
+            assert_eq!(json["span"]["cache"], "default", "{json}");
+            assert_eq!(json["span"]["subject"], "admin", "{json}");
+            assert_eq!(json["span"]["id"].as_str().unwrap().len(), 16, "{json}");
+        }
+    }
 }

@@ -301,10 +301,16 @@ impl TokenAuthority {
     /// The token of a request, from its `Authorization` header if it has one.
     /// No header is anonymous (`Ok(None)`); a header that does not carry a
     /// valid token is an error, never anonymous (see the module docs).
+    /// The token `authorization` carries, if any; its subject goes into
+    /// the request's span, so the access log names who asked.
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Option<Token>, AuthError> {
-        authorization
+        let token = authorization
             .map(|value| self.verify(&super::jwt_from_authorization(value)?))
-            .transpose()
+            .transpose()?;
+        if let Some(subject) = token.as_ref().and_then(Token::sub) {
+            tracing::Span::current().record("subject", tracing::field::display(subject));
+        }
+        Ok(token)
     }
 
     pub fn verify(&self, jwt: &str) -> Result<Token, AuthError> {

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use garret_meta::{Meta, MetaError, NewCache};
+use garret_meta::{Cache, Meta, MetaError, NewCache};
 use garret_nix::signing::SigningKey;
 use garret_nix::store_path::DEFAULT_STORE_DIR;
 use garret_server::clock::unix_now;
@@ -35,34 +35,51 @@ pub struct CreateArgs {
     key_name: Option<String>,
 }
 
+impl CreateArgs {
+    /// A private cache with the defaults, for `serve`'s first start.
+    pub fn private(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            public: false,
+            priority: 41,
+            store_dir: DEFAULT_STORE_DIR.to_owned(),
+            key_name: None,
+        }
+    }
+}
+
+/// Creates the cache `args` describes with a fresh signing key; `None` if
+/// the name is taken.
+pub async fn create(meta: &Meta, args: &CreateArgs) -> anyhow::Result<Option<Cache>> {
+    let name = garret_server::auth::CacheName::new(args.name.clone())?;
+    anyhow::ensure!(
+        !name.is_reserved(),
+        "`{name}` is reserved (a Bazel or REAPI path word); choose another name"
+    );
+    let key = SigningKey::generate(args.key_name.as_deref().unwrap_or(&args.name))?;
+    let new = NewCache {
+        name: args.name.clone(),
+        is_public: args.public,
+        store_dir: args.store_dir.clone(),
+        priority: args.priority,
+        signing_key: key.to_secret_string(),
+        upstream_cache_key_names: Vec::new(),
+        retention_period: None,
+    };
+    match meta.create_cache(&new, unix_now()).await {
+        Ok(cache) => Ok(Some(cache)),
+        Err(MetaError::AlreadyExists(_)) => Ok(None),
+        Err(other) => Err(anyhow::Error::new(other).context("creating the cache")),
+    }
+}
+
 impl CacheCommand {
     pub async fn run(self, meta: &Meta) -> anyhow::Result<()> {
         match self {
             Self::Create(args) => {
-                let name = garret_server::auth::CacheName::new(args.name.clone())?;
-                anyhow::ensure!(
-                    !name.is_reserved(),
-                    "`{name}` is reserved (a Bazel or REAPI path word); choose another name"
-                );
-                let key = SigningKey::generate(args.key_name.as_deref().unwrap_or(&args.name))?;
-                let new = NewCache {
-                    name: args.name,
-                    is_public: args.public,
-                    store_dir: args.store_dir,
-                    priority: args.priority,
-                    signing_key: key.to_secret_string(),
-                    upstream_cache_key_names: Vec::new(),
-                    retention_period: None,
-                };
-                let cache = meta
-                    .create_cache(&new, unix_now())
-                    .await
-                    .map_err(|e| match e {
-                        MetaError::AlreadyExists(_) => {
-                            anyhow::anyhow!("cache {} already exists", new.name)
-                        }
-                        other => anyhow::Error::new(other).context("creating the cache"),
-                    })?;
+                let cache = create(meta, &args)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("cache {} already exists", args.name))?;
                 print_info(&cache)
             }
             Self::Info { name } => print_info(&find(meta, &name).await?),

@@ -24,6 +24,10 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "info", env = "GARRET_LOG_LEVEL")]
     pub log_level: String,
 
+    /// `text` (for people) or `json` (one object per line, for collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "GARRET_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
     /// TOML configuration file; without one, built-in defaults and
     /// `GARRET_*` variables apply.
     #[arg(long, global = true, env = "GARRET_CONFIG")]
@@ -31,6 +35,12 @@ pub struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,9 +54,12 @@ enum Command {
     /// Attic-compatible access tokens (JWTs) for Nix, the `attic` client and Bazel.
     #[command(subcommand)]
     Token(token::TokenCommand),
-    /// Runs the server. So far: the Nix substituter side of every cache
-    /// (`nix-cache-info`, signed narinfo, NAR downloads with ranges).
-    Serve,
+    /// Runs the server on one port: the Nix binary cache (substituter,
+    /// Attic's API, plain `nix copy` uploads) and the Bazel remote cache
+    /// (REAPI over gRPC, Bazel's HTTP cache). The first start creates the
+    /// token secret, prints an admin token and creates the private cache
+    /// Bazel uses without an instance name (`bazel_default_cache`).
+    Serve(ServeArgs),
     /// Caches: create, inspect, delete.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -55,6 +68,18 @@ enum Command {
     /// Loads and validates the configuration, then prints the effective
     /// settings with secrets hidden.
     CheckConfig,
+}
+
+/// `serve`'s flags; each overrides the configuration file and `GARRET_*`.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address for HTTP and gRPC (`listen`, `GARRET_LISTEN`).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Home of the embedded database, local chunks and secrets
+    /// (`data_dir`, `GARRET_DATA_DIR`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,8 +126,14 @@ impl Cli {
                     Ok(())
                 })
             }
-            Command::Serve => {
-                let config = load_config(self.config.as_deref())?;
+            Command::Serve(args) => {
+                let mut config = load_config(self.config.as_deref())?;
+                if let Some(listen) = args.listen {
+                    config.listen = listen;
+                }
+                if let Some(data_dir) = args.data_dir {
+                    config.data_dir = data_dir;
+                }
                 runtime()?.block_on(serve(config))
             }
             Command::Cache(command) => {
@@ -171,7 +202,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ChunkStore::new(backend, config.store_config()),
         meta.clone(),
     );
-    let tokens = Some(token_authority(&config)?);
+    let (tokens, first_start) = token_authority(&config)?;
+    if first_start {
+        // So `bazel build --remote_cache=grpc://…` works with no other step.
+        let default = cache::CreateArgs::private(&config.bazel_default_cache);
+        if let Some(cache) = cache::create(&meta, &default).await? {
+            println!(
+                "Created the private cache `{}` that Bazel requests without an instance name use.",
+                cache.name
+            );
+        }
+    }
+    let tokens = Some(tokens);
     let state = std::sync::Arc::new(garret_server::http::AppState {
         meta,
         blobs,
@@ -216,8 +258,8 @@ fn restrict_file_modes() {
 /// Where the server's token key comes from: the same variables `garret
 /// token create` reads, else a secret in the data directory, created on
 /// first start together with an admin token printed once, so a newcomer can
-/// push right away.
-fn token_authority(config: &Config) -> anyhow::Result<garret_server::auth::TokenAuthority> {
+/// push right away. Also says whether this was that first start.
+fn token_authority(config: &Config) -> anyhow::Result<(garret_server::auth::TokenAuthority, bool)> {
     use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
     use std::os::unix::fs::OpenOptionsExt as _;
     let bind = |authority: TokenAuthority| {
@@ -228,17 +270,17 @@ fn token_authority(config: &Config) -> anyhow::Result<garret_server::auth::Token
         authority.with_audiences(config.jwt.bound_audiences.iter().cloned())
     };
     if let Some(secret) = non_empty_env("GARRET_TOKEN_HS256_SECRET_BASE64") {
-        return Ok(bind(TokenAuthority::hs256_base64(&secret)?));
+        return Ok((bind(TokenAuthority::hs256_base64(&secret)?), false));
     }
     if let Some(pem) = non_empty_env("GARRET_TOKEN_RS256_PUBKEY_PEM") {
-        return Ok(bind(TokenAuthority::rs256_pem(pem.as_bytes())?));
+        return Ok((bind(TokenAuthority::rs256_pem(pem.as_bytes())?), false));
     }
     let path = config.data_dir.join("token-secret");
     if path.exists() {
         let secret = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         return TokenAuthority::hs256_base64(secret.trim())
-            .map(bind)
+            .map(|authority| (bind(authority), false))
             .with_context(|| format!("the token secret in {}", path.display()));
     }
     create_private_dir(&config.data_dir)?;
@@ -262,7 +304,7 @@ fn token_authority(config: &Config) -> anyhow::Result<garret_server::auth::Token
          Admin token (every permission on every cache, valid one year):\n\n{admin}\n",
         path = path.display(),
     );
-    Ok(authority)
+    Ok((authority, true))
 }
 
 fn non_empty_env(name: &str) -> Option<String> {

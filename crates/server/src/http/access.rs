@@ -102,6 +102,7 @@ pub async fn cache(
     required: Permission,
 ) -> Result<Granted, ApiError> {
     let name = CacheName::new(name)?;
+    tracing::Span::current().record("cache", tracing::field::display(&name));
     let cache = match state.meta.cache(name.as_str()).await {
         Ok(cache) => Some(cache),
         Err(MetaError::NotFound(_)) => None,

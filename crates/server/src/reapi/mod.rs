@@ -293,6 +293,7 @@ impl Reapi {
         } else {
             CacheName::new(instance)?
         };
+        tracing::Span::current().record("cache", tracing::field::display(&name));
         let token = match &self.state.tokens {
             Some(tokens) => tokens.authenticate(
                 metadata

@@ -10,6 +10,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::BoxError;
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use garret_meta::{
@@ -21,8 +22,6 @@ use crate::clock::unix_now;
 use garret_store::{
     Backend, ChunkId, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest, StoreError,
 };
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How often, and how long apart, a writer re-asks about chunks that garbage
 /// collection is deleting right now. GC forgets such a row right after

@@ -5,14 +5,13 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use axum::BoxError;
 use bytes::Bytes;
 use futures::Stream;
 use garret_meta::{BlobId, NixObject};
 use garret_nix::nar::{Decoder, NarError};
 use garret_nix::narinfo::{ContentAddress, NarInfo};
 use garret_nix::{Sha256Hash, StorePath};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an upload body was refused while it streamed. The store reports it as
 /// an input error, so the HTTP layer can answer 4xx (the client's fault).

@@ -5,6 +5,7 @@ use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use axum::BoxError;
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _, stream};
 use garret_meta::{Cache, NewBlob, NewChunkRef};
@@ -55,8 +56,6 @@ const MAX_SPLIT_CHUNKS: u64 = (MAX_BATCH_TOTAL_BYTES / 80) as u64;
 /// BatchUpdateBlobs entry may ask for: batch blobs are smaller than that, and
 /// the window is memory the decoder allocates on the frame's word.
 const MAX_ZSTD_WINDOW_LOG: u32 = 23;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn ok_status() -> garret_proto::rpc::Status {
     garret_proto::rpc::Status::default()

@@ -516,10 +516,9 @@ async fn bound_unary_body(
 /// `body`, failing with DEADLINE_EXCEEDED if the client sends nothing for
 /// `idle`. The error is a [`Status`], which tonic passes on as it is.
 fn idle_limited(body: Body, idle: std::time::Duration) -> Body {
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
-    let pieces = body.into_data_stream().map_err(BoxError::from);
+    let pieces = body.into_data_stream().map_err(axum::BoxError::from);
     Body::from_stream(crate::idle::bounded(pieces, idle, move || {
-        BoxError::from(Status::deadline_exceeded(format!(
+        axum::BoxError::from(Status::deadline_exceeded(format!(
             "the client sent nothing for {} s",
             idle.as_secs()
         )))

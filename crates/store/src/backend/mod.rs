@@ -15,7 +15,7 @@ use thiserror::Error;
 pub use self::fs::FsBackend;
 pub use self::s3::{S3Backend, S3Config};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::error::BoxError;
 
 #[derive(Debug, Error)]
 pub enum BackendError {

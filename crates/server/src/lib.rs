@@ -10,4 +10,5 @@ pub mod idle;
 pub mod reapi;
 pub mod request_log;
 pub mod serve;
+pub mod state;
 pub mod upload;

@@ -8,19 +8,16 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
-use garret_meta::NewCache;
 use garret_nix::Sha256Hash;
 use garret_nix::signing::SigningKey;
-use garret_server::auth::{CacheName, CacheNamePattern, Permission, TokenAuthority, TokenSpec};
-use garret_server::config::Limits;
-use garret_server::http::{AppState, app, bazel};
+use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
+use garret_server::http::bazel;
 
 mod common;
 
-use common::{Deployment, TEST_SECRET_BASE64};
+use common::{Deployment, TestServer};
 
 /// The private cache Bazel builds against; also the default for paths
 /// without an instance prefix.
@@ -44,52 +41,24 @@ struct Server {
     /// `http://127.0.0.1:<port>`; HTTP/1, HTTP/2 and h2c gRPC on one port.
     url: String,
     tokens: TokenAuthority,
-    _dir: tempfile::TempDir,
-    _s3: Option<garret_store::testing::S3TestServer>,
+    _running: TestServer,
 }
 
 impl Server {
     async fn start(deployment: Deployment) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (blobs, s3) = match deployment {
-            Deployment::SqliteFs => (common::sqlite_fs_blobs(dir.path()).await, None),
-            Deployment::PostgresS3 => {
-                let (blobs, s3) = common::postgres_s3_blobs(dir.path()).await;
-                (blobs, Some(s3))
-            }
-        };
-        let tokens = TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap();
-        let state = Arc::new(AppState {
-            meta: blobs.meta().clone(),
-            blobs,
-            tokens: Some(tokens.clone()),
-            limits: Limits::default(),
-            endpoints: garret_server::config::Endpoints::default(),
-            spool_dir: dir.path().join("spool"),
-        });
+        let server = TestServer::start_configured(deployment, |config| {
+            config.bazel_default_cache = CACHE.into();
+        })
+        .await;
         for name in [CACHE, "other"] {
-            let new = NewCache {
-                name: name.into(),
-                is_public: false,
-                store_dir: "/nix/store".into(),
-                priority: 41,
-                signing_key: SigningKey::generate("k-1").unwrap().to_secret_string(),
-                upstream_cache_key_names: vec![],
-                retention_period: None,
-            };
-            state.meta.create_cache(&new, 0).await.unwrap();
+            server
+                .create_cache(name, false, &SigningKey::generate("k-1").unwrap())
+                .await;
         }
-        let default = CacheName::new(CACHE).unwrap();
-        // HTTP/1 for Bazel's HTTP cache, h2c for its gRPC cache, one port.
-        let app = app(Arc::clone(&state), &default);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self {
-            url,
-            tokens,
-            _dir: dir,
-            _s3: s3,
+            url: server.url.clone(),
+            tokens: server.tokens.clone(),
+            _running: server,
         }
     }
 

@@ -7,56 +7,35 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use garret_meta::{NewCache, NixObject};
+use garret_meta::NixObject;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePathHash};
 use garret_server::blobs::Expect;
-use garret_server::http::{AppState, router};
+use garret_server::http::AppState;
 use garret_store::ObjectStore;
 
 mod common;
+
+use common::{Deployment, TestServer};
 
 struct Server {
     url: String,
     state: Arc<AppState>,
     cache_key: SigningKey,
-    _dir: tempfile::TempDir,
+    _running: TestServer,
 }
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let blobs = common::sqlite_fs_blobs(dir.path()).await;
-    let meta = blobs.meta().clone();
+    let server = TestServer::start(Deployment::SqliteFs).await;
     let cache_key = SigningKey::generate("demo-1").unwrap();
     for (name, public) in [("demo", true), ("private", false)] {
-        let new = NewCache {
-            name: name.into(),
-            is_public: public,
-            store_dir: "/nix/store".into(),
-            priority: 41,
-            signing_key: cache_key.to_secret_string(),
-            upstream_cache_key_names: vec![],
-            retention_period: None,
-        };
-        meta.create_cache(&new, 0).await.unwrap();
+        server.create_cache(name, public, &cache_key).await;
     }
-    let state = Arc::new(AppState {
-        meta,
-        blobs,
-        tokens: None,
-        limits: garret_server::config::Limits::default(),
-        endpoints: garret_server::config::Endpoints::default(),
-        spool_dir: dir.path().join("spool"),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(Arc::clone(&state));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     Server {
-        url,
-        state,
+        url: server.url.clone(),
+        state: Arc::clone(&server.state),
         cache_key,
-        _dir: dir,
+        _running: server,
     }
 }
 

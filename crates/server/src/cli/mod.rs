@@ -1,7 +1,6 @@
 //! Command-line interface. Each subcommand is a thin shell over a library call.
 
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -190,38 +189,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
-    private_data_dir(&config.data_dir)?;
-    let meta = open_meta(&config.database_url()).await?;
-    let backend = match (config.s3_config(), config.local_path()) {
-        (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
-        (None, Some(path)) => Backend::Fs(FsBackend::new(path)?),
-        (None, None) => unreachable!("storage is local or s3"),
-    };
-    let blobs = garret_server::blobs::Blobs::new(
-        ChunkStore::new(backend, config.store_config()),
-        meta.clone(),
-    );
+    garret_server::state::private_data_dir(&config.data_dir)?;
     let (tokens, first_start) = token_authority(&config)?;
+    let state = garret_server::state::build(&config, Some(tokens)).await?;
     if first_start {
         // So `bazel build --remote_cache=grpc://…` works with no other step.
         let default = cache::CreateArgs::private(&config.bazel_default_cache);
-        if let Some(cache) = cache::create(&meta, &default).await? {
+        if let Some(cache) = cache::create(&state.meta, &default).await? {
             println!(
                 "Created the private cache `{}` that Bazel requests without an instance name use.",
                 cache.name
             );
         }
     }
-    let tokens = Some(tokens);
-    let state = std::sync::Arc::new(garret_server::http::AppState {
-        meta,
-        blobs,
-        tokens,
-        limits: config.limits,
-        endpoints: config.endpoints(),
-        spool_dir: config.data_dir.join("spool"),
-    });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -283,7 +263,7 @@ fn token_authority(config: &Config) -> anyhow::Result<(garret_server::auth::Toke
             .map(|authority| (bind(authority), false))
             .with_context(|| format!("the token secret in {}", path.display()));
     }
-    create_private_dir(&config.data_dir)?;
+    garret_server::state::create_private_dir(&config.data_dir)?;
     let mut bytes = [0u8; 64];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
@@ -311,50 +291,10 @@ fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// Connects to the metadata database, creating an embedded one on first use
-/// and applying migrations, so every command works on a fresh data directory.
 async fn open_meta(database_url: &str) -> anyhow::Result<garret_meta::Meta> {
-    if let Some(path) = database_url.strip_prefix("sqlite:") {
-        let path = std::path::Path::new(path.trim_start_matches("//"));
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            create_private_dir(dir)?;
-        }
-        // It holds every cache's signing key; earlier versions left it 0644.
-        for file in ["", "-wal", "-shm"] {
-            let mut name = path.as_os_str().to_owned();
-            name.push(file);
-            let file = std::path::Path::new(&name);
-            if file.exists() {
-                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("restricting {}", file.display()))?;
-            }
-        }
-    }
-    let meta = garret_meta::Meta::connect(database_url)
+    garret_server::state::open_meta(database_url)
         .await
-        .context("connecting to the metadata database")?;
-    meta.migrate().await.context("applying migrations")?;
-    Ok(meta)
-}
-
-/// Creates `dir` (and missing parents) for this user alone. An existing
-/// directory keeps its mode: it may be shared, like `/var/lib`.
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))
-}
-
-/// The data directory, created or restricted to 0700: it holds the token
-/// secret, the embedded database and upload spools, and earlier versions
-/// created it 0755.
-fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    create_private_dir(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("restricting {}", dir.display()))
+        .context("opening the metadata database")
 }
 
 fn print_hash((hash, size): (garret_nix::Sha256Hash, u64)) {

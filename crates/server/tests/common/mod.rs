@@ -13,7 +13,7 @@ use garret_meta::{Meta, NewCache};
 use garret_nix::signing::SigningKey;
 use garret_server::auth::TokenAuthority;
 use garret_server::blobs::Blobs;
-use garret_server::config::Limits;
+use garret_server::config::{Config, Limits, S3Storage, Storage};
 use garret_server::http::AppState;
 use garret_store::testing::S3TestServer;
 use garret_store::{Backend, ChunkStore, FsBackend, S3Backend, StoreConfig};
@@ -87,30 +87,51 @@ impl TestServer {
     }
 
     pub async fn start_with(deployment: Deployment, limits: Limits) -> Self {
+        Self::start_configured(deployment, |config| config.limits = limits).await
+    }
+
+    /// A server on `deployment` whose configuration `adjust` may change,
+    /// built by `state::build` as `garret serve` builds it.
+    pub async fn start_configured(
+        deployment: Deployment,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (blobs, s3) = match deployment {
-            Deployment::SqliteFs => (sqlite_fs_blobs(dir.path()).await, None),
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let s3 = match deployment {
+            Deployment::SqliteFs => None,
             Deployment::PostgresS3 => {
-                let (blobs, s3) = postgres_s3_blobs(dir.path()).await;
-                (blobs, Some(s3))
+                config.database_url = Some(PgCluster::shared().fresh_database().await);
+                let s3 = S3TestServer::start(&dir.path().join("s3"), "garret")
+                    .await
+                    .unwrap();
+                config.storage = Storage::S3(S3Storage {
+                    endpoint: s3.config.endpoint.clone(),
+                    region: s3.config.region.clone(),
+                    bucket: s3.config.bucket.clone(),
+                    prefix: s3.config.prefix.clone(),
+                    path_style: s3.config.path_style,
+                    access_key_id: s3.config.access_key_id.clone(),
+                    secret_access_key: s3.config.secret_access_key.clone(),
+                });
+                Some(s3)
             }
         };
+        adjust(&mut config);
         let tokens = TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap();
-        let state = Arc::new(AppState {
-            meta: blobs.meta().clone(),
-            blobs,
-            tokens: Some(TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap()),
-            limits,
-            endpoints: garret_server::config::Endpoints::default(),
-            spool_dir: dir.path().join("spool"),
-        });
+        let state = garret_server::state::build(&config, Some(tokens.clone()))
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = garret_server::http::app(
             Arc::clone(&state),
-            &garret_server::auth::CacheName::new("default").unwrap(),
+            &garret_server::auth::CacheName::new(config.bazel_default_cache.clone()).unwrap(),
         );
-        spawn_serve(listener, app, &limits);
+        spawn_serve(listener, app, &config.limits);
         Self {
             url,
             state,

@@ -1,0 +1,107 @@
+//! The server's state, built once from its configuration: the metadata
+//! database, the chunk store and the settings every handler shares. The
+//! binary and the end-to-end tests build it the same way, so tests run the
+//! wiring that production runs.
+
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+use std::path::Path;
+use std::sync::Arc;
+
+use garret_meta::{Meta, MetaError};
+use garret_store::backend::BackendError;
+use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
+
+use crate::auth::TokenAuthority;
+use crate::blobs::Blobs;
+use crate::config::Config;
+use crate::http::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("preparing {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the metadata database: {0}")]
+    Meta(#[from] MetaError),
+    #[error("the chunk store: {0}")]
+    Store(#[from] BackendError),
+}
+
+/// Everything `config` describes, ready to serve; `tokens` verifies
+/// requests (none: every request is anonymous).
+pub async fn build(
+    config: &Config,
+    tokens: Option<TokenAuthority>,
+) -> Result<Arc<AppState>, StateError> {
+    let meta = open_meta(&config.database_url()).await?;
+    let backend = match (config.s3_config(), config.local_path()) {
+        (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
+        (None, Some(path)) => Backend::Fs(FsBackend::new(path)?),
+        (None, None) => unreachable!("storage is local or s3"),
+    };
+    let blobs = Blobs::new(
+        ChunkStore::new(backend, config.store_config()),
+        meta.clone(),
+    );
+    Ok(Arc::new(AppState {
+        meta,
+        blobs,
+        tokens,
+        limits: config.limits,
+        endpoints: config.endpoints(),
+        spool_dir: config.data_dir.join("spool"),
+    }))
+}
+
+/// Connects to the metadata database, creating an embedded one on first use
+/// and applying migrations, so every command works on a fresh data
+/// directory. An embedded database is its user's alone: it holds every
+/// cache's signing key (earlier versions left it 0644).
+pub async fn open_meta(database_url: &str) -> Result<Meta, StateError> {
+    if let Some(path) = database_url.strip_prefix("sqlite:") {
+        let path = Path::new(path.trim_start_matches("//"));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            create_private_dir(dir)?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = Path::new(&name);
+            if file.exists() {
+                std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|source| io(file, source))?;
+            }
+        }
+    }
+    let meta = Meta::connect(database_url).await?;
+    meta.migrate().await?;
+    Ok(meta)
+}
+
+/// Creates `dir` (and missing parents) for this user alone. An existing
+/// directory keeps its mode: it may be shared, like `/var/lib`.
+pub fn create_private_dir(dir: &Path) -> Result<(), StateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| io(dir, source))
+}
+
+/// The data directory, created or restricted to 0700: it holds the token
+/// secret, the embedded database and upload spools, and earlier versions
+/// created it 0755.
+pub fn private_data_dir(dir: &Path) -> Result<(), StateError> {
+    create_private_dir(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|source| io(dir, source))
+}
+
+fn io(path: &Path, source: std::io::Error) -> StateError {
+    StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}

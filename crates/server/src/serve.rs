@@ -290,7 +290,11 @@ impl Activity {
             if now >= deadline {
                 return reason;
             }
-            tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+            // Wake at least every keep-alive period: a connection whose
+            // requests end while it sleeps on the longer stalled bound
+            // must still close on time once idle.
+            let nap = (deadline - now).min(ms(limits.keepalive_idle));
+            tokio::time::sleep(Duration::from_millis(nap)).await;
         }
     }
 }

@@ -354,12 +354,10 @@ mod tests {
         ))
     }
 
-    /// The defaults, which every ordinary upload fits.
-    const LIMITS: DecodeLimits = DecodeLimits {
-        memory: 128 << 20,
-        ratio: 100,
-        floor: 64 << 20,
-    };
+    /// The configured defaults, which every ordinary upload fits.
+    fn default_limits() -> DecodeLimits {
+        DecodeLimits::new(&Limits::default())
+    }
 
     async fn collect(stream: BodyStream) -> Result<Vec<u8>, BodyError> {
         let parts: Vec<Bytes> = stream.try_collect().await?;
@@ -395,13 +393,19 @@ mod tests {
             file(parts.clone()),
             hash,
             Compression::Zstd,
-            LIMITS,
+            default_limits(),
         ))
         .await;
         assert_eq!(out.unwrap(), content);
 
         let wrong = Sha256Hash::of(b"other");
-        let out = collect(nar_of_file(file(parts), wrong, Compression::Zstd, LIMITS)).await;
+        let out = collect(nar_of_file(
+            file(parts),
+            wrong,
+            Compression::Zstd,
+            default_limits(),
+        ))
+        .await;
         assert!(
             matches!(out, Err(BodyError::FileHashMismatch { .. })),
             "{out:?}"
@@ -411,7 +415,7 @@ mod tests {
             file(vec![content.clone()]),
             Sha256Hash::of(&content),
             Compression::None,
-            LIMITS,
+            default_limits(),
         ))
         .await;
         assert_eq!(plain.unwrap(), content);
@@ -424,7 +428,7 @@ mod tests {
             file(vec![junk.clone()]),
             Sha256Hash::of(&junk),
             Compression::Zstd,
-            LIMITS,
+            default_limits(),
         ))
         .await;
         assert!(matches!(out, Err(BodyError::Decompress(_))), "{out:?}");
@@ -432,7 +436,7 @@ mod tests {
             file(vec![junk.clone()]),
             Sha256Hash::of(&junk),
             Compression::Xz,
-            LIMITS,
+            default_limits(),
         ))
         .await;
         assert!(matches!(out, Err(BodyError::Decompress(_))), "{out:?}");
@@ -476,7 +480,12 @@ mod tests {
         let content = b"xz content ".repeat(500);
         for level in ["-6", "-9e"] {
             let xz = compress_with("xz", &["-z", "-c", level], &content);
-            assert_eq!(decode(&xz, Compression::Xz, LIMITS).await.unwrap(), content);
+            assert_eq!(
+                decode(&xz, Compression::Xz, default_limits())
+                    .await
+                    .unwrap(),
+                content
+            );
         }
     }
 
@@ -486,13 +495,13 @@ mod tests {
     async fn huge_dictionaries_and_windows_are_refused() {
         let content = b"not much ".repeat(1000);
         let xz = compress_with("xz", &["-z", "-c", "--lzma2=dict=1536MiB"], &content);
-        let out = decode(&xz, Compression::Xz, LIMITS).await;
+        let out = decode(&xz, Compression::Xz, default_limits()).await;
         assert!(
-            matches!(out, Err(BodyError::DecoderMemory { limit }) if limit == LIMITS.memory),
+            matches!(out, Err(BodyError::DecoderMemory { limit }) if limit == default_limits().memory),
             "{out:?}"
         );
         let zst = compress_with("zstd", &["-c", "--long=30"], &content);
-        let out = decode(&zst, Compression::Zstd, LIMITS).await;
+        let out = decode(&zst, Compression::Zstd, default_limits()).await;
         assert!(
             matches!(out, Err(BodyError::DecoderMemory { .. })),
             "{out:?}"
@@ -500,7 +509,7 @@ mod tests {
         // Within a limit that admits them, the same streams decode.
         let roomy = DecodeLimits {
             memory: 2 << 30,
-            ..LIMITS
+            ..default_limits()
         };
         assert_eq!(
             decode(&zst, Compression::Zstd, roomy).await.unwrap(),
@@ -510,7 +519,13 @@ mod tests {
 
     #[test]
     fn zstd_window_follows_the_memory_limit() {
-        let window = |memory| DecodeLimits { memory, ..LIMITS }.zstd_window_log_max();
+        let window = |memory| {
+            DecodeLimits {
+                memory,
+                ..default_limits()
+            }
+            .zstd_window_log_max()
+        };
         assert_eq!(window(128 << 20), 27);
         assert_eq!(window((128 << 20) - 1), 26);
         assert_eq!(window(1), 10);
@@ -524,7 +539,7 @@ mod tests {
         let tight = DecodeLimits {
             ratio: 10,
             floor: 1 << 20,
-            ..LIMITS
+            ..default_limits()
         };
         let out = decode(&zst, Compression::Zstd, tight).await;
         assert!(

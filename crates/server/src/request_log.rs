@@ -143,13 +143,12 @@ fn bazel_metadata(headers: &HeaderMap) -> Option<(String, String)> {
     use base64::Engine as _;
     let value = headers.get(REQUEST_METADATA)?.as_bytes();
     // gRPC binary headers are base64, padded or not.
-    let trimmed = value
-        .strip_suffix(b"==")
-        .or_else(|| value.strip_suffix(b"="))
-        .unwrap_or(value);
-    let raw = base64::engine::general_purpose::STANDARD_NO_PAD
-        .decode(trimmed)
-        .ok()?;
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let raw = engine.decode(value).ok()?;
     let metadata = garret_proto::reapi::RequestMetadata::decode(raw.as_slice()).ok()?;
     let tool = metadata
         .tool_details
@@ -211,6 +210,13 @@ mod tests {
         let encoded = base64::engine::general_purpose::STANDARD.encode(metadata.encode_to_vec());
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_METADATA, encoded.parse().unwrap());
+        assert_eq!(
+            bazel_metadata(&headers),
+            Some(("bazel/4.2.3".into(), "inv-1".into()))
+        );
+        // gRPC may drop the padding.
+        let unpadded = encoded.trim_end_matches('=');
+        headers.insert(REQUEST_METADATA, unpadded.parse().unwrap());
         assert_eq!(
             bazel_metadata(&headers),
             Some(("bazel/4.2.3".into(), "inv-1".into()))

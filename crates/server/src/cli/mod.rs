@@ -238,7 +238,8 @@ fn restrict_file_modes() {
 /// Where the server's token key comes from: the same variables `garret
 /// token create` reads, else a secret in the data directory, created on
 /// first start together with an admin token printed once, so a newcomer can
-/// push right away. Also says whether this was that first start.
+/// push right away. Also says whether this was that first start. `serve`
+/// has made the (private) data directory already.
 fn token_authority(config: &Config) -> anyhow::Result<(garret_server::auth::TokenAuthority, bool)> {
     use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -263,7 +264,6 @@ fn token_authority(config: &Config) -> anyhow::Result<(garret_server::auth::Toke
             .map(|authority| (bind(authority), false))
             .with_context(|| format!("the token secret in {}", path.display()));
     }
-    garret_server::state::create_private_dir(&config.data_dir)?;
     let mut bytes = [0u8; 64];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);

@@ -27,6 +27,39 @@ pub trait ChunkIndex: Send + Sync {
     ) -> impl Future<Output = Result<HashMap<ChunkId, Sha256Hash>, BoxError>> + Send;
 }
 
+/// Told each time more of an ingest is durable, so that an interrupted
+/// upload can be resumed (by this process or another) from the last record
+/// instead of from the start.
+///
+/// Implemented by the layer that owns upload sessions. Recording must make
+/// the chunks safe from garbage collection: once recorded, the ingest no
+/// longer cleans them up when it fails.
+pub trait Checkpoint: Send + Sync {
+    /// New durable content, in bytes, worth one record; `u64::MAX` records
+    /// nothing, not even when the input fails.
+    fn interval(&self) -> u64;
+
+    /// `chunks` continue the blob where the last record (or the resumed
+    /// prefix) ended, and are durable in the backend. `uploaded` names the
+    /// chunks this ingest wrote itself; the others were already stored.
+    fn record(
+        &self,
+        chunks: &[ChunkRef],
+        uploaded: &HashSet<ChunkId>,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// Ingests that cannot be resumed record nothing.
+impl Checkpoint for () {
+    fn interval(&self) -> u64 {
+        u64::MAX
+    }
+
+    async fn record(&self, _: &[ChunkRef], _: &HashSet<ChunkId>) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
 /// The result of an ingest: the blob's manifest, and which of its chunks this
 /// ingest uploaded (the rest were already present), which the metadata commit
 /// needs to tell a chunk it may insert from one that must already exist.
@@ -106,9 +139,16 @@ async fn fetch_frame<B: ObjectStore>(
 
 /// Builds the manifest in blob order while frames are produced (compressed or
 /// fetched) and uploaded concurrently.
-struct Assembler<'a, B, I> {
+struct Assembler<'a, B, I, C> {
     store: &'a ChunkStore<B>,
     index: &'a I,
+    checkpoint: &'a C,
+    /// `chunks[..recorded]` are recorded by `checkpoint` (or were the
+    /// resumed prefix).
+    recorded: usize,
+    /// Chunks uploaded since the last record, whose objects the next record
+    /// must make durable first.
+    unsynced: Vec<ChunkId>,
     file: Sha256Hasher,
     offset: u64,
     chunks: Vec<ChunkRef>,
@@ -117,7 +157,7 @@ struct Assembler<'a, B, I> {
     uploads: FuturesUnordered<JoinHandle<Result<(), StoreError>>>,
 }
 
-impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
+impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'_, B, I, C> {
     async fn add_batch(&mut self, batch: Vec<Hashed>) -> Result<(), StoreError> {
         let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
         let present = self.index.lookup(&ids).await.map_err(StoreError::Index)?;
@@ -161,6 +201,47 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
         if framed.upload {
             self.upload(framed.id, framed.frame).await?;
         }
+        let pending = self.offset
+            - self
+                .chunks
+                .get(self.recorded)
+                .map_or(self.offset, |c| c.offset);
+        if pending >= self.checkpoint.interval() {
+            self.record().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every upload so far, makes them durable and records the
+    /// chunks placed since the last record. Compression of later chunks
+    /// goes on meanwhile; only their uploads wait.
+    async fn record(&mut self) -> Result<(), StoreError> {
+        self.drain_uploads().await?;
+        if self.recorded == self.chunks.len() {
+            return Ok(());
+        }
+        self.checkpoint
+            .record(&self.chunks[self.recorded..], &self.uploaded)
+            .await
+            .map_err(StoreError::Index)?;
+        self.recorded = self.chunks.len();
+        Ok(())
+    }
+
+    /// Waits for every upload in flight and makes the uploaded objects
+    /// durable with one barrier.
+    async fn drain_uploads(&mut self) -> Result<(), StoreError> {
+        while let Some(done) = self.uploads.next().await {
+            done??;
+        }
+        let keys: Vec<String> = self.unsynced.drain(..).map(|id| id.object_key()).collect();
+        if !keys.is_empty() {
+            self.store
+                .backend
+                .sync(&keys)
+                .await
+                .map_err(StoreError::Backend)?;
+        }
         Ok(())
     }
 
@@ -168,6 +249,7 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
         while self.uploads.len() >= self.store.config.upload_concurrency {
             self.uploads.next().await.expect("uploads is not empty")??;
         }
+        self.unsynced.push(id);
         let backend = self.store.backend.clone();
         self.uploads.push(tokio::spawn(async move {
             backend
@@ -178,19 +260,17 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
         Ok(())
     }
 
-    async fn finish(mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
+    /// Places every frame still being produced.
+    async fn place_all(&mut self) -> Result<(), StoreError> {
         while let Some(framed) = self.framing.next().await {
             self.place(framed??).await?;
         }
-        while let Some(done) = self.uploads.next().await {
-            done??;
-        }
-        let keys: Vec<String> = self.uploaded.iter().map(ChunkId::object_key).collect();
-        self.store
-            .backend
-            .sync(&keys)
-            .await
-            .map_err(StoreError::Backend)?;
+        Ok(())
+    }
+
+    async fn finish(mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
+        self.place_all().await?;
+        self.drain_uploads().await?;
         let (hash, size) = whole.finish();
         let (file_hash, file_size) = self.file.finish();
         debug_assert_eq!(size, self.offset);
@@ -209,8 +289,9 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex> Assembler<'_, B, I> {
 
 impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
     /// Stores a stream as chunks and returns its manifest (and which chunks
-    /// it uploaded) once every chunk is durable in the backend. Nothing is committed here: the caller checks
-    /// the manifest (hash, size) and commits it to the metadata.
+    /// it uploaded) once every chunk is durable in the backend. Nothing is
+    /// committed here: the caller checks the manifest (hash, size) and
+    /// commits it to the metadata.
     ///
     /// Memory stays bounded whatever the blob size: one chunker window, the
     /// chunks being hashed, one lookup batch, and the frames being produced
@@ -227,25 +308,60 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
+        self.ingest_after(Vec::new(), input, index, max_size, &())
+            .await
+    }
+
+    /// [`ChunkStore::ingest`] of a blob whose first chunks, `prefix`, an
+    /// earlier attempt stored: `input` continues at the prefix's end, and
+    /// durable progress is reported to `checkpoint` every
+    /// [`Checkpoint::interval`] bytes and once more when `input` fails, so
+    /// that a later attempt can continue from there.
+    ///
+    /// The prefix's frames are read back (and checked against their frame
+    /// hashes) to restore the blob's content and file hashes. Chunk
+    /// boundaries do not depend on where an attempt started: the chunker
+    /// cuts by content from the last cut, every record ends at a cut, and
+    /// the bytes after the last cut of a failed attempt are dropped (the
+    /// client sends them again).
+    pub async fn ingest_after<S, E>(
+        &self,
+        prefix: Vec<ChunkRef>,
+        input: S,
+        index: &impl ChunkIndex,
+        max_size: Option<u64>,
+        checkpoint: &impl Checkpoint,
+    ) -> Result<Ingested, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BoxError>,
+    {
         let mut input = pin!(input);
         let window = self.chunker.window();
         let mut buf = BytesMut::with_capacity(window * 2);
         let mut whole = Sha256Hasher::new();
-        let mut eof = false;
-        let mut hashing: FuturesOrdered<JoinHandle<Hashed>> = FuturesOrdered::new();
-        let mut batch = Vec::with_capacity(self.config.lookup_batch);
         let mut assembler = Assembler {
             store: self,
             index,
+            checkpoint,
+            recorded: prefix.len(),
+            unsynced: Vec::new(),
             file: Sha256Hasher::new(),
-            offset: 0,
+            offset: prefix.last().map_or(0, ChunkRef::end),
             chunks: Vec::new(),
             uploaded: HashSet::new(),
             framing: FuturesOrdered::new(),
             uploads: FuturesUnordered::new(),
         };
+        self.rehash(&prefix, &mut whole, &mut assembler.file)
+            .await?;
+        assembler.chunks = prefix;
+        let mut eof = false;
+        let mut failed = None;
+        let mut hashing: FuturesOrdered<JoinHandle<Hashed>> = FuturesOrdered::new();
+        let mut batch = Vec::with_capacity(self.config.lookup_batch);
 
-        loop {
+        'input: loop {
             while !eof && buf.len() < window {
                 match input.next().await {
                     Some(Ok(bytes)) => {
@@ -255,7 +371,10 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
                         }
                         buf.extend_from_slice(&bytes);
                     }
-                    Some(Err(e)) => return Err(StoreError::Input(e.into())),
+                    Some(Err(e)) => {
+                        failed = Some(e.into());
+                        break 'input;
+                    }
                     None => eof = true,
                 }
             }
@@ -280,6 +399,47 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         if !batch.is_empty() {
             assembler.add_batch(batch).await?;
         }
-        assembler.finish(whole).await
+        match failed {
+            None => assembler.finish(whole).await,
+            Some(error) => {
+                // Everything cut so far was cut where a whole upload would
+                // cut it; keep it for the next attempt.
+                if checkpoint.interval() != u64::MAX {
+                    assembler.place_all().await?;
+                    assembler.record().await?;
+                }
+                Err(StoreError::Input(error))
+            }
+        }
+    }
+
+    /// Feeds the stored prefix of a resumed blob to its content and file
+    /// hashers, reading frames ahead as a download does.
+    async fn rehash(
+        &self,
+        prefix: &[ChunkRef],
+        whole: &mut Sha256Hasher,
+        file: &mut Sha256Hasher,
+    ) -> Result<(), StoreError> {
+        let mut frames = futures::stream::iter(prefix.iter().map(|chunk| {
+            let backend = self.backend.clone();
+            let chunk = *chunk;
+            async move {
+                let framed = fetch_frame(backend, chunk.id, chunk.size, chunk.frame_hash).await?;
+                let data = tokio::task::spawn_blocking(move || {
+                    codec::decompress(&framed.frame, chunk.size as usize)
+                        .map(|data| (framed.frame, data))
+                })
+                .await??;
+                Ok::<_, StoreError>(data)
+            }
+        }))
+        .buffered(self.config.read_prefetch.max(1));
+        while let Some(next) = frames.next().await {
+            let (frame, data) = next?;
+            file.update(&frame);
+            whole.update(&data);
+        }
+        Ok(())
     }
 }

@@ -19,7 +19,7 @@ pub use backend::{Backend, FsBackend, ObjectStore, S3Backend, S3Config};
 pub use chunk::{ChunkId, ChunkRef, Manifest};
 pub use chunker::{Chunker, ChunkerConfig};
 pub use error::StoreError;
-pub use ingest::{ChunkIndex, Ingested};
+pub use ingest::{Checkpoint, ChunkIndex, Ingested};
 
 use std::sync::Arc;
 

@@ -77,6 +77,7 @@ both_backends! {
     streams_one_gibibyte,
     input_errors_and_limits,
     corrupt_stored_frame_is_not_reused,
+    resumes_where_the_last_record_ended,
 }
 
 async fn round_trips(f: Fixture) {
@@ -349,4 +350,104 @@ async fn corrupt_stored_frame_is_not_reused(f: Fixture) {
         matches!(err, StoreError::Corrupt { id, .. } if id == victim),
         "{err:?}"
     );
+}
+
+/// Records what an ingest reports durable, as an upload session would.
+#[derive(Default)]
+struct Records {
+    interval: u64,
+    chunks: std::sync::Mutex<Vec<garret_store::ChunkRef>>,
+    uploaded: std::sync::Mutex<std::collections::HashSet<garret_store::ChunkId>>,
+}
+
+impl garret_store::Checkpoint for Records {
+    fn interval(&self) -> u64 {
+        self.interval
+    }
+
+    async fn record(
+        &self,
+        chunks: &[garret_store::ChunkRef],
+        uploaded: &std::collections::HashSet<garret_store::ChunkId>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut held = self.chunks.lock().unwrap();
+        // Each record continues the last one.
+        assert_eq!(chunks[0].offset, held.last().map_or(0, |c| c.end()));
+        held.extend_from_slice(chunks);
+        self.uploaded.lock().unwrap().extend(uploaded);
+        Ok(())
+    }
+}
+
+async fn resumes_where_the_last_record_ended(f: Fixture) {
+    let content = text(5 << 20, 61);
+    let broken_at = 3_300_000;
+    let records = Records {
+        interval: 1 << 20,
+        ..Records::default()
+    };
+    // The first attempt breaks off; what it cut is recorded, in order, and
+    // every recorded object is in the backend.
+    let index = MemoryIndex::default();
+    let failing = stream::iter(vec![
+        Ok(Bytes::copy_from_slice(&content[..broken_at])),
+        Err(std::io::Error::other("client went away")),
+    ]);
+    let err = f
+        .store
+        .ingest_after(Vec::new(), failing, &index, None, &records)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Input(_)), "{err}");
+    let prefix = records.chunks.lock().unwrap().clone();
+    let end = prefix.last().unwrap().end();
+    let max_chunk = u64::from(f.store.config().chunker.max_size);
+    assert!(
+        end <= broken_at as u64 && end + max_chunk > broken_at as u64,
+        "{end}"
+    );
+    for chunk in &prefix {
+        assert!(records.uploaded.lock().unwrap().contains(&chunk.id));
+        assert!(
+            f.store
+                .backend()
+                .exists(&chunk.id.object_key())
+                .await
+                .unwrap()
+        );
+    }
+
+    // The second attempt sends the rest; the blob is the one a single
+    // upload makes, chunk for chunk.
+    let resumed = f
+        .store
+        .ingest_after(
+            prefix.clone(),
+            body(&content[end as usize..]),
+            &index,
+            None,
+            &(),
+        )
+        .await
+        .unwrap()
+        .manifest;
+    let whole = ingest(&f.store, &MemoryIndex::default(), &content).await;
+    assert_eq!(resumed, whole);
+    assert_eq!(
+        read_all(&f.store, &resumed, 0..resumed.size).await.unwrap(),
+        content
+    );
+
+    // A prefix whose stored frame was damaged is refused, not hashed.
+    f.store
+        .backend()
+        .put(&prefix[0].id.object_key(), Bytes::from_static(b"damaged"))
+        .await
+        .unwrap();
+    let err = f
+        .store
+        .ingest_after(prefix, body(&content[end as usize..]), &index, None, &())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
 }

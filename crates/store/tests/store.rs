@@ -372,7 +372,10 @@ impl garret_store::Checkpoint for Records {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut held = self.chunks.lock().unwrap();
         // Each record continues the last one.
-        assert_eq!(chunks[0].offset, held.last().map_or(0, |c| c.end()));
+        assert_eq!(
+            chunks[0].offset,
+            held.last().map_or(0, garret_store::ChunkRef::end)
+        );
         held.extend_from_slice(chunks);
         self.uploaded.lock().unwrap().extend(uploaded);
         Ok(())

@@ -441,6 +441,10 @@ impl Meta {
     /// unreferenced with `deletable_at = now + grace`: it is expected to gain
     /// its first reference (a Nix object or CAS entry) within that window.
     ///
+    /// Chunks an upload session recorded ([`Meta::checkpoint_upload`]) have
+    /// rows, unreferenced until this commit, so the caller may send them as
+    /// uploaded or not: either way they gain their uses and lose their lease.
+    ///
     /// Fails with [`MetaError::ChunkGone`], having written nothing, if a chunk
     /// is being garbage-collected or a chunk the caller did not upload has
     /// no row, and with [`MetaError::FrameMismatch`] if a chunk's row records

@@ -28,7 +28,7 @@ pub enum Compression {
 }
 
 impl Compression {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Compression::None => "none",
             Compression::Zstd => "zstd",
@@ -187,23 +187,51 @@ pub(crate) fn chunk_from_row(row: ChunkRow) -> Result<Chunk> {
 /// `hash, frame_hash, refcount, deletable_at, state` of a chunk.
 type ChunkLookupRow = (Vec<u8>, Vec<u8>, i64, Option<i64>, String);
 
-/// All uses of one chunk within a blob being committed.
-struct ChunkUse<'a> {
-    chunk: &'a NewChunkRef,
+/// All uses of one chunk within a blob being committed (or a stretch of an
+/// upload being checkpointed).
+pub(crate) struct ChunkUse<'a> {
+    pub(crate) chunk: &'a NewChunkRef,
     /// Positions in the blob that use it: the refcount it gains.
     uses: i64,
-    uploaded: bool,
+    pub(crate) uploaded: bool,
 }
+
+/// Chunks merged by hash, in hash order, so that concurrent transactions
+/// lock shared chunk rows in the same order.
+pub(crate) type ChunkUses<'a> = BTreeMap<[u8; 32], ChunkUse<'a>>;
 
 /// Checks that the chunks tile the blob and its file exactly and merges
 /// repeated chunks, which must describe the same object every time.
-/// Returned in hash order, so that concurrent commits lock shared chunk rows
-/// in the same order.
-fn chunk_uses(blob: &NewBlob) -> Result<BTreeMap<[u8; 32], ChunkUse<'_>>> {
-    let mut uses: BTreeMap<[u8; 32], ChunkUse<'_>> = BTreeMap::new();
-    let mut end = 0u64;
-    let mut file_end = 0u64;
-    for (seq, chunk) in blob.chunks.iter().enumerate() {
+fn chunk_uses(blob: &NewBlob) -> Result<ChunkUses<'_>> {
+    let (uses, end, file_end) = tile(&blob.chunks, 0, 0)?;
+    if end != blob.size {
+        return Err(MetaError::Invalid(format!(
+            "chunks cover {end} bytes of a {}-byte blob",
+            blob.size
+        )));
+    }
+    if file_end != blob.file_size {
+        return Err(MetaError::Invalid(format!(
+            "frames cover {file_end} bytes of a {}-byte file",
+            blob.file_size
+        )));
+    }
+    Ok(uses)
+}
+
+/// Checks that non-empty `chunks` follow each other from byte `start` and
+/// file byte `file_start` without gaps or overlaps, and merges repeated
+/// chunks, which must describe the same object every time. Returns the
+/// merged uses and where the chunks end in the content and in the file.
+pub(crate) fn tile(
+    chunks: &[NewChunkRef],
+    start: u64,
+    file_start: u64,
+) -> Result<(ChunkUses<'_>, u64, u64)> {
+    let mut uses: ChunkUses<'_> = BTreeMap::new();
+    let mut end = start;
+    let mut file_end = file_start;
+    for (seq, chunk) in chunks.iter().enumerate() {
         if chunk.size == 0 || chunk.stored_size == 0 {
             return Err(MetaError::Invalid(format!("chunk {seq} is empty")));
         }
@@ -250,19 +278,7 @@ fn chunk_uses(blob: &NewBlob) -> Result<BTreeMap<[u8; 32], ChunkUse<'_>>> {
             }
         }
     }
-    if end != blob.size {
-        return Err(MetaError::Invalid(format!(
-            "chunks cover {end} bytes of a {}-byte blob",
-            blob.size
-        )));
-    }
-    if file_end != blob.file_size {
-        return Err(MetaError::Invalid(format!(
-            "frames cover {file_end} bytes of a {}-byte file",
-            blob.file_size
-        )));
-    }
-    Ok(uses)
+    Ok((uses, end, file_end))
 }
 
 /// Checks that a chunk row the commit is about to use describes the object
@@ -306,13 +322,13 @@ fn insert_chunks_sql(n: usize) -> String {
 }
 
 /// `id, hash, stored_size, frame_hash` of a chunk row a commit added uses to.
-type UsedChunkRow = (i64, Vec<u8>, i64, Vec<u8>);
+pub(crate) type UsedChunkRow = (i64, Vec<u8>, i64, Vec<u8>);
 
 /// Notes the ids of chunk rows a commit uses, checking each row's frame
 /// against what the writer sent (whether the row was updated or inserted).
-fn record_used(
+pub(crate) fn record_used(
     rows: Vec<UsedChunkRow>,
-    uses: &BTreeMap<[u8; 32], ChunkUse<'_>>,
+    uses: &ChunkUses<'_>,
     ids: &mut HashMap<[u8; 32], i64>,
 ) -> Result<()> {
     for (id, hash, stored_size, frame_hash) in rows {
@@ -424,6 +440,10 @@ impl Meta {
     /// times the blob uses it (new chunks are inserted), and the blob starts
     /// unreferenced with `deletable_at = now + grace`: it is expected to gain
     /// its first reference (a Nix object or CAS entry) within that window.
+    ///
+    /// Chunks an upload session recorded ([`Meta::checkpoint_upload`]) have
+    /// rows, unreferenced until this commit, so the caller may send them as
+    /// uploaded or not: either way they gain their uses and lose their lease.
     ///
     /// Fails with [`MetaError::ChunkGone`], having written nothing, if a chunk
     /// is being garbage-collected or a chunk the caller did not upload has

@@ -25,6 +25,12 @@ pub enum MetaError {
     /// rebuild the file from the stored frame, and commit again.
     #[error("chunk {} is stored as a different frame; retry from present_chunks", Hex(.0))]
     FrameMismatch([u8; 32]),
+    /// The upload session was taken over by another Write (perhaps on another
+    /// replica), expired, or finished, since the caller claimed it. Nothing
+    /// was written: this writer must stop; the client resumes through
+    /// whichever Write holds the session now, or starts over.
+    #[error("upload session was taken over, expired or finished")]
+    UploadSuperseded,
     /// The caller passed something inconsistent (offsets that do not add up,
     /// an invalid cache name, a size beyond `i64::MAX`).
     #[error("invalid request: {0}")]

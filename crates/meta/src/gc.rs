@@ -2,14 +2,16 @@
 //! reports nothing left:
 //! 1. [`Meta::gc_expire`] deletes objects past their cache's retention and
 //!    everything in deleted caches, which releases their blobs;
-//! 2. [`Meta::gc_sweep_blobs`] deletes unreferenced blobs past their grace
+//! 2. [`Meta::expire_uploads`] deletes upload sessions past their expiry,
+//!    which releases the chunks they held;
+//! 3. [`Meta::gc_sweep_blobs`] deletes unreferenced blobs past their grace
 //!    period, which releases their chunks;
-//! 3. [`Meta::gc_mark_chunks`] claims unreferenced chunks past their grace
-//!    period;
-//! 4. the worker deletes those chunks' objects from the blob backend;
-//! 5. [`Meta::gc_forget_chunks`] deletes their rows.
+//! 4. [`Meta::gc_mark_chunks`] claims unreferenced chunks past their grace
+//!    period that no upload session holds;
+//! 5. the worker deletes those chunks' objects from the blob backend;
+//! 6. [`Meta::gc_forget_chunks`] deletes their rows.
 //!
-//! Unlike Attic, a crash between 3 and 5 loses nothing and leaks nothing: the
+//! Unlike Attic, a crash between 4 and 6 loses nothing and leaks nothing: the
 //! rows stay `deleting`, writers treat them as gone (see
 //! [`crate::MetaError::ChunkGone`]), and a later mark reclaims them.
 
@@ -40,12 +42,20 @@ macro_rules! claim_sql {
         )
     };
 }
+pub(crate) use claim_sql;
 
 /// Marks chunks `deleting` and pushes `deletable_at` to `$2`, so that a mark
 /// whose worker died becomes claimable again after the grace period; any live
 /// worker finishes its batch long before that.
+///
+/// A chunk an upload session holds is skipped whatever its `deletable_at`:
+/// a checkpoint leases only the chunks it adds, and a chunk a blob held when
+/// the session recorded it gets a plain grace period once that blob goes,
+/// yet the session may outlive both. Each candidate costs one probe of
+/// `upload_session_chunks_chunk`.
 const MARK_CHUNKS: (&str, &str) = claim_sql!(
     "SELECT id FROM chunks WHERE refcount = 0 AND deletable_at <= $1 \
+       AND NOT EXISTS (SELECT 1 FROM upload_session_chunks s WHERE s.chunk_id = chunks.id) \
      ORDER BY deletable_at LIMIT $3",
     "UPDATE chunks SET state = 'deleting', deletable_at = $2 \
      WHERE id IN (SELECT id FROM claimed) AND refcount = 0 AND deletable_at <= $1 \
@@ -123,16 +133,16 @@ fn release_sql(table: &str, n: usize) -> String {
 }
 
 impl Meta {
-    fn dialect(&self, (postgres, sqlite): (&'static str, &'static str)) -> &'static str {
+    pub(crate) fn dialect(&self, (postgres, sqlite): (&'static str, &'static str)) -> &'static str {
         match self.pools {
             Pools::Postgres(_) => postgres,
             Pools::Sqlite { .. } => sqlite,
         }
     }
 
-    /// Claims up to `limit` chunks that are unreferenced and past their
-    /// `deletable_at` (or were claimed by a worker that died), marking them
-    /// `deleting`. From then on no commit can use them and
+    /// Claims up to `limit` chunks that are unreferenced, past their
+    /// `deletable_at` (or were claimed by a worker that died) and held by no
+    /// upload session, marking them `deleting`. From then on no commit can use them and
     /// [`Meta::present_chunks`] makes writers wait, so the caller can delete
     /// their objects and then call [`Meta::gc_forget_chunks`].
     pub async fn gc_mark_chunks(&self, now: i64, limit: u32) -> Result<Vec<Chunk>> {

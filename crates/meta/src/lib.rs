@@ -22,6 +22,11 @@
 //!   not to upload it must be able to commit within the grace period;
 //! - a re-upload inside the window keeps the data instead of racing a delete.
 //!
+//! The chunks a resumable upload has stored so far are held by its upload
+//! session instead, without a reference: GC spares them while the session
+//! lives, and they age out like any unreferenced chunk once it is gone (see
+//! [`Meta::claim_upload`]).
+//!
 //! GC then deletes in two phases ([`Meta::gc_mark_chunks`], delete the objects,
 //! [`Meta::gc_forget_chunks`]) so a crash at any point leaves no `valid` row
 //! whose object is gone (see `gc.rs`).
@@ -42,6 +47,7 @@ mod nix;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod uploads;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -59,6 +65,7 @@ pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
 pub use gc::Expired;
 pub use nix::{NixObject, NixObjectRow};
+pub use uploads::UploadSession;
 
 /// Result of every [`Meta`] operation.
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;
@@ -74,6 +81,10 @@ pub struct BlobId(pub i64);
 /// Row id of a chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub i64);
+
+/// Row id of an upload session (see [`Meta::claim_upload`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UploadSessionId(pub i64);
 
 /// Which database a [`Meta`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,6 +27,10 @@ const POSTGRES: Embedded = Embedded(&[
         "0002_nix_uploads.sql",
         include_str!("../../../migrations/postgres/0002_nix_uploads.sql"),
     ),
+    (
+        "0003_upload_sessions.sql",
+        include_str!("../../../migrations/postgres/0003_upload_sessions.sql"),
+    ),
 ]);
 
 const SQLITE: Embedded = Embedded(&[
@@ -37,6 +41,10 @@ const SQLITE: Embedded = Embedded(&[
     (
         "0002_nix_uploads.sql",
         include_str!("../../../migrations/sqlite/0002_nix_uploads.sql"),
+    ),
+    (
+        "0003_upload_sessions.sql",
+        include_str!("../../../migrations/sqlite/0003_upload_sessions.sql"),
     ),
 ]);
 

@@ -8,3 +8,4 @@ mod caches;
 mod gc;
 mod nix;
 mod schema;
+mod uploads;

@@ -11,7 +11,7 @@ both! {
         db.migrate().await.unwrap();
         for table in [
             "caches", "chunks", "blobs", "blob_chunks", "nix_objects", "cas_entries",
-            "action_results", "upload_sessions",
+            "action_results", "upload_sessions", "upload_session_chunks", "nix_uploads",
         ] {
             assert_eq!(db.count(table).await, 0, "{table}");
         }

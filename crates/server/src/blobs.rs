@@ -20,7 +20,7 @@ use garret_nix::Sha256Hash;
 
 use crate::clock::unix_now;
 use garret_store::{
-    Backend, ChunkId, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest, StoreError,
+    Backend, Checkpoint, ChunkId, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest, StoreError,
 };
 
 /// How often, and how long apart, a writer re-asks about chunks that garbage
@@ -173,17 +173,22 @@ fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkId) -> bool) -> NewBlob 
         chunks: manifest
             .chunks
             .iter()
-            .map(|c| NewChunkRef {
-                hash: *c.id.as_bytes(),
-                size: u64::from(c.size),
-                stored_size: u64::from(c.stored_size),
-                compression: Compression::Zstd,
-                offset: c.offset,
-                file_offset: c.file_offset,
-                frame_hash: *c.frame_hash.as_bytes(),
-                uploaded: uploaded(c.id),
-            })
+            .map(|c| new_chunk_ref(c, uploaded(c.id)))
             .collect(),
+    }
+}
+
+/// A chunk of the store's manifest as the metadata records it.
+pub fn new_chunk_ref(c: &ChunkRef, uploaded: bool) -> NewChunkRef {
+    NewChunkRef {
+        hash: *c.id.as_bytes(),
+        size: u64::from(c.size),
+        stored_size: u64::from(c.stored_size),
+        compression: Compression::Zstd,
+        offset: c.offset,
+        file_offset: c.file_offset,
+        frame_hash: *c.frame_hash.as_bytes(),
+        uploaded,
     }
 }
 
@@ -238,7 +243,7 @@ where
 /// A chunk row as the store wants it. Chunks and their frames are far below
 /// 4 GiB, so a size that does not fit a `u32` is a corrupt row: the request
 /// fails with an error (and the row can be repaired), it does not panic.
-fn chunk_ref(c: &BlobChunk) -> Result<ChunkRef, BlobError> {
+pub fn chunk_ref(c: &BlobChunk) -> Result<ChunkRef, BlobError> {
     let id = ChunkId(Sha256Hash::from_bytes(c.chunk.hash));
     let small = |what: &str, value: u64| {
         u32::try_from(value).map_err(|_| {
@@ -289,26 +294,44 @@ impl Blobs {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
-        let now = unix_now();
         if let Some(hash) = expect.hash
-            && let Some(blob) = self.meta.lease_blob(hash.as_bytes(), now).await?
+            && let Some(blob) = self.meta.lease_blob(hash.as_bytes(), unix_now()).await?
         {
             return prove(input, expect, &blob).await;
         }
+        self.put_after(Vec::new(), input, expect, &()).await
+    }
+
+    /// [`Blobs::put`] of an upload whose first chunks, `prefix`, an earlier
+    /// attempt stored; `checkpoint` records durable progress so that this
+    /// attempt can be resumed in turn. Chunks a record covers are no longer
+    /// this upload's to clean up when it fails: they have a row.
+    pub async fn put_after<S, E>(
+        &self,
+        prefix: Vec<ChunkRef>,
+        input: S,
+        expect: Expect,
+        checkpoint: &impl Checkpoint,
+    ) -> Result<StoredBlob, BlobError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BoxError>,
+    {
+        let now = unix_now();
         let index = MetaIndex {
             meta: &self.meta,
             now,
             in_flight: &self.in_flight,
             missing: Mutex::default(),
         };
-        let result = self.ingest(input, expect, &index).await;
+        let result = self.ingest(prefix, input, expect, &index, checkpoint).await;
         if let Err(error) = &result {
             let missing = index
                 .missing
                 .lock()
                 .expect("no panics while locked")
                 .clone();
-            tracing::debug!(%error, chunks = missing.len(), "upload failed; removing its chunks");
+            tracing::debug!(%error, chunks = missing.len(), "upload failed; removing its unrecorded chunks");
             if let Err(cleanup) = self.discard(missing, now).await {
                 tracing::warn!(%cleanup, "could not remove the chunks of a failed upload; GC will");
             }
@@ -318,16 +341,20 @@ impl Blobs {
 
     async fn ingest<S, E>(
         &self,
+        prefix: Vec<ChunkRef>,
         input: S,
         expect: Expect,
         index: &MetaIndex<'_>,
+        checkpoint: &impl Checkpoint,
     ) -> Result<StoredBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
-        let Ingested { manifest, uploaded } =
-            self.store.ingest(input, index, expect.max_size).await?;
+        let Ingested { manifest, uploaded } = self
+            .store
+            .ingest_after(prefix, input, index, expect.max_size, checkpoint)
+            .await?;
         check(expect, manifest.hash, manifest.size)?;
         let blob = new_blob(&manifest, &|id| uploaded.contains(&id));
         let commit = self.meta.commit_blob(&blob, index.now).await?;

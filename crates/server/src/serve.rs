@@ -55,7 +55,7 @@ use crate::request_log::RequestLog;
 const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
 
 /// Descriptors kept free of connections for the database pool, storage
-/// clients, spool files and logs.
+/// clients and logs.
 const RESERVED_FDS: u64 = 256;
 
 /// HTTP/2 streams one connection may run at once (Bazel opens a few

@@ -51,7 +51,6 @@ pub async fn build(
         tokens,
         limits: config.limits,
         endpoints: config.endpoints(),
-        spool_dir: config.data_dir.join("spool"),
     }))
 }
 
@@ -91,7 +90,7 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StateError> {
 }
 
 /// The data directory, created or restricted to 0700: it holds the token
-/// secret, the embedded database and upload spools, and earlier versions
+/// secret and the embedded database (and local chunks by default), and earlier versions
 /// created it 0755.
 pub fn private_data_dir(dir: &Path) -> Result<(), StateError> {
     create_private_dir(dir)?;

@@ -21,7 +21,7 @@ use garret_proto::reapi::{
     SpliceBlobRequest, SplitBlobRequest, Tree, UpdateActionResultRequest,
     batch_update_blobs_request,
 };
-use garret_server::reapi::{MAX_BATCH_TOTAL_BYTES, UploadLimits};
+use garret_server::reapi::{MAX_BATCH_TOTAL_BYTES, UploadSettings};
 use prost::Message as _;
 use tonic::{Code, Request};
 
@@ -34,7 +34,7 @@ async fn start() -> GrpcServer {
 }
 
 /// [`start`] with the gRPC services' upload limits set to `uploads`.
-async fn start_with(uploads: UploadLimits) -> GrpcServer {
+async fn start_with(uploads: UploadSettings) -> GrpcServer {
     GrpcServer::start_with(Deployment::SqliteFs, Some(uploads)).await
 }
 
@@ -360,29 +360,27 @@ async fn get_tree_streams_pages_before_a_later_error() {
     assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
 }
 
-/// Item 11: the count of open upload sessions and the bytes they spool
-/// are bounded; sessions with nothing to resume are not kept.
+/// An interrupted Write keeps the chunks it had cut, QueryWriteStatus
+/// reports where they end, and only a Write from exactly there continues
+/// it. Compressed uploads always start at 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upload_sessions_are_bounded() {
-    let h = start_with(UploadLimits {
-        max_sessions: 2,
-        session_memory_bytes: 1024,
-        total_memory_bytes: 4096,
-        total_spool_bytes: 64 << 10,
-        ..UploadLimits::default()
+async fn interrupted_writes_resume_where_their_record_ends() {
+    let h = start_with(UploadSettings {
+        checkpoint_bytes: 64 << 10,
+        ..UploadSettings::default()
     })
     .await;
-    let files_before = h.http.storage_files();
-    let data = vec![3u8; 48 << 10];
+    let data: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
     let name = |uuid: &str| format!("uploads/{uuid}/blobs/{}/{}", digest(&data).hash, data.len());
-    // Starts an upload of `data` with `len` bytes and leaves it unfinished.
-    let start = |uuid: &'static str, len: usize| {
+    let write = |uuid: &'static str, from: usize, to: usize, finish: bool| {
         let mut client = h.bytestream();
         let request = h.req(stream::iter([WriteRequest {
             resource_name: name(uuid),
-            write_offset: 0,
-            finish_write: false,
-            data: Bytes::copy_from_slice(&data[..len]),
+            write_offset: from as i64,
+            finish_write: finish,
+            data: Bytes::copy_from_slice(&data[from..to]),
         }]));
         async move { client.write(request).await }
     };
@@ -392,72 +390,55 @@ async fn upload_sessions_are_bounded() {
             resource_name: name(uuid),
         });
         async move {
-            client
-                .query_write_status(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .committed_size
+            let status = client.query_write_status(request).await.unwrap();
+            usize::try_from(status.into_inner().committed_size).unwrap()
         }
     };
 
-    // Sending nothing keeps no session.
-    assert_eq!(code(start("empty", 0).await), Code::InvalidArgument);
-    // Two sessions keep what they got (one spilled to the spool file).
-    assert_eq!(code(start("a", 40 << 10).await), Code::InvalidArgument);
-    assert_eq!(code(start("b", 100).await), Code::InvalidArgument);
-    assert_eq!(committed("a").await, 40 << 10);
-    assert_eq!(committed("b").await, 100);
-    // A third is one too many.
-    refused(start("c", 100).await, Code::ResourceExhausted);
-    assert_eq!(committed("c").await, 0);
-    // Over the spool quota: refused, and `b` keeps what it had.
-    let resume = WriteRequest {
-        resource_name: name("b"),
-        write_offset: 100,
-        finish_write: true,
-        data: Bytes::copy_from_slice(&data[100..]),
-    };
-    refused(
-        h.bytestream().write(h.req(stream::iter([resume]))).await,
-        Code::ResourceExhausted,
+    // Sending nothing keeps nothing.
+    assert_eq!(
+        code(write("empty", 0, 0, false).await),
+        Code::InvalidArgument
     );
-    assert_eq!(committed("b").await, 100);
-    assert_eq!(h.missing(&[digest(&data)]).await.len(), 1);
-    assert_eq!(h.http.storage_files(), files_before);
-
-    // Item 12: spool files live in the server's private spool directory,
-    // unlinked, so nothing of them is visible there.
-    let spool = &h.http.state.spool_dir;
-    assert!(spool.starts_with(h.http.dir.path()));
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(spool).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o700);
-    assert_eq!(std::fs::read_dir(spool).unwrap().count(), 0);
-
-    // Resuming `a` to the end works and stores the blob.
-    let resume = WriteRequest {
-        resource_name: name("a"),
-        write_offset: 40 << 10,
-        finish_write: true,
-        data: Bytes::copy_from_slice(&data[40 << 10..]),
-    };
-    h.bytestream()
-        .write(h.req(stream::iter([resume])))
-        .await
-        .unwrap();
+    assert_eq!(committed("empty").await, 0);
+    // Two MiB without finish_write: what was cut by then is recorded.
+    assert_eq!(
+        code(write("a", 0, 2 << 20, false).await),
+        Code::InvalidArgument
+    );
+    let held = committed("a").await;
+    assert!(held > 1 << 20 && held <= 2 << 20, "{held}");
+    // Only a Write from exactly there continues it.
+    refused(
+        write("a", held + 1, held + 2, false).await,
+        Code::OutOfRange,
+    );
+    refused(write("never", 5, 6, false).await, Code::OutOfRange);
+    assert_eq!(committed("never").await, 0);
+    write("a", held, data.len(), true).await.unwrap();
     assert!(h.missing(&[digest(&data)]).await.is_empty());
+
+    // A compressed upload cannot be resumed (of a blob not stored yet).
+    let other = &data[..1000];
+    let compressed = format!(
+        "uploads/z/compressed-blobs/zstd/{}/{}",
+        digest(other).hash,
+        other.len()
+    );
+    let request = h.req(stream::iter([WriteRequest {
+        resource_name: compressed,
+        write_offset: 10,
+        finish_write: true,
+        data: Bytes::from_static(b"x"),
+    }]));
+    refused(h.bytestream().write(request).await, Code::InvalidArgument);
 }
 
 /// Item 5: a Write of many tiny messages is accepted and stored right (its
 /// cost per message is constant; this checks the bookkeeping, not time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tiny_messages_spool_correctly() {
-    let h = start_with(UploadLimits {
-        session_memory_bytes: 4096,
-        ..UploadLimits::default()
-    })
-    .await;
+async fn tiny_messages_are_stored_right() {
+    let h = start().await;
     let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
     let name = format!("uploads/t/blobs/{}/{}", digest(&data).hash, data.len());
     let messages: Vec<WriteRequest> = data

@@ -1,7 +1,10 @@
 //! `garret serve` as operators run it: the real binary, configured by file
 //! and environment, against raw sockets and curl. First start, SIGTERM,
 //! connection bounds (idle, half-open, shutdown), private data files, token
-//! binding and the configured endpoints.
+//! binding, the configured endpoints, and replicas that share one
+//! database and one store.
+
+mod common;
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::TcpStream;
@@ -103,6 +106,13 @@ impl Server {
                 return line.trim().to_owned();
             }
         }
+    }
+
+    /// Kills the process outright (SIGKILL), as a crashed node would.
+    fn kill_hard(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Sends SIGTERM and waits at most `bound` for a clean exit.
@@ -470,4 +480,246 @@ fn each_request_gets_an_access_log_line() {
             assert_eq!(json["span"]["id"].as_str().unwrap().len(), 16, "{json}");
         }
     }
+}
+
+/// Two replicas of `garret serve` on one Postgres database and one chunk
+/// directory, as Kubernetes runs them behind one Service.
+struct Replicas {
+    a: Server,
+    b: Server,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Replicas {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let database = garret_meta::testing::PgCluster::shared()
+            .fresh_database()
+            .await;
+        let secret = base64::engine::general_purpose::STANDARD
+            .encode("garret replica tests: an HS256 secret of 32+ bytes");
+        let chunks = dir.path().join("chunks");
+        let env = [
+            ("GARRET_DATABASE_URL", database.as_str()),
+            ("GARRET_LOCAL_PATH", chunks.to_str().unwrap()),
+            ("GARRET_TOKEN_HS256_SECRET_BASE64", secret.as_str()),
+        ];
+        // One after the other: the first creates the default cache.
+        let a = Server::start(&dir.path().join("a"), None, &env);
+        let b = Server::start(&dir.path().join("b"), None, &env);
+        let mut spec = TokenSpec::new("ci", Duration::from_hours(1));
+        spec.grant(CacheNamePattern::new("*").unwrap(), Permission::ALL);
+        let token = TokenAuthority::hs256_base64(&secret)
+            .unwrap()
+            .mint(&spec)
+            .unwrap();
+        // With a configured key there is no first start: make Bazel's
+        // default cache, once, through either replica.
+        let (status, body) = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-d",
+            r#"{"keypair":"Generate","is_public":false}"#,
+            &format!("http://{}/_api/v1/cache-config/default", a.address),
+        ]);
+        assert_eq!(status, "200", "{body}");
+        Self {
+            a,
+            b,
+            token,
+            _dir: dir,
+        }
+    }
+}
+
+async fn grpc(server: &Server) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{}", server.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// What `server` reports durable of upload `name`.
+async fn committed(server: &Server, token: &str, name: &str) -> usize {
+    use garret_proto::bytestream::QueryWriteStatusRequest;
+    use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
+    let request = common::grpc::with_token(
+        QueryWriteStatusRequest {
+            resource_name: name.to_owned(),
+        },
+        token,
+    );
+    let status = ByteStreamClient::new(grpc(server).await)
+        .query_write_status(request)
+        .await
+        .unwrap()
+        .into_inner();
+    usize::try_from(status.committed_size).unwrap()
+}
+
+/// Starts a Write of `data` on `server`, feeding it `data[..sent]` in
+/// 1 MiB messages, then waits until `other` reports some of it durable.
+/// Returns the open Write (its sender keeps the stream open) and what
+/// `other` reports.
+async fn write_partly(
+    server: &Server,
+    other: &Server,
+    token: &str,
+    name: &str,
+    data: &[u8],
+    sent: usize,
+) -> (
+    futures::channel::mpsc::Sender<garret_proto::bytestream::WriteRequest>,
+    tokio::task::JoinHandle<
+        Result<tonic::Response<garret_proto::bytestream::WriteResponse>, tonic::Status>,
+    >,
+    usize,
+) {
+    use futures::SinkExt as _;
+    use garret_proto::bytestream::WriteRequest;
+    use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
+    let (mut tx, rx) = futures::channel::mpsc::channel(4);
+    let mut client = ByteStreamClient::new(grpc(server).await);
+    let request = common::grpc::with_token(rx, token);
+    let write = tokio::spawn(async move { client.write(request).await });
+    for at in (0..sent).step_by(1 << 20) {
+        let end = (at + (1 << 20)).min(sent);
+        tx.send(WriteRequest {
+            resource_name: if at == 0 {
+                name.to_owned()
+            } else {
+                String::new()
+            },
+            write_offset: i64::try_from(at).unwrap(),
+            finish_write: false,
+            data: bytes::Bytes::copy_from_slice(&data[at..end]),
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the Write ended early: {:?}", write.is_finished()));
+    }
+    // The first replica records progress as it goes; the other sees it in
+    // the shared database. Bounded wait for an asynchronous effect.
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    let held = loop {
+        let held = committed(other, token, name).await;
+        if held > 0 {
+            break held;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    (tx, write, held)
+}
+
+/// Finishes upload `name` on `server` from `from`.
+async fn write_rest(server: &Server, token: &str, name: &str, data: &[u8], from: usize) {
+    use garret_proto::bytestream::WriteRequest;
+    use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
+    let messages: Vec<WriteRequest> = (from..data.len())
+        .step_by(1 << 20)
+        .map(|at| {
+            let end = (at + (1 << 20)).min(data.len());
+            WriteRequest {
+                resource_name: if at == from {
+                    name.to_owned()
+                } else {
+                    String::new()
+                },
+                write_offset: i64::try_from(at).unwrap(),
+                finish_write: end == data.len(),
+                data: bytes::Bytes::copy_from_slice(&data[at..end]),
+            }
+        })
+        .collect();
+    let request = common::grpc::with_token(futures::stream::iter(messages), token);
+    let response = ByteStreamClient::new(grpc(server).await)
+        .write(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        usize::try_from(response.committed_size).unwrap(),
+        data.len()
+    );
+}
+
+/// The blob `digest` as `server` serves it.
+async fn read_back(server: &Server, token: &str, data: &[u8]) -> Vec<u8> {
+    use garret_proto::bytestream::ReadRequest;
+    use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
+    let d = common::grpc::digest(data);
+    let request = common::grpc::with_token(
+        ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash, d.size_bytes),
+            ..Default::default()
+        },
+        token,
+    );
+    let mut stream = ByteStreamClient::new(grpc(server).await)
+        .read(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::with_capacity(data.len());
+    while let Some(piece) = stream.message().await.unwrap() {
+        out.extend_from_slice(&piece.data);
+    }
+    out
+}
+
+/// 40 MiB that do not compress, so chunks and records are real work.
+fn blob() -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    (0..40 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[3]
+        })
+        .collect()
+}
+
+/// A ByteStream Write that starts on one replica continues on the other:
+/// QueryWriteStatus there reports the durable offset, the Write completes
+/// there, and the blob reads back intact from both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_moves_between_replicas() {
+    let r = Replicas::start().await;
+    let data = blob();
+    let d = common::grpc::digest(&data);
+    let name = format!("uploads/moved/blobs/{}/{}", d.hash, d.size_bytes);
+    let (tx, write, _) = write_partly(&r.a, &r.b, &r.token, &name, &data, 36 << 20).await;
+    // The client goes away mid-stream: the first replica records what it
+    // had cut and says so.
+    drop(tx);
+    let status = write.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let held = committed(&r.b, &r.token, &name).await;
+    assert!(held > 16 << 20 && held <= 36 << 20, "{held}");
+    assert_eq!(committed(&r.a, &r.token, &name).await, held);
+    write_rest(&r.b, &r.token, &name, &data, held).await;
+    assert!(read_back(&r.a, &r.token, &data).await == data);
+    assert!(read_back(&r.b, &r.token, &data).await == data);
+}
+
+/// As above, but the first replica dies (SIGKILL) mid-upload: the second
+/// continues from its last record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_survives_its_replica() {
+    let mut r = Replicas::start().await;
+    let data = blob();
+    let d = common::grpc::digest(&data);
+    let name = format!("uploads/killed/blobs/{}/{}", d.hash, d.size_bytes);
+    let (_tx, write, held) = write_partly(&r.a, &r.b, &r.token, &name, &data, 36 << 20).await;
+    r.a.kill_hard();
+    assert!(write.await.unwrap().is_err());
+    let after = committed(&r.b, &r.token, &name).await;
+    assert!(after >= held && after <= 36 << 20, "{after}");
+    write_rest(&r.b, &r.token, &name, &data, after).await;
+    assert!(read_back(&r.b, &r.token, &data).await == data);
 }

@@ -421,10 +421,12 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         whole: &mut Sha256Hasher,
         file: &mut Sha256Hasher,
     ) -> Result<(), StoreError> {
-        let mut frames = futures::stream::iter(prefix.iter().map(|chunk| {
-            let backend = self.backend.clone();
-            let chunk = *chunk;
-            async move {
+        // Owned values and spawned tasks: the future stays `Send` for
+        // callers that hold it across their own awaits.
+        let backend = self.backend.clone();
+        let fetches = prefix.iter().copied().map(move |chunk| {
+            let backend = backend.clone();
+            tokio::spawn(async move {
                 let framed = fetch_frame(backend, chunk.id, chunk.size, chunk.frame_hash).await?;
                 let data = tokio::task::spawn_blocking(move || {
                     codec::decompress(&framed.frame, chunk.size as usize)
@@ -432,11 +434,11 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
                 })
                 .await??;
                 Ok::<_, StoreError>(data)
-            }
-        }))
-        .buffered(self.config.read_prefetch.max(1));
+            })
+        });
+        let mut frames = futures::stream::iter(fetches).buffered(self.config.read_prefetch.max(1));
         while let Some(next) = frames.next().await {
-            let (frame, data) = next?;
+            let (frame, data) = next??;
             file.update(&frame);
             whole.update(&data);
         }

@@ -229,7 +229,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Everything garret creates (database, chunks, spool, secrets) is for its
+/// Everything garret creates (database, chunks, secrets) is for its
 /// own user alone: the database holds every cache's signing key.
 fn restrict_file_modes() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));

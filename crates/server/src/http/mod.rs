@@ -30,9 +30,6 @@ pub struct AppState {
     pub limits: Limits,
     /// Configured public URLs; unset ones come from each request.
     pub endpoints: Endpoints,
-    /// Where REAPI keeps unfinished ByteStream uploads: private to the
-    /// server (under its data directory), emptied when the server starts.
-    pub spool_dir: std::path::PathBuf,
 }
 
 /// Largest JSON request body (a missing-paths query for a 100 000-path

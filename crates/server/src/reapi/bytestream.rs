@@ -2,34 +2,30 @@
 //! frames) and resumable, verified writes.
 //!
 //! # Writes
-//! An upload's bytes are spooled (in memory, then in a file once large)
-//! under a session keyed by instance and upload name. Only when the client
-//! sets `finish_write` is the spool ingested, verified against the digest
-//! and made visible, so an interrupted or lying upload never shows. The
-//! spool survives a broken stream: `QueryWriteStatus` reports how much is
-//! kept and the client resumes from there. Sessions live in this process
-//! (the metadata's `upload_sessions` table is not used yet), so a resume
-//! must reach the same replica; an unknown upload reports 0 bytes and the
-//! client starts over, which is always correct.
+//! An upload's bytes stream straight into the chunk ingest: no spool, no
+//! second write to disk. The blob becomes visible only when the client sets
+//! `finish_write` and the data matches its digest, so an interrupted or
+//! lying upload never shows. Uploads resume across replicas: durable
+//! progress is recorded in the metadata database (see
+//! [`super::upload_sessions`]), `QueryWriteStatus` on any replica reports
+//! it, and a Write continues there on any replica.
 //!
 //! Every wait for the client's next message is bounded by the server's idle
 //! timeout, and the whole Write by its request timeout. A client that
 //! stalls gets DEADLINE_EXCEEDED (Bazel retries it, asking QueryWriteStatus
-//! where to resume); what it sent is kept, within the upload quotas (see
-//! [`super::uploads`]), until it resumes or the session expires.
+//! where to resume); what was cut into chunks by then is kept. Every
+//! message costs O(1) bookkeeping whatever its size, and no minimum message
+//! size is imposed (REAPI sets none).
 //!
-//! Every message costs O(1) bookkeeping whatever its size, so a stream of
-//! tiny messages costs the server about what it costs the client to send;
-//! no minimum message size is imposed (REAPI sets none), and the timeouts
-//! bound how long such a stream can last.
-//!
-//! Resuming a compressed upload is not supported: REAPI defines its offsets
-//! as a mix of uncompressed and compressed positions that cannot be mapped
-//! back onto a spool. Such uploads restart at 0.
+//! Compressed uploads restart at 0: REAPI defines their offsets in
+//! compressed bytes, and a zstd decoder's state cannot be recorded and
+//! restored elsewhere. QueryWriteStatus reports 0 for them, and a Write at
+//! any other offset is refused with INVALID_ARGUMENT.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _, TryStreamExt as _, stream};
@@ -43,15 +39,17 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::digest::Digest;
 use super::resource_name::{BlobResource, Compression, UploadResource};
-use super::uploads::{Session, SessionKey, Spool};
 use super::{READ_CHUNK_BYTES, Reapi, ReapiError};
 use crate::auth::ReapiAccess;
+use crate::blobs::BlobError;
+use garret_store::StoreError;
 
 #[derive(Debug)]
 pub(crate) struct ByteStreamService(pub(crate) Arc<Reapi>);
 
-/// Pieces handed from the spool reader to the ingest.
-const INGEST_PIECE_BYTES: usize = 256 << 10;
+/// The largest zstd window (2^23 = 8 MiB, what `zstd -19` declares) a
+/// compressed upload may ask the decoder for.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// zstd's worst case for incompressible data is a few bytes per 128 KiB
 /// block; this bounds what a compressed upload of `size` bytes may send.
@@ -200,72 +198,56 @@ impl ByteStreamService {
                 committed_size: already_stored(compression, digest),
             });
         }
-        let key = (cache.id.0, upload.upload_key.to_owned());
-        let session = reapi.uploads.session(&key)?;
-        let mut session = session
-            .try_lock_owned()
-            .map_err(|_| ReapiError::Aborted(format!("another Write to {name} is in progress")))?;
-        session.touched = Instant::now();
-        let max_len = match compression {
-            Compression::Identity => digest.size,
-            Compression::Zstd => max_compressed_len(digest.size),
-        };
-        match (first.write_offset, compression) {
-            (0, _) => *session = reapi.uploads.new_session(),
-            (offset, Compression::Identity)
-                if u64::try_from(offset).ok() == Some(session.committed) => {}
-            (offset, Compression::Identity) => {
-                return Err(ReapiError::OutOfRange(format!(
-                    "write_offset {offset} does not resume this upload (it holds {} bytes)",
-                    session.committed
-                )));
-            }
-            (offset, Compression::Zstd) => {
-                return Err(ReapiError::InvalidArgument(format!(
-                    "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
-                )));
-            }
-        }
-
-        let upload = Upload {
-            key: &key,
+        let offset = u64::try_from(first.write_offset).map_err(|_| {
+            ReapiError::InvalidArgument(format!("write_offset {} is negative", first.write_offset))
+        })?;
+        let _slot = reapi.uploads.slot(clock.idle).await?;
+        let received = AtomicU64::new(offset);
+        let incoming = Incoming {
+            requests: &mut requests,
+            clock: &clock,
             name: &name,
-            max_len,
-        };
-        let received = receive(&mut requests, first, &mut session, &upload, &clock, reapi).await;
-        if let Err(e) = received {
-            // An upload that kept nothing has nothing to resume: it must not
-            // hold a session (and count against the limit) for an hour.
-            if session.committed == 0 {
-                reapi.uploads.remove(&key);
-            }
-            return Err(e);
+            first: Some(first),
+            received: &received,
+            max_len: match compression {
+                Compression::Identity => digest.size,
+                Compression::Zstd => max_compressed_len(digest.size),
+            },
+            finished: false,
         }
-
-        // Complete: the session ends whatever the verdict.
-        reapi.uploads.remove(&key);
-        let committed = session.committed;
-        let spool = std::mem::replace(&mut *session, reapi.uploads.new_session()).spool;
-        drop(session);
-        self.commit_upload(&cache, digest, compression, spool)
-            .await?;
+        .into_stream();
+        match compression {
+            Compression::Identity => {
+                let mut session = reapi
+                    .uploads
+                    .claim(cache.id, upload.upload_key, offset)
+                    .await?;
+                let prefix = session.take_prefix();
+                let stored = reapi
+                    .store_resumable(&cache, digest, prefix, incoming, &session)
+                    .await;
+                match &stored {
+                    // The client sends the rest later, here or elsewhere.
+                    Err(BlobError::Store(StoreError::Input(_))) => {}
+                    _ => session.finish().await,
+                }
+                stored?;
+            }
+            Compression::Zstd => {
+                if offset != 0 {
+                    return Err(ReapiError::InvalidArgument(format!(
+                        "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
+                    )));
+                }
+                let decoded = decompressed(incoming);
+                reapi
+                    .store_resumable(&cache, digest, Vec::new(), decoded, &())
+                    .await?;
+            }
+        }
         Ok(WriteResponse {
-            committed_size: i64::try_from(committed).unwrap_or(i64::MAX),
+            committed_size: i64::try_from(received.load(Ordering::Acquire)).unwrap_or(i64::MAX),
         })
-    }
-
-    /// Ingests a finished upload's spool and makes the blob visible, if it
-    /// matches its digest.
-    async fn commit_upload(
-        &self,
-        cache: &garret_meta::Cache,
-        digest: Digest,
-        compression: Compression,
-        spool: Spool,
-    ) -> Result<(), ReapiError> {
-        let reapi = &self.0;
-        let input = ingest_stream(spool, compression)?;
-        reapi.store_stream(cache, digest, input).await
     }
 
     async fn inner_query_write_status(
@@ -284,12 +266,9 @@ impl ByteStreamService {
                 complete: true,
             });
         }
-        let key = (cache.id.0, upload.upload_key.to_owned());
-        let committed = match reapi.uploads.existing(&key) {
-            // A session busy with a live Write reports what it has so far
-            // once that Write pauses; until then, nothing is promised.
-            Some(session) => session.try_lock().map_or(0, |s| s.committed),
-            None => 0,
+        let committed = match upload.blob.compression {
+            Compression::Identity => reapi.uploads.committed(cache.id, upload.upload_key).await?,
+            Compression::Zstd => 0,
         };
         Ok(QueryWriteStatusResponse {
             committed_size: i64::try_from(committed).unwrap_or(i64::MAX),
@@ -298,63 +277,71 @@ impl ByteStreamService {
     }
 }
 
-/// What [`receive`] needs to know about the upload.
-struct Upload<'a> {
-    key: &'a SessionKey,
+/// A Write's messages as the ingest's input: each message's data in
+/// order, checked against the offsets and the resource name, until one sets
+/// `finish_write`. A failure ends the stream with a [`ReapiError`], which
+/// the ingest hands back inside its input error.
+struct Incoming<'a, S> {
+    requests: &'a mut S,
+    clock: &'a Clock,
     name: &'a str,
+    first: Option<WriteRequest>,
+    /// The client's offset so far, which is also the next expected
+    /// `write_offset`.
+    received: &'a AtomicU64,
     /// The most bytes the client may send.
     max_len: u64,
+    finished: bool,
 }
 
-/// Spools `first` and the messages after it into `session` until one sets
-/// `finish_write`.
-async fn receive<S>(
-    requests: &mut S,
-    first: WriteRequest,
-    session: &mut Session,
-    upload: &Upload<'_>,
-    clock: &Clock,
-    reapi: &Reapi,
-) -> Result<(), ReapiError>
+impl<'a, S> Incoming<'a, S>
 where
-    S: Stream<Item = Result<WriteRequest, Status>> + Unpin,
+    S: Stream<Item = Result<WriteRequest, Status>> + Unpin + Send,
 {
-    let mut message = first;
-    loop {
-        if u64::try_from(message.write_offset).ok() != Some(session.committed) {
+    fn into_stream(self) -> impl Stream<Item = Result<Bytes, ReapiError>> + Send + 'a {
+        stream::unfold(self, |mut incoming| async move {
+            if incoming.finished {
+                return None;
+            }
+            let piece = incoming.next_piece().await;
+            incoming.finished |= piece.is_err();
+            Some((piece, incoming))
+        })
+    }
+
+    async fn next_piece(&mut self) -> Result<Bytes, ReapiError> {
+        let received = self.received.load(Ordering::Acquire);
+        let message = match self.first.take() {
+            Some(first) => first,
+            None => next_message(self.requests, self.clock)
+                .await?
+                .ok_or_else(|| {
+                    ReapiError::InvalidArgument(format!(
+                        "Write ended after {received} bytes without finish_write; resume it"
+                    ))
+                })?,
+        };
+        if u64::try_from(message.write_offset).ok() != Some(received) {
             return Err(ReapiError::InvalidArgument(format!(
-                "write_offset {} is not the {} bytes received so far",
-                message.write_offset, session.committed
+                "write_offset {} is not the {received} bytes received so far",
+                message.write_offset
             )));
         }
-        if !message.resource_name.is_empty() && message.resource_name != upload.name {
+        if !message.resource_name.is_empty() && message.resource_name != self.name {
             return Err(ReapiError::InvalidArgument(
                 "resource_name changed within one Write".into(),
             ));
         }
         let len = message.data.len() as u64;
-        if session.committed.saturating_add(len) > upload.max_len {
-            // No resume can fix that: the upload is dropped.
-            reapi.uploads.remove(upload.key);
+        if received.saturating_add(len) > self.max_len {
             return Err(ReapiError::InvalidArgument(format!(
                 "more data than {} holds",
-                upload.name
+                self.name
             )));
         }
-        if len > 0 {
-            session.spool.append(message.data).await?;
-            session.committed += len;
-            session.touched = Instant::now();
-        }
-        if message.finish_write {
-            return Ok(());
-        }
-        message = next_message(requests, clock).await?.ok_or_else(|| {
-            ReapiError::InvalidArgument(format!(
-                "Write ended after {} bytes without finish_write; resume it",
-                session.committed
-            ))
-        })?;
+        self.received.store(received + len, Ordering::Release);
+        self.finished = message.finish_write;
+        Ok(message.data)
     }
 }
 
@@ -401,63 +388,31 @@ where
     }
 }
 
-/// The spool's content, decompressed if need be, as the ingest's input.
-/// Reading (and zstd) run on the blocking pool and hand pieces over a small
-/// channel, so memory stays bounded whatever the blob size.
-fn ingest_stream(
-    spool: super::uploads::Spool,
-    compression: Compression,
-) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, ReapiError> {
-    let reader = spool
-        .reader()
-        .map_err(|e| ReapiError::Internal(format!("upload spool: {e}")))?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        let _spool = spool; // removed once read
-        let mut reader: Box<dyn std::io::Read + Send> = match compression {
-            Compression::Identity => reader,
-            Compression::Zstd => match zstd::stream::read::Decoder::new(reader) {
-                Ok(decoder) => Box::new(decoder),
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            },
-        };
-        loop {
-            let mut buf = vec![0; INGEST_PIECE_BYTES];
-            let piece = match read_full(&mut reader, &mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Ok(Bytes::from(buf))
-                }
-                Err(e) => Err(e),
-            };
-            let failed = piece.is_err();
-            // A closed channel means the ingest gave up; stop reading.
-            if tx.blocking_send(piece).is_err() || failed {
-                return;
-            }
-        }
-    });
-    Ok(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }))
-}
+/// A compressed upload's content: zstd frames decoded as they stream in,
+/// within a bounded window. The digest's size bounds the output (the
+/// ingest refuses more); errors of the messages themselves come back out
+/// as they went in.
+fn decompressed<'a>(
+    compressed: impl Stream<Item = Result<Bytes, ReapiError>> + Send + 'a,
+) -> impl Stream<Item = Result<Bytes, ReapiError>> + Send + 'a {
+    use async_compression::tokio::bufread::ZstdDecoder;
+    use async_compression::zstd::DParameter;
+    use tokio_util::io::{ReaderStream, StreamReader};
 
-/// Fills `buf` as far as the reader goes.
-fn read_full(reader: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+    let reader = StreamReader::new(Box::pin(compressed.map_err(std::io::Error::other)));
+    let params = [DParameter::window_log_max(ZSTD_WINDOW_LOG_MAX)];
+    let mut decoder = ZstdDecoder::with_params(reader, &params);
+    decoder.multiple_members(true);
+    ReaderStream::with_capacity(decoder, 256 << 10).map_err(|e| {
+        let text = e.to_string();
+        match e
+            .into_inner()
+            .map(<dyn std::error::Error + Send + Sync>::downcast::<ReapiError>)
+        {
+            Some(Ok(ours)) => *ours,
+            _ => ReapiError::InvalidArgument(format!("zstd payload is unusable: {text}")),
         }
-    }
-    Ok(filled)
+    })
 }
 
 /// One zstd frame of `data`, compressed on the blocking pool.

@@ -23,10 +23,11 @@ mod cas;
 pub mod digest;
 mod health;
 pub mod resource_name;
-mod uploads;
+mod upload_sessions;
+
+pub use upload_sessions::UploadSettings;
 
 use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -74,53 +75,17 @@ pub struct ReapiConfig {
     pub default_cache: CacheName,
     /// Largest blob accepted (`max_cas_blob_size_bytes`).
     pub max_blob_size: u64,
-    /// Where ByteStream uploads keep their bytes until finished or resumed.
-    /// Owned by this core: its contents are removed when the core starts.
-    pub spool_dir: PathBuf,
-    /// Bounds on what unfinished ByteStream uploads may hold.
-    pub uploads: UploadLimits,
-}
-
-/// Bounds on ByteStream upload sessions: a client that opens uploads and
-/// walks away must not be able to fill memory or the disk. A Write over a
-/// bound fails with RESOURCE_EXHAUSTED and the client retries later.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UploadLimits {
-    /// Upload sessions open at once, live or waiting to be resumed.
-    pub max_sessions: usize,
-    /// Bytes one session keeps in memory before it moves to a spool file.
-    pub session_memory_bytes: usize,
-    /// Bytes all sessions together keep in memory; past it, new data goes
-    /// to spool files. Small against the server's whole budget (issue 10
-    /// holds it under 300 MiB with thousands of abandoned sessions).
-    pub total_memory_bytes: usize,
-    /// Bytes all spool files together may hold.
-    pub total_spool_bytes: u64,
-    /// How long an interrupted upload waits to be resumed.
-    pub session_ttl: std::time::Duration,
-}
-
-impl Default for UploadLimits {
-    fn default() -> Self {
-        Self {
-            max_sessions: 4096,
-            session_memory_bytes: 1 << 20,
-            total_memory_bytes: 64 << 20,
-            total_spool_bytes: 64 << 30,
-            session_ttl: std::time::Duration::from_hours(1),
-        }
-    }
+    /// ByteStream uploads: live Writes, progress records, session expiry.
+    pub uploads: UploadSettings,
 }
 
 impl ReapiConfig {
-    /// The defaults for `state`: blobs up to the NAR limit, spooling in the
-    /// state's spool directory (under the server's data directory).
+    /// The defaults for `state`: blobs up to the NAR limit.
     pub fn new(state: &AppState, default_cache: CacheName) -> Self {
         Self {
             default_cache,
             max_blob_size: state.limits.max_nar_size,
-            spool_dir: state.spool_dir.clone(),
-            uploads: UploadLimits::default(),
+            uploads: UploadSettings::default(),
         }
     }
 }
@@ -218,6 +183,9 @@ impl From<MetaError> for ReapiError {
                 Self::Unavailable(err.to_string())
             }
             MetaError::Invalid(m) => Self::InvalidArgument(m),
+            MetaError::UploadSuperseded => {
+                Self::Aborted("another Write took this upload over; ask QueryWriteStatus".into())
+            }
             other => Self::Internal(other.to_string()),
         }
     }
@@ -235,9 +203,17 @@ impl From<BlobError> for ReapiError {
             BlobError::Store(StoreError::TooLarge { limit }) => Self::InvalidArgument(format!(
                 "the data is larger than its digest's {limit} bytes"
             )),
-            BlobError::Store(StoreError::Input(e)) => {
-                Self::InvalidArgument(format!("the uploaded data is unusable: {e}"))
-            }
+            // A ByteStream Write's own verdict on its messages comes back
+            // as the ingest's input error.
+            BlobError::Store(StoreError::Input(e)) => match e.downcast::<Self>() {
+                Ok(ours) => *ours,
+                Err(e) => Self::InvalidArgument(format!("the uploaded data is unusable: {e}")),
+            },
+            // A record of upload progress failed.
+            BlobError::Store(StoreError::Index(e)) => match e.downcast::<MetaError>() {
+                Ok(meta) => (*meta).into(),
+                Err(e) => Self::Internal(e.to_string()),
+            },
             // A stored chunk is gone: to the client the blob is missing,
             // which makes Bazel re-run the action or re-upload the blob
             // instead of failing the build.
@@ -262,12 +238,12 @@ impl From<garret_store::StoreError> for ReapiError {
 pub(crate) struct Reapi {
     state: Arc<AppState>,
     config: ReapiConfig,
-    uploads: Arc<uploads::Uploads>,
+    uploads: upload_sessions::Uploads,
 }
 
 impl Reapi {
     fn new(state: Arc<AppState>, config: ReapiConfig) -> Self {
-        let uploads = uploads::Uploads::start(config.spool_dir.clone(), config.uploads);
+        let uploads = upload_sessions::Uploads::start(state.meta.clone(), config.uploads);
         Self {
             state,
             config,
@@ -404,18 +380,38 @@ impl Reapi {
         S: futures::Stream<Item = Result<Bytes, E>> + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let blob = self.state.blobs.put(input, expect(digest)).await?;
+        Ok(self.add_to_cas(cache, &blob).await?)
+    }
+
+    /// [`Reapi::store_stream`] of an upload that continues `prefix` and
+    /// records its progress through `checkpoint`. The error stays a
+    /// [`BlobError`] so the caller can tell a broken input (resumable) from
+    /// a refusal.
+    async fn store_resumable<S>(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        prefix: Vec<garret_store::ChunkRef>,
+        input: S,
+        checkpoint: &impl garret_store::Checkpoint,
+    ) -> Result<(), BlobError>
+    where
+        S: futures::Stream<Item = Result<Bytes, ReapiError>> + Send,
+    {
         let blob = self
             .state
             .blobs
-            .put(
-                input,
-                Expect {
-                    hash: Some(digest.hash),
-                    size: Some(digest.size),
-                    max_size: Some(digest.size),
-                },
-            )
+            .put_after(prefix, input, expect(digest), checkpoint)
             .await?;
+        self.add_to_cas(cache, &blob).await.map_err(BlobError::Meta)
+    }
+
+    async fn add_to_cas(
+        &self,
+        cache: &Cache,
+        blob: &crate::blobs::StoredBlob,
+    ) -> Result<(), MetaError> {
         self.state
             .meta
             .put_cas_entry(cache.id, blob.id, unix_now())
@@ -432,6 +428,15 @@ impl Reapi {
             )));
         }
         Ok(())
+    }
+}
+
+/// What an upload of `digest` must turn out to be.
+fn expect(digest: Digest) -> Expect {
+    Expect {
+        hash: Some(digest.hash),
+        size: Some(digest.size),
+        max_size: Some(digest.size),
     }
 }
 

@@ -20,7 +20,7 @@ use garret_proto::reapi::{
     BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest, batch_update_blobs_request,
 };
 use garret_server::auth::{CacheName, Permission};
-use garret_server::reapi::{ReapiConfig, UploadLimits, grpc_router_with};
+use garret_server::reapi::{ReapiConfig, UploadSettings, grpc_router_with};
 use tonic::Request;
 use tonic::transport::Channel;
 
@@ -43,8 +43,8 @@ impl GrpcServer {
         Self::start_with(deployment, None).await
     }
 
-    /// With `uploads`, the gRPC services run with those upload limits.
-    pub async fn start_with(deployment: Deployment, uploads: Option<UploadLimits>) -> Self {
+    /// With `uploads`, the gRPC services run with those upload settings.
+    pub async fn start_with(deployment: Deployment, uploads: Option<UploadSettings>) -> Self {
         let http = TestServer::start(deployment).await;
         for (name, public) in [("main", false), ("pub", true)] {
             let key = SigningKey::generate(&format!("{name}-1")).unwrap();

@@ -14,7 +14,8 @@ use futures::{StreamExt, stream};
 use garret_benches::build_output_like;
 use garret_store::testing::{MemoryIndex, S3TestServer};
 use garret_store::{
-    Backend, ChunkId, ChunkStore, Chunker, ChunkerConfig, FsBackend, S3Backend, StoreConfig, codec,
+    Backend, ChunkHash, ChunkStore, Chunker, ChunkerConfig, FsBackend, S3Backend, StoreConfig,
+    codec,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -69,7 +70,7 @@ fn chunk_pipeline(c: &mut Criterion) {
             let mut stored = 0;
             while !rest.is_empty() {
                 let len = chunker.cut(&rest[..rest.len().min(chunker.window())]);
-                let id = ChunkId::of(&rest[..len]);
+                let id = ChunkHash::of(&rest[..len]);
                 let frame = codec::compress(&rest[..len], codec::DEFAULT_LEVEL).unwrap();
                 black_box((id, Sha256::digest(&frame)));
                 stored += frame.len();

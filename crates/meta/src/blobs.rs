@@ -22,23 +22,23 @@ use crate::{BeginWrite as _, BlobId, ChunkId, Meta, MetaError, Result, on_reader
 
 /// How a chunk's object is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Compression {
+pub enum ChunkCompression {
     None,
     Zstd,
 }
 
-impl Compression {
+impl ChunkCompression {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Compression::None => "none",
-            Compression::Zstd => "zstd",
+            ChunkCompression::None => "none",
+            ChunkCompression::Zstd => "zstd",
         }
     }
 
     fn parse(s: &str) -> Result<Self> {
         match s {
-            "none" => Ok(Compression::None),
-            "zstd" => Ok(Compression::Zstd),
+            "none" => Ok(ChunkCompression::None),
+            "zstd" => Ok(ChunkCompression::Zstd),
             other => Err(MetaError::Corrupt(format!("unknown compression {other:?}"))),
         }
     }
@@ -57,7 +57,7 @@ pub struct NewChunkRef {
     /// the one [`Meta::present_chunks`] reported; it must match the chunk's
     /// row at commit.
     pub frame_hash: [u8; 32],
-    pub compression: Compression,
+    pub compression: ChunkCompression,
     /// Start of the chunk in the uncompressed blob: the sum of the sizes
     /// before it.
     pub offset: u64,
@@ -124,7 +124,7 @@ pub struct Chunk {
     pub stored_size: u64,
     /// SHA-256 of the stored object.
     pub frame_hash: [u8; 32],
-    pub compression: Compression,
+    pub compression: ChunkCompression,
 }
 
 /// A chunk's place in a blob.
@@ -180,7 +180,7 @@ pub(crate) fn chunk_from_row(row: ChunkRow) -> Result<Chunk> {
         size: sql::from_db(size, "chunk size")?,
         stored_size: sql::from_db(stored_size, "chunk stored_size")?,
         frame_hash: sql::digest(frame_hash, "chunk frame_hash")?,
-        compression: Compression::parse(&compression)?,
+        compression: ChunkCompression::parse(&compression)?,
     })
 }
 

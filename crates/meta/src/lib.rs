@@ -59,7 +59,8 @@ use sqlx::sqlite::{
 use sqlx::{Postgres, Sqlite, Transaction};
 
 pub use blobs::{
-    Blob, BlobChunk, BlobCommit, Chunk, ChunkRange, ChunkStats, Compression, NewBlob, NewChunkRef,
+    Blob, BlobChunk, BlobCommit, Chunk, ChunkCompression, ChunkRange, ChunkStats, NewBlob,
+    NewChunkRef,
 };
 pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
@@ -88,7 +89,7 @@ pub struct UploadSessionId(pub i64);
 
 /// Which database a [`Meta`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub enum Database {
     Postgres,
     Sqlite,
 }
@@ -264,10 +265,10 @@ impl Meta {
         Duration::from_secs(self.grace.unsigned_abs())
     }
 
-    pub fn backend(&self) -> Backend {
+    pub fn database(&self) -> Database {
         match self.pools {
-            Pools::Postgres(_) => Backend::Postgres,
-            Pools::Sqlite { .. } => Backend::Sqlite,
+            Pools::Postgres(_) => Database::Postgres,
+            Pools::Sqlite { .. } => Database::Sqlite,
         }
     }
 

@@ -14,13 +14,14 @@ use axum::BoxError;
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use garret_meta::{
-    Blob, BlobChunk, BlobId, ChunkRange, Compression, Meta, MetaError, NewBlob, NewChunkRef,
+    Blob, BlobChunk, BlobId, ChunkCompression, ChunkRange, Meta, MetaError, NewBlob, NewChunkRef,
 };
 use garret_nix::Sha256Hash;
 
 use crate::clock::unix_now;
 use garret_store::{
-    Backend, Checkpoint, ChunkId, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest, StoreError,
+    Backend, Checkpoint, ChunkHash, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest,
+    StoreError,
 };
 
 /// How often, and how long apart, a writer re-asks about chunks that garbage
@@ -116,7 +117,7 @@ impl Drop for MetaIndex<'_> {
 }
 
 impl ChunkIndex for MetaIndex<'_> {
-    async fn lookup(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, Sha256Hash>, BoxError> {
+    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, Sha256Hash>, BoxError> {
         let hashes: Vec<[u8; 32]> = ids.iter().map(|id| *id.as_bytes()).collect();
         let mut attempt = 0;
         let present = loop {
@@ -156,7 +157,7 @@ impl ChunkIndex for MetaIndex<'_> {
             .into_iter()
             .map(|(id, frame)| {
                 (
-                    ChunkId(Sha256Hash::from_bytes(id)),
+                    ChunkHash(Sha256Hash::from_bytes(id)),
                     Sha256Hash::from_bytes(frame),
                 )
             })
@@ -164,7 +165,7 @@ impl ChunkIndex for MetaIndex<'_> {
     }
 }
 
-fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkId) -> bool) -> NewBlob {
+fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkHash) -> bool) -> NewBlob {
     NewBlob {
         hash: *manifest.hash.as_bytes(),
         size: manifest.size,
@@ -184,7 +185,7 @@ pub fn new_chunk_ref(c: &ChunkRef, uploaded: bool) -> NewChunkRef {
         hash: *c.id.as_bytes(),
         size: u64::from(c.size),
         stored_size: u64::from(c.stored_size),
-        compression: Compression::Zstd,
+        compression: ChunkCompression::Zstd,
         offset: c.offset,
         file_offset: c.file_offset,
         frame_hash: *c.frame_hash.as_bytes(),
@@ -244,7 +245,7 @@ where
 /// 4 GiB, so a size that does not fit a `u32` is a corrupt row: the request
 /// fails with an error (and the row can be repaired), it does not panic.
 pub fn chunk_ref(c: &BlobChunk) -> Result<ChunkRef, BlobError> {
-    let id = ChunkId(Sha256Hash::from_bytes(c.chunk.hash));
+    let id = ChunkHash(Sha256Hash::from_bytes(c.chunk.hash));
     let small = |what: &str, value: u64| {
         u32::try_from(value).map_err(|_| {
             BlobError::Meta(MetaError::Corrupt(format!(
@@ -401,7 +402,7 @@ impl Blobs {
         use garret_store::ObjectStore as _;
         let claimed = self.meta.claim_unrecorded_chunks(hashes, now).await?;
         for (_, hash) in &claimed {
-            let key = ChunkId(Sha256Hash::from_bytes(*hash)).object_key();
+            let key = ChunkHash(Sha256Hash::from_bytes(*hash)).object_key();
             self.store
                 .backend()
                 .delete(&key)
@@ -458,7 +459,7 @@ mod tests {
                 size,
                 stored_size,
                 frame_hash: [8; 32],
-                compression: Compression::Zstd,
+                compression: ChunkCompression::Zstd,
             },
         }
     }

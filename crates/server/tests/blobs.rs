@@ -194,7 +194,8 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
     let content = text(1 << 20, 9);
     let b = put(&f.blobs, &content).await;
     let chunks = f.blobs.meta().blob_chunks(b.id, None).await.unwrap();
-    let victim = garret_store::ChunkId(Sha256Hash::from_bytes(chunks[chunks.len() / 2].chunk.hash));
+    let victim =
+        garret_store::ChunkHash(Sha256Hash::from_bytes(chunks[chunks.len() / 2].chunk.hash));
     f.blobs
         .store()
         .backend()

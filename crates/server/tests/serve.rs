@@ -159,6 +159,20 @@ fn curl(args: &[&str]) -> (String, String) {
     (status.to_owned(), body.to_owned())
 }
 
+/// Creates the private cache `cache` through the Attic API with `token`;
+/// returns the HTTP status and body.
+fn create_cache(server: &Server, token: &str, cache: &str) -> (String, String) {
+    curl(&[
+        "-X",
+        "POST",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-d",
+        r#"{"keypair":"Generate","is_public":false}"#,
+        &format!("http://{}/_api/v1/cache-config/{cache}", server.address),
+    ])
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -335,17 +349,7 @@ fn token_binding_and_endpoints_are_configured() {
         spec.aud = aud.iter().map(|a| (*a).to_owned()).collect();
         authority.mint(&spec).unwrap()
     };
-    let create = |token: &str, cache: &str| {
-        curl(&[
-            "-X",
-            "POST",
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            "-d",
-            r#"{"keypair":"Generate","is_public":false}"#,
-            &format!("http://{}/_api/v1/cache-config/{cache}", server.address),
-        ])
-    };
+    let create = |token: &str, cache: &str| create_cache(&server, token, cache);
     for (iss, aud) in [
         (Some("evil"), &["garret"][..]),
         (None, &["garret"][..]),
@@ -516,15 +520,7 @@ impl Replicas {
             .unwrap();
         // With a configured key there is no first start: make Bazel's
         // default cache, once, through either replica.
-        let (status, body) = curl(&[
-            "-X",
-            "POST",
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-            "-d",
-            r#"{"keypair":"Generate","is_public":false}"#,
-            &format!("http://{}/_api/v1/cache-config/default", a.address),
-        ]);
+        let (status, body) = create_cache(&a, &token, "default");
         assert_eq!(status, "200", "{body}");
         Self {
             a,

@@ -7,9 +7,9 @@ use garret_nix::Sha256Hash;
 /// A chunk is named by the SHA-256 of its *uncompressed* bytes, so identical
 /// content dedups whatever codec stored it, across caches and protocols.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChunkId(pub Sha256Hash);
+pub struct ChunkHash(pub Sha256Hash);
 
-impl ChunkId {
+impl ChunkHash {
     pub fn of(data: &[u8]) -> Self {
         Self(Sha256Hash::of(data))
     }
@@ -26,22 +26,22 @@ impl ChunkId {
     }
 }
 
-impl fmt::Display for ChunkId {
+impl fmt::Display for ChunkHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0.to_hex())
     }
 }
 
-impl fmt::Debug for ChunkId {
+impl fmt::Debug for ChunkHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ChunkId({self})")
+        write!(f, "ChunkHash({self})")
     }
 }
 
 /// One chunk's place in a blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {
-    pub id: ChunkId,
+    pub id: ChunkHash,
     /// Uncompressed offset of the chunk's first byte in the blob.
     pub offset: u64,
     /// Uncompressed length.

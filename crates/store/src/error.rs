@@ -1,5 +1,5 @@
 use crate::backend::BackendError;
-use crate::chunk::ChunkId;
+use crate::chunk::ChunkHash;
 use crate::codec::CodecError;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -15,9 +15,9 @@ pub enum StoreError {
     /// A chunk the metadata refers to is gone from the backend: the blob
     /// cannot be served whole, and must not be served short.
     #[error("chunk {0} is missing from the blob backend")]
-    MissingChunk(ChunkId),
+    MissingChunk(ChunkHash),
     #[error("chunk {id} is corrupt: {reason}")]
-    Corrupt { id: ChunkId, reason: String },
+    Corrupt { id: ChunkHash, reason: String },
     #[error("chunk index lookup failed: {0}")]
     Index(BoxError),
     #[error(transparent)]
@@ -29,7 +29,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn from_backend(id: ChunkId, err: BackendError) -> Self {
+    pub(crate) fn from_backend(id: ChunkHash, err: BackendError) -> Self {
         match err {
             BackendError::NotFound(_) => Self::MissingChunk(id),
             other => Self::Backend(other),

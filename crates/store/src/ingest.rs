@@ -12,7 +12,7 @@ use garret_nix::{Sha256Hash, Sha256Hasher};
 use tokio::task::JoinHandle;
 
 use crate::error::BoxError;
-use crate::{ChunkId, ChunkRef, ChunkStore, Manifest, ObjectStore, StoreError, codec};
+use crate::{ChunkHash, ChunkRef, ChunkStore, Manifest, ObjectStore, StoreError, codec};
 
 /// Which chunks the metadata already holds.
 ///
@@ -23,8 +23,8 @@ pub trait ChunkIndex: Send + Sync {
     /// Returns the stored frame hash of every chunk in `ids` that is present.
     fn lookup(
         &self,
-        ids: &[ChunkId],
-    ) -> impl Future<Output = Result<HashMap<ChunkId, Sha256Hash>, BoxError>> + Send;
+        ids: &[ChunkHash],
+    ) -> impl Future<Output = Result<HashMap<ChunkHash, Sha256Hash>, BoxError>> + Send;
 }
 
 /// Told each time more of an ingest is durable, so that an interrupted
@@ -45,7 +45,7 @@ pub trait Checkpoint: Send + Sync {
     fn record(
         &self,
         chunks: &[ChunkRef],
-        uploaded: &HashSet<ChunkId>,
+        uploaded: &HashSet<ChunkHash>,
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
 
@@ -55,7 +55,7 @@ impl Checkpoint for () {
         u64::MAX
     }
 
-    async fn record(&self, _: &[ChunkRef], _: &HashSet<ChunkId>) -> Result<(), BoxError> {
+    async fn record(&self, _: &[ChunkRef], _: &HashSet<ChunkHash>) -> Result<(), BoxError> {
         Ok(())
     }
 }
@@ -66,20 +66,20 @@ impl Checkpoint for () {
 #[derive(Debug)]
 pub struct Ingested {
     pub manifest: Manifest,
-    pub uploaded: HashSet<ChunkId>,
+    pub uploaded: HashSet<ChunkHash>,
 }
 
 /// A chunk cut and hashed. Whether it is compressed depends on whether the
 /// store already has it: a present chunk's stored frame is fetched instead,
 /// so deduplicated content costs a read, not a compression.
 struct Hashed {
-    id: ChunkId,
+    id: ChunkHash,
     data: Bytes,
 }
 
 /// A chunk's stored frame, ready to take its place in the blob.
 struct Framed {
-    id: ChunkId,
+    id: ChunkHash,
     size: u32,
     frame: Bytes,
     frame_hash: Sha256Hash,
@@ -89,7 +89,7 @@ struct Framed {
 
 fn hash_chunk(data: Bytes) -> Hashed {
     Hashed {
-        id: ChunkId::of(&data),
+        id: ChunkHash::of(&data),
         data,
     }
 }
@@ -114,7 +114,7 @@ fn chunk_size(data: &[u8]) -> u32 {
 /// of a new blob's file.
 async fn fetch_frame<B: ObjectStore>(
     backend: B,
-    id: ChunkId,
+    id: ChunkHash,
     size: u32,
     frame_hash: Sha256Hash,
 ) -> Result<Framed, StoreError> {
@@ -148,18 +148,18 @@ struct Assembler<'a, B, I, C> {
     recorded: usize,
     /// Chunks uploaded since the last record, whose objects the next record
     /// must make durable first.
-    unsynced: Vec<ChunkId>,
+    unsynced: Vec<ChunkHash>,
     file: Sha256Hasher,
     offset: u64,
     chunks: Vec<ChunkRef>,
-    uploaded: HashSet<ChunkId>,
+    uploaded: HashSet<ChunkHash>,
     framing: FuturesOrdered<JoinHandle<Result<Framed, StoreError>>>,
     uploads: FuturesUnordered<JoinHandle<Result<(), StoreError>>>,
 }
 
 impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'_, B, I, C> {
     async fn add_batch(&mut self, batch: Vec<Hashed>) -> Result<(), StoreError> {
-        let ids: Vec<ChunkId> = batch.iter().map(|c| c.id).collect();
+        let ids: Vec<ChunkHash> = batch.iter().map(|c| c.id).collect();
         let present = self.index.lookup(&ids).await.map_err(StoreError::Index)?;
         let level = self.store.config.zstd_level;
         for chunk in batch {
@@ -245,7 +245,7 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
         Ok(())
     }
 
-    async fn upload(&mut self, id: ChunkId, frame: Bytes) -> Result<(), StoreError> {
+    async fn upload(&mut self, id: ChunkHash, frame: Bytes) -> Result<(), StoreError> {
         while self.uploads.len() >= self.store.config.upload_concurrency {
             self.uploads.next().await.expect("uploads is not empty")??;
         }

@@ -16,7 +16,7 @@ mod read;
 pub mod testing;
 
 pub use backend::{Backend, FsBackend, ObjectStore, S3Backend, S3Config};
-pub use chunk::{ChunkId, ChunkRef, Manifest};
+pub use chunk::{ChunkHash, ChunkRef, Manifest};
 pub use chunker::{Chunker, ChunkerConfig};
 pub use error::StoreError;
 pub use ingest::{Checkpoint, ChunkIndex, Ingested};

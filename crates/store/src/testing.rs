@@ -14,7 +14,7 @@ use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 
 use crate::error::BoxError;
-use crate::{ChunkId, ChunkIndex, Manifest, S3Config};
+use crate::{ChunkHash, ChunkIndex, Manifest, S3Config};
 
 const ACCESS_KEY: &str = "garret-test-access";
 const SECRET_KEY: &str = "garret-test-secret-key";
@@ -65,7 +65,7 @@ impl S3TestServer {
 /// store-only tests.
 #[derive(Debug, Default)]
 pub struct MemoryIndex {
-    chunks: Mutex<HashMap<ChunkId, Sha256Hash>>,
+    chunks: Mutex<HashMap<ChunkHash, Sha256Hash>>,
 }
 
 impl MemoryIndex {
@@ -87,7 +87,7 @@ impl MemoryIndex {
 }
 
 impl ChunkIndex for MemoryIndex {
-    async fn lookup(&self, ids: &[ChunkId]) -> Result<HashMap<ChunkId, Sha256Hash>, BoxError> {
+    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, Sha256Hash>, BoxError> {
         let chunks = self.chunks.lock().unwrap();
         Ok(ids
             .iter()

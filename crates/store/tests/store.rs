@@ -357,7 +357,7 @@ async fn corrupt_stored_frame_is_not_reused(f: Fixture) {
 struct Records {
     interval: u64,
     chunks: std::sync::Mutex<Vec<garret_store::ChunkRef>>,
-    uploaded: std::sync::Mutex<std::collections::HashSet<garret_store::ChunkId>>,
+    uploaded: std::sync::Mutex<std::collections::HashSet<garret_store::ChunkHash>>,
 }
 
 impl garret_store::Checkpoint for Records {
@@ -368,7 +368,7 @@ impl garret_store::Checkpoint for Records {
     async fn record(
         &self,
         chunks: &[garret_store::ChunkRef],
-        uploaded: &std::collections::HashSet<garret_store::ChunkId>,
+        uploaded: &std::collections::HashSet<garret_store::ChunkHash>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut held = self.chunks.lock().unwrap();
         // Each record continues the last one.

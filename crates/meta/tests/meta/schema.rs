@@ -1,6 +1,6 @@
 use std::path::Path;
 
-use garret_meta::{Backend, Meta, MetaError};
+use garret_meta::{Database, Meta, MetaError};
 use sqlx::migrate::Migrator;
 
 use crate::support::{Raw, TestDb, both};
@@ -20,9 +20,9 @@ both! {
     async fn migrations_match_directory(db: TestDb) {
         // What `sqlx::migrate!` would have embedded: every file, same
         // versions, descriptions and checksums.
-        let dir = match db.backend() {
-            Backend::Postgres => "postgres",
-            Backend::Sqlite => "sqlite",
+        let dir = match db.database() {
+            Database::Postgres => "postgres",
+            Database::Sqlite => "sqlite",
         };
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations").join(dir);
         let expected: Vec<(i64, String, Vec<u8>)> = Migrator::new(dir)

@@ -5,7 +5,7 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use garret_meta::testing::PgCluster;
-use garret_meta::{Compression, Meta, NewBlob, NewCache, NewChunkRef};
+use garret_meta::{ChunkCompression, Meta, NewBlob, NewCache, NewChunkRef};
 use sqlx::{PgPool, SqlitePool};
 
 /// Grace period in the tests: short numbers keep the time arithmetic legible.
@@ -195,7 +195,7 @@ pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
                 size,
                 stored_size: size / 2 + 1,
                 frame_hash: frame(id),
-                compression: Compression::Zstd,
+                compression: ChunkCompression::Zstd,
                 offset,
                 file_offset,
                 uploaded: true,

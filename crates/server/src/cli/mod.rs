@@ -120,7 +120,7 @@ impl Cli {
                 let config = load_config(self.config.as_deref())?;
                 runtime()?.block_on(async {
                     let meta = open_meta(&config.database_url()).await?;
-                    tracing::info!(backend = ?meta.backend(), "metadata schema is up to date");
+                    tracing::info!(database = ?meta.database(), "metadata schema is up to date");
                     meta.close().await;
                     Ok(())
                 })

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use garret_meta::{CacheId, Meta, UploadSession};
-use garret_store::{Checkpoint, ChunkId, ChunkRef};
+use garret_store::{Checkpoint, ChunkHash, ChunkRef};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -210,7 +210,7 @@ impl Checkpoint for Session {
     async fn record(
         &self,
         chunks: &[ChunkRef],
-        uploaded: &HashSet<ChunkId>,
+        uploaded: &HashSet<ChunkHash>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let rows: Vec<_> = chunks
             .iter()

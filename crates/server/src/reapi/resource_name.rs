@@ -47,6 +47,20 @@ pub enum ResourceNameError {
     UnsupportedDigestFunction(String),
     #[error(transparent)]
     Digest(#[from] DigestError),
+    #[error("resource name of {0} bytes is longer than {MAX_RESOURCE_NAME}")]
+    TooLong(usize),
+}
+
+/// The longest resource name accepted: room for a deep instance name, an
+/// upload id and a digest, while an upload's name is also its session's key
+/// in the database and is quoted in errors.
+pub const MAX_RESOURCE_NAME: usize = 2048;
+
+fn check_length(name: &str) -> Result<(), ResourceNameError> {
+    if name.len() > MAX_RESOURCE_NAME {
+        return Err(ResourceNameError::TooLong(name.len()));
+    }
+    Ok(())
 }
 
 const READ_FORM: &str = "blobs/{hash}/{size} or compressed-blobs/zstd/{hash}/{size}";
@@ -70,6 +84,7 @@ const OTHER_DIGEST_FUNCTIONS: &[&str] = &[
 impl<'a> BlobResource<'a> {
     /// Parses a `Read` resource name.
     pub fn parse_read(name: &'a str) -> Result<Self, ResourceNameError> {
+        check_length(name)?;
         let malformed = || ResourceNameError::Malformed(name.to_owned(), READ_FORM);
         let (instance, rest) =
             split_instance(name, &["blobs", "compressed-blobs"]).ok_or_else(malformed)?;
@@ -84,6 +99,7 @@ impl<'a> BlobResource<'a> {
 impl<'a> UploadResource<'a> {
     /// Parses a `Write` or `QueryWriteStatus` resource name.
     pub fn parse(name: &'a str) -> Result<Self, ResourceNameError> {
+        check_length(name)?;
         let malformed = || ResourceNameError::Malformed(name.to_owned(), WRITE_FORM);
         let (instance, rest) = split_instance(name, &["uploads"]).ok_or_else(malformed)?;
         let after_uploads = rest.strip_prefix("uploads/").ok_or_else(malformed)?;
@@ -254,6 +270,15 @@ mod tests {
         let name = format!("main/uploads/0f1e/blobs/{H}/0/some/metadata");
         let upload = UploadResource::parse(&name).unwrap();
         assert_eq!(upload.blob, blob("main", Compression::Identity));
+        let long = format!("{}/{name}", "i".repeat(MAX_RESOURCE_NAME));
+        assert!(matches!(
+            UploadResource::parse(&long),
+            Err(ResourceNameError::TooLong(_))
+        ));
+        assert!(matches!(
+            BlobResource::parse_read(&long),
+            Err(ResourceNameError::TooLong(_))
+        ));
         assert_eq!(upload.uuid, "0f1e");
         assert_eq!(upload.upload_key, format!("uploads/0f1e/blobs/{H}/0"));
 

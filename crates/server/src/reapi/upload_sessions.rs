@@ -248,3 +248,27 @@ async fn sweep_periodically(meta: Meta, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn live_writes_wait_for_a_slot_within_their_patience() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("garret.db").display());
+        let meta = Meta::connect(&url).await.unwrap();
+        let uploads = Uploads::start(
+            meta,
+            UploadSettings {
+                max_live_writes: 1,
+                ..UploadSettings::default()
+            },
+        );
+        let held = uploads.slot(Duration::ZERO).await.unwrap();
+        let refused = uploads.slot(Duration::ZERO).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        drop(held);
+        uploads.slot(Duration::ZERO).await.unwrap();
+    }
+}

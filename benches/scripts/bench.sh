@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Protocol-level throughput of a release `garret serve`, measured by
+# garret-bench (benches/src/bin/bench.rs) over REAPI gRPC:
+#   benches/scripts/bench.sh [SCENARIO...]        (default: all, in order)
+#   benches/scripts/bench.sh bytestream-write bytestream-read
+#   SIZE_MIB=512 RUNS=5 benches/scripts/bench.sh bytestream-write
+# Builds the release `garret` and the release garret-bench (the client must
+# not be the bottleneck), starts `garret serve` on a fresh data dir
+# (embedded default: SQLite + local disk) at a free 127.0.0.1 port, and runs
+#   garret-bench --url http://127.0.0.1:PORT --token ADMIN_JWT --pid PID \
+#       --size-mib "$SIZE_MIB" --message-kib "$MESSAGE_KIB" --runs "$RUNS" SCENARIO...
+# against the cache `default`, which the server creates (private) on first
+# start for requests without an instance name; the admin token it prints
+# then is the bearer token. Prints garret-bench's Markdown table, then stops
+# the server. `garret-bench` with a bad argument lists the scenarios.
+# Environment: SIZE_MIB (128), MESSAGE_KIB (1024), RUNS (3), JSON (a file
+# for garret-bench's --json), KEEP_LOG=1 prints the server's log at the end.
+# Exit status: garret-bench's (1 if a scenario failed), 2 if the server died.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -q -p garret-server --bin garret
+cargo build --release -q -p garret-benches --bin garret-bench
+target=${CARGO_TARGET_DIR:-target}
+bin=$target/release/garret
+bench=$target/release/garret-bench
+
+work=$(mktemp -d)
+server=""
+cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+alive() { [ -r "/proc/$server/status" ] && ! grep -qE '^State:[[:space:]]+[ZX]' "/proc/$server/status"; }
+# Started from a subshell, so a crash is not reported as a job of this script.
+(
+  GARRET_DATA_DIR=$work/data GARRET_LISTEN=127.0.0.1:0 NO_COLOR=1 \
+    "$bin" serve >"$work/out" 2>"$work/log" &
+  echo $! >"$work/pid"
+)
+server=$(cat "$work/pid")
+until grep -qs "address=" "$work/log"; do
+  alive || { cat "$work/log"; exit 2; }
+  sleep 0.1
+done
+listen=$(grep -o 'address=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
+url=http://$listen
+# Printed once, on first start (with the creation of the cache `default`).
+admin=$(grep '^ey' "$work/out")
+echo "garret serve at $url (SQLite + local disk in $work); $(git rev-parse --short HEAD); $(date -u +%FT%TZ); $(nproc) cores"
+echo
+
+json_args=()
+[ -n "${JSON:-}" ] && json_args=(--json "$JSON")
+rc=0
+"$bench" --url "$url" --token "$admin" --pid "$server" \
+  --size-mib "${SIZE_MIB:-128}" --message-kib "${MESSAGE_KIB:-1024}" --runs "${RUNS:-3}" \
+  "${json_args[@]}" "$@" || rc=$?
+if ! alive; then
+  echo
+  echo "- the server died: $(grep -m1 -E 'memory allocation|panicked at|ERROR' "$work/log" || echo "no message in its log")"
+  rc=2
+fi
+[ "${KEEP_LOG:-0}" = 1 ] && cat "$work/log"
+exit "$rc"

@@ -1,0 +1,815 @@
+//! `garret-bench`: a load generator that speaks only the wire protocols, so
+//! it can be pointed at any REAPI server (garret, bazel-remote, NativeLink…).
+//!
+//! `benches/scripts/bench.sh` starts a fresh release `garret serve` and runs
+//! this against it:
+//!
+//! ```text
+//! garret-bench --url http://127.0.0.1:PORT [--token JWT] [--instance NAME] [--pid PID]
+//!     [--size-mib 128] [--message-kib 1024] [--runs 3] [--seed N] [--json FILE]
+//!     [SCENARIO... | all]
+//! ```
+//!
+//! Each scenario runs `--runs` times and yields one [`Outcome`]: its runs
+//! (bytes, wall time, CPU) and, with `--pid`, the server's peak RSS over the
+//! scenario (`VmHWM`, reset before it through `/proc/PID/clear_refs`). The
+//! report is a Markdown table on stdout (and JSON with `--json`); progress
+//! goes to stderr only when stderr is a terminal. Throughput is always of
+//! the blob's uncompressed bytes: MB/s is 10^6 bytes/s, MiB/s 2^20 bytes/s.
+//!
+//! Writes also report the time from the transport taking the last message
+//! (`finish_write`) to the reply: how long the server works on an upload
+//! after it has arrived.
+//!
+//! Blob content is pseudo-random (xorshift64*, incompressible), generated
+//! before the timing starts from `--seed` (by default one unique to the
+//! run), with a new seed per run and per scenario, so no write finds its
+//! blob already stored. Each timed section is the RPC alone, on a
+//! connection opened beforehand.
+//!
+//! Exit status: 0 if every scenario ran, 1 if one failed, 64 on bad usage.
+
+// Figures for humans: float precision and 64-bit sizes are not a concern.
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
+use std::fmt::Write as _;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{StreamExt as _, stream};
+use garret_nix::Sha256Hash;
+use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
+use garret_proto::bytestream::{ReadRequest, WriteRequest};
+use tonic::transport::Channel;
+
+const MIB: usize = 1 << 20;
+
+/// zstd level the client compresses `bytestream-write-zstd` uploads with.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Every scenario, in the order `all` runs them, with what it does.
+const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "bytestream-write",
+        "ByteStream Write of one blob, identity, to a fresh upload name",
+    ),
+    (
+        "bytestream-write-zstd",
+        "the same through compressed-blobs/zstd, compressed (level 3) before the timing",
+    ),
+    (
+        "bytestream-read",
+        "ByteStream Read of the blob bytestream-write wrote last (one is written first if none)",
+    ),
+];
+
+// ---------------------------------------------------------------------------
+// Arguments.
+
+#[derive(Debug)]
+struct Args {
+    url: String,
+    token: Option<String>,
+    instance: String,
+    pid: Option<u32>,
+    size: usize,
+    message: usize,
+    runs: usize,
+    seed: u64,
+    json: Option<PathBuf>,
+    scenarios: Vec<&'static str>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: garret-bench --url http://HOST:PORT [--token JWT] [--instance NAME] [--pid PID]\n\
+         \x20      [--size-mib 128] [--message-kib 1024] [--runs 3] [--seed N] [--json FILE]\n\
+         \x20      [SCENARIO... | all]   (default: all)\nscenarios:"
+    );
+    for (name, what) in SCENARIOS {
+        eprintln!("  {name:<22} {what}");
+    }
+    std::process::exit(64);
+}
+
+fn parse_args() -> Args {
+    fn number<T: std::str::FromStr>(text: &str) -> T {
+        text.parse().unwrap_or_else(|_| usage())
+    }
+    let mut args = Args {
+        url: String::new(),
+        token: None,
+        instance: String::new(),
+        pid: None,
+        size: 128 * MIB,
+        message: MIB,
+        runs: 3,
+        seed: run_seed(),
+        json: None,
+        scenarios: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match arg.as_str() {
+            "--url" => value().trim_end_matches('/').clone_into(&mut args.url),
+            "--token" => args.token = Some(value()).filter(|t| !t.is_empty()),
+            "--instance" => value().trim_matches('/').clone_into(&mut args.instance),
+            "--pid" => args.pid = Some(number(&value())),
+            "--size-mib" => args.size = number::<usize>(&value()) * MIB,
+            "--message-kib" => args.message = number::<usize>(&value()) * 1024,
+            "--runs" => args.runs = number(&value()),
+            "--seed" => args.seed = number(&value()),
+            "--json" => args.json = Some(value().into()),
+            "all" => args.scenarios.extend(SCENARIOS.iter().map(|(n, _)| *n)),
+            name => match SCENARIOS.iter().find(|(n, _)| *n == name) {
+                Some((n, _)) => args.scenarios.push(n),
+                None => usage(),
+            },
+        }
+    }
+    if args.url.is_empty() || args.message == 0 || args.runs == 0 {
+        usage();
+    }
+    if args.scenarios.is_empty() {
+        args.scenarios = SCENARIOS.iter().map(|(n, _)| *n).collect();
+    }
+    args
+}
+
+// ---------------------------------------------------------------------------
+// Processes, through /proc.
+
+/// A process's `/proc` entries: the server's (`--pid`), or this one's.
+#[derive(Debug, Clone, Copy)]
+struct Probe(u32);
+
+impl Probe {
+    fn own() -> Self {
+        Self(std::process::id())
+    }
+
+    /// `VmHWM` in KiB; `None` once the process is gone.
+    fn peak_kib(self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0)).ok()?;
+        let value = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
+        value.trim().trim_end_matches("kB").trim().parse().ok()
+    }
+
+    /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so the next reading
+    /// is the peak since now.
+    fn reset_peak(self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.0), "5").is_ok()
+    }
+
+    /// User + system CPU seconds (clock ticks of 1/100 s, as on Linux).
+    fn cpu_secs(self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // After the command: state is field 3, utime 14 and stime 15.
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Content.
+
+/// Deterministic bytes that do not compress (xorshift64*).
+fn pseudo_random(len: usize, seed: u64) -> Bytes {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out.into()
+}
+
+/// A seed unique to this run, so blobs are new to a server benched before.
+fn run_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The seed for run `run` of scenario number `scenario`: distinct for every
+/// pair, so no two writes carry the same content.
+fn content_seed(base: u64, scenario: u64, run: usize) -> u64 {
+    let n = scenario.wrapping_mul(1 << 32).wrapping_add(run as u64);
+    base.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// A UUID-shaped upload id derived from `seed`.
+fn uuid(seed: u64) -> String {
+    let hex = Sha256Hash::of(&seed.to_be_bytes()).to_hex();
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}
+
+/// A blob as REAPI names it.
+#[derive(Debug, Clone)]
+struct Blob {
+    data: Bytes,
+    hash: String,
+}
+
+impl Blob {
+    fn generate(len: usize, seed: u64) -> Self {
+        let data = pseudo_random(len, seed);
+        let hash = Sha256Hash::of(&data).to_hex();
+        Self { data, hash }
+    }
+
+    fn size(&self) -> usize {
+        self.data.len()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Results.
+
+/// One timed RPC.
+#[derive(Debug, Clone)]
+struct Run {
+    /// The blob's uncompressed size: what throughput is counted in.
+    bytes: u64,
+    /// What travelled as ByteStream data (compressed, for zstd).
+    wire_bytes: u64,
+    wall: Duration,
+    /// Writes: from the moment the transport took the last message (the one
+    /// with `finish_write`) to the reply. What the server does after the
+    /// upload has arrived (ingest, if it waits for the end), plus the last
+    /// flow-control window still in flight.
+    after_last: Option<Duration>,
+    client_cpu: Option<f64>,
+    server_cpu: Option<f64>,
+    /// The server answered a write with "already stored" (`committed_size`
+    /// -1): nothing was ingested, so the figure is not an upload's.
+    already_stored: bool,
+}
+
+impl Run {
+    fn mb_per_s(&self) -> f64 {
+        self.bytes as f64 / self.wall.as_secs_f64() / 1e6
+    }
+
+    fn mib_per_s(&self) -> f64 {
+        self.bytes as f64 / self.wall.as_secs_f64() / MIB as f64
+    }
+}
+
+/// What a scenario yields: its runs, the server's peak RSS over all of
+/// them, or what stopped it.
+#[derive(Debug)]
+struct Outcome {
+    scenario: &'static str,
+    runs: Vec<Run>,
+    /// Server `VmHWM` after the scenario, in KiB, and whether it was reset
+    /// before it (else it is the peak since the server started).
+    server_peak_kib: Option<(u64, bool)>,
+    error: Option<String>,
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some(f64::midpoint(sorted[n / 2 - 1], sorted[n / 2])),
+    }
+}
+
+impl Outcome {
+    fn rates(&self) -> Vec<f64> {
+        self.runs.iter().map(Run::mb_per_s).collect()
+    }
+
+    fn median_of(&self, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
+        let values: Vec<f64> = self.runs.iter().filter_map(f).collect();
+        median(&values)
+    }
+
+    fn min_max(&self) -> Option<(f64, f64)> {
+        let rates = self.rates();
+        let min = rates.iter().copied().reduce(f64::min)?;
+        let max = rates.iter().copied().reduce(f64::max)?;
+        Some((min, max))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The client.
+
+#[derive(Debug)]
+struct Ctx {
+    args: Args,
+    channel: Channel,
+    server: Option<Probe>,
+    progress: bool,
+    /// The last blob `bytestream-write` stored, for `bytestream-read`.
+    written: Option<Blob>,
+}
+
+impl Ctx {
+    async fn connect(args: Args) -> Result<Self, String> {
+        let channel = Channel::from_shared(args.url.clone())
+            .map_err(|e| format!("--url {}: {e}", args.url))?
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", args.url))?;
+        Ok(Self {
+            server: args.pid.map(Probe),
+            progress: std::io::stderr().is_terminal(),
+            args,
+            channel,
+            written: None,
+        })
+    }
+
+    fn seed(&self, scenario: u64, run: usize) -> u64 {
+        content_seed(self.args.seed, scenario, run)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn request<T>(&self, message: T) -> Result<tonic::Request<T>, String> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.args.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "--token is not ASCII")?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+
+    /// `{instance/}` for resource names.
+    fn instance_prefix(&self) -> String {
+        if self.args.instance.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.args.instance)
+        }
+    }
+
+    /// Runs `rpc` as one timed section, with the CPU both sides spent.
+    async fn timed<T>(
+        &self,
+        rpc: impl Future<Output = Result<T, String>>,
+    ) -> Result<(T, Duration, Option<f64>, Option<f64>), String> {
+        let client_before = Probe::own().cpu_secs();
+        let server_before = self.server.and_then(Probe::cpu_secs);
+        let started = Instant::now();
+        let value = rpc.await?;
+        let wall = started.elapsed();
+        let client = Probe::own()
+            .cpu_secs()
+            .zip(client_before)
+            .map(|(a, b)| a - b);
+        let server = self
+            .server
+            .and_then(Probe::cpu_secs)
+            .zip(server_before)
+            .map(|(a, b)| a - b);
+        Ok((value, wall, client, server))
+    }
+
+    /// A timed ByteStream Write of `payload` (already compressed if the name
+    /// says so) in `--message-kib` messages; `blob_size` is what the
+    /// throughput counts.
+    async fn write(&self, name: String, payload: Bytes, blob_size: usize) -> Result<Run, String> {
+        let piece = self.args.message;
+        let pieces = payload.len().div_ceil(piece).max(1);
+        let wire = payload.len();
+        let last_taken = Arc::new(OnceLock::new());
+        let taken = Arc::clone(&last_taken);
+        let messages = (0..pieces).map(move |i| {
+            if i + 1 == pieces {
+                let _ = taken.set(Instant::now());
+            }
+            let start = i * piece;
+            let end = (start + piece).min(payload.len());
+            WriteRequest {
+                resource_name: if i == 0 { name.clone() } else { String::new() },
+                write_offset: start as i64,
+                finish_write: i + 1 == pieces,
+                data: payload.slice(start..end),
+            }
+        });
+        let request = self.request(stream::iter(messages))?;
+        let mut client = self.bytestream();
+        let ((committed, replied), wall, client_cpu, server_cpu) = self
+            .timed(async {
+                let reply = client.write(request).await.map_err(|s| status_text(&s))?;
+                Ok((reply.into_inner().committed_size, Instant::now()))
+            })
+            .await?;
+        let after_last = last_taken.get().map(|&taken| replied - taken);
+        if committed != wire as i64 && committed != -1 {
+            return Err(format!(
+                "committed_size {committed}, expected {wire} (or -1)"
+            ));
+        }
+        Ok(Run {
+            bytes: blob_size as u64,
+            wire_bytes: wire as u64,
+            wall,
+            after_last,
+            client_cpu,
+            server_cpu,
+            already_stored: committed == -1,
+        })
+    }
+
+    /// A timed ByteStream Read of `blob`, checked against its content after
+    /// the timing.
+    async fn read(&self, blob: &Blob) -> Result<Run, String> {
+        let name = format!(
+            "{}blobs/{}/{}",
+            self.instance_prefix(),
+            blob.hash,
+            blob.size()
+        );
+        let request = self.request(ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        })?;
+        let mut client = self.bytestream();
+        let (pieces, wall, client_cpu, server_cpu) = self
+            .timed(async {
+                let mut replies = client
+                    .read(request)
+                    .await
+                    .map_err(|s| status_text(&s))?
+                    .into_inner();
+                let mut pieces = Vec::new();
+                while let Some(reply) = replies.next().await {
+                    pieces.push(reply.map_err(|s| status_text(&s))?.data);
+                }
+                Ok(pieces)
+            })
+            .await?;
+        let received: usize = pieces.iter().map(Bytes::len).sum();
+        let mut offset = 0;
+        for piece in &pieces {
+            if blob.data.get(offset..offset + piece.len()) != Some(&piece[..]) {
+                return Err(format!("read returned other bytes at offset {offset}"));
+            }
+            offset += piece.len();
+        }
+        if received != blob.size() {
+            return Err(format!("read returned {received} of {} bytes", blob.size()));
+        }
+        Ok(Run {
+            bytes: received as u64,
+            wire_bytes: received as u64,
+            wall,
+            after_last: None,
+            client_cpu,
+            server_cpu,
+            already_stored: false,
+        })
+    }
+
+    fn progress(&self, scenario: &str, run: usize, result: &Run) {
+        if self.progress {
+            eprintln!(
+                "{scenario} run {}/{}: {:.2} s, {:.1} MB/s{}",
+                run + 1,
+                self.args.runs,
+                result.wall.as_secs_f64(),
+                result.mb_per_s(),
+                if result.already_stored {
+                    " (already stored)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+}
+
+/// A gRPC status in a line.
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios: one function each, `--runs` runs in, the runs out.
+
+/// `bytestream-write`: identity uploads of new content, one per run.
+async fn bytestream_write(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let blob = Blob::generate(ctx.args.size, ctx.seed(1, run));
+        let name = format!(
+            "{}uploads/{}/blobs/{}/{}",
+            ctx.instance_prefix(),
+            uuid(ctx.seed(1, run)),
+            blob.hash,
+            blob.size()
+        );
+        let result = ctx.write(name, blob.data.clone(), blob.size()).await?;
+        ctx.progress("bytestream-write", run, &result);
+        runs.push(result);
+        ctx.written = Some(blob);
+    }
+    Ok(runs)
+}
+
+/// `bytestream-write-zstd`: the same through `compressed-blobs/zstd`, the
+/// compression done before the timing.
+async fn bytestream_write_zstd(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let blob = Blob::generate(ctx.args.size, ctx.seed(2, run));
+        let compressed = zstd::bulk::compress(&blob.data, ZSTD_LEVEL)
+            .map_err(|e| format!("zstd compress: {e}"))?;
+        let name = format!(
+            "{}uploads/{}/compressed-blobs/zstd/{}/{}",
+            ctx.instance_prefix(),
+            uuid(ctx.seed(2, run)),
+            blob.hash,
+            blob.size()
+        );
+        let result = ctx.write(name, compressed.into(), blob.size()).await?;
+        ctx.progress("bytestream-write-zstd", run, &result);
+        runs.push(result);
+    }
+    Ok(runs)
+}
+
+/// `bytestream-read`: reads the blob `bytestream-write` wrote last, `--runs`
+/// times; writes one first (untimed) if that scenario did not run.
+async fn bytestream_read(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let blob = if let Some(blob) = ctx.written.clone() {
+        blob
+    } else {
+        let blob = Blob::generate(ctx.args.size, ctx.seed(3, 0));
+        let name = format!(
+            "{}uploads/{}/blobs/{}/{}",
+            ctx.instance_prefix(),
+            uuid(ctx.seed(3, 0)),
+            blob.hash,
+            blob.size()
+        );
+        ctx.write(name, blob.data.clone(), blob.size()).await?;
+        blob
+    };
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let result = ctx.read(&blob).await?;
+        ctx.progress("bytestream-read", run, &result);
+        runs.push(result);
+    }
+    Ok(runs)
+}
+
+async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Outcome {
+    let reset = ctx.server.is_some_and(Probe::reset_peak);
+    let runs = match scenario {
+        "bytestream-write" => bytestream_write(ctx).await,
+        "bytestream-write-zstd" => bytestream_write_zstd(ctx).await,
+        "bytestream-read" => bytestream_read(ctx).await,
+        other => Err(format!("no scenario {other}")),
+    };
+    let server_peak_kib = ctx.server.and_then(Probe::peak_kib).map(|kib| (kib, reset));
+    let (runs, error) = match runs {
+        Ok(runs) => (runs, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    Outcome {
+        scenario,
+        runs,
+        server_peak_kib,
+        error,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The report.
+
+fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} MiB per blob in {} KiB messages, {} run(s) per scenario, seed {}\n",
+        args.size / MIB,
+        args.message / 1024,
+        args.runs,
+        args.seed
+    );
+    out.push_str(
+        "| scenario | runs | median MB/s | min MB/s | max MB/s | median MiB/s | median wall \
+         | median after last message | server peak RSS | server CPU / run | client CPU / run |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let fixed = |v: Option<f64>, unit: &str| v.map_or("—".into(), |v| format!("{v:.1}{unit}"));
+    let fixed2 = |v: Option<f64>, unit: &str| v.map_or("—".into(), |v| format!("{v:.2}{unit}"));
+    for o in outcomes {
+        if let Some(error) = &o.error {
+            let _ = writeln!(
+                out,
+                "| {} | failed: {} | | | | | | | | | |",
+                o.scenario,
+                error.replace('|', "/")
+            );
+            continue;
+        }
+        let (min, max) = o.min_max().unzip();
+        let peak = o.server_peak_kib.map_or("—".into(), |(kib, reset)| {
+            format!(
+                "{} MiB{}",
+                kib.div_ceil(1024),
+                if reset { "" } else { " (since start)" }
+            )
+        });
+        let _ = writeln!(
+            out,
+            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {peak} | {} | {} |",
+            o.scenario,
+            o.runs.len(),
+            fixed(o.median_of(|r| Some(r.mb_per_s())), ""),
+            fixed(min, ""),
+            fixed(max, ""),
+            fixed(o.median_of(|r| Some(r.mib_per_s())), ""),
+            fixed(o.median_of(|r| Some(r.wall.as_secs_f64())), " s"),
+            fixed2(o.median_of(|r| r.after_last.map(|d| d.as_secs_f64())), " s"),
+            fixed(o.median_of(|r| r.server_cpu), " s"),
+            fixed(o.median_of(|r| r.client_cpu), " s"),
+        );
+    }
+    out.push('\n');
+    for o in outcomes.iter().filter(|o| !o.runs.is_empty()) {
+        let runs: Vec<String> = o
+            .runs
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:.2} s = {:.1} MB/s{}{}{}",
+                    r.wall.as_secs_f64(),
+                    r.mb_per_s(),
+                    r.after_last.map_or(String::new(), |d| format!(
+                        " ({:.2} s after the last message)",
+                        d.as_secs_f64()
+                    )),
+                    if r.wire_bytes == r.bytes {
+                        String::new()
+                    } else {
+                        format!(" ({} bytes on the wire)", r.wire_bytes)
+                    },
+                    if r.already_stored {
+                        ", already stored"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "- {}: {}", o.scenario, runs.join("; "));
+    }
+    out
+}
+
+fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
+    let scenarios: Vec<serde_json::Value> = outcomes
+        .iter()
+        .map(|o| {
+            let runs: Vec<serde_json::Value> = o
+                .runs
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "bytes": r.bytes,
+                        "wire_bytes": r.wire_bytes,
+                        "wall_s": r.wall.as_secs_f64(),
+                        "after_last_message_s": r.after_last.map(|d| d.as_secs_f64()),
+                        "mb_per_s": r.mb_per_s(),
+                        "mib_per_s": r.mib_per_s(),
+                        "server_cpu_s": r.server_cpu,
+                        "client_cpu_s": r.client_cpu,
+                        "already_stored": r.already_stored,
+                    })
+                })
+                .collect();
+            let (min, max) = o.min_max().unzip();
+            serde_json::json!({
+                "scenario": o.scenario,
+                "runs": runs,
+                "median_mb_per_s": o.median_of(|r| Some(r.mb_per_s())),
+                "min_mb_per_s": min,
+                "max_mb_per_s": max,
+                "median_mib_per_s": o.median_of(|r| Some(r.mib_per_s())),
+                "median_after_last_message_s":
+                    o.median_of(|r| r.after_last.map(|d| d.as_secs_f64())),
+                "server_peak_rss_kib": o.server_peak_kib.map(|(kib, _)| kib),
+                "server_peak_rss_reset": o.server_peak_kib.map(|(_, reset)| reset),
+                "error": o.error,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "url": args.url,
+        "instance": args.instance,
+        "size_bytes": args.size,
+        "message_bytes": args.message,
+        "runs": args.runs,
+        "seed": args.seed,
+        "scenarios": scenarios,
+    })
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = parse_args();
+    let scenarios = args.scenarios.clone();
+    let mut ctx = match Ctx::connect(args).await {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            eprintln!("garret-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut outcomes = Vec::new();
+    for scenario in scenarios {
+        let outcome = run_scenario(&mut ctx, scenario).await;
+        if let Some(error) = &outcome.error {
+            eprintln!("garret-bench: {scenario}: {error}");
+        }
+        outcomes.push(outcome);
+    }
+    print!("{}", markdown(&ctx.args, &outcomes));
+    if let Some(path) = &ctx.args.json {
+        let text = serde_json::to_string_pretty(&json(&ctx.args, &outcomes)).expect("JSON");
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("garret-bench: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if outcomes.iter().any(|o| o.error.is_some()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_takes_the_middle() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn seeds_differ_across_runs_and_scenarios() {
+        let mut seeds: Vec<u64> = [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0)]
+            .iter()
+            .map(|&(scenario, run)| content_seed(7, scenario, run))
+            .collect();
+        seeds.sort_unstable();
+        seeds.dedup();
+        assert_eq!(seeds.len(), 5);
+    }
+
+    #[test]
+    fn content_is_deterministic_and_incompressible() {
+        let a = pseudo_random(MIB, 1);
+        assert_eq!(a, pseudo_random(MIB, 1));
+        assert_ne!(a, pseudo_random(MIB, 2));
+        let packed = zstd::bulk::compress(&a, ZSTD_LEVEL).unwrap();
+        assert!(packed.len() >= a.len(), "{} < {}", packed.len(), a.len());
+    }
+}

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod error;
 pub mod http;
 pub mod idle;
 pub mod reapi;

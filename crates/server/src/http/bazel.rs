@@ -37,11 +37,11 @@ use garret_nix::Sha256Hash;
 use serde::Deserialize;
 
 use super::body::{idle_limited, read_small, within_request_timeout};
-use super::error::ApiError;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
+use crate::error::Error;
 use crate::reapi::Reapi;
 use crate::upload::BodyError;
 use garret_proto::reapi::ActionResult;
@@ -91,7 +91,7 @@ impl Key {
         headers: &HeaderMap,
         core: &Core,
         required: Permission,
-    ) -> Result<Cache, ApiError> {
+    ) -> Result<Cache, Error> {
         let name = self
             .cache
             .as_deref()
@@ -99,20 +99,20 @@ impl Key {
         access::cache_for_request(state, headers, name, required).await
     }
 
-    fn hash(&self) -> Result<Sha256Hash, ApiError> {
+    fn hash(&self) -> Result<Sha256Hash, Error> {
         parse_hash(&self.hash)
     }
 }
 
 /// A lowercase or uppercase hex SHA-256, the only form Bazel sends.
-fn parse_hash(text: &str) -> Result<Sha256Hash, ApiError> {
+fn parse_hash(text: &str) -> Result<Sha256Hash, Error> {
     if text.len() != 64 {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Error::InvalidArgument(format!(
             "`{text}` is not a hex SHA-256 digest"
         )));
     }
     Sha256Hash::parse_digest(text)
-        .map_err(|_| ApiError::BadRequest(format!("`{text}` is not a hex SHA-256 digest")))
+        .map_err(|_| Error::InvalidArgument(format!("`{text}` is not a hex SHA-256 digest")))
 }
 
 /// `GET`/`HEAD /{cache}/ac/{hash}`: the stored `ActionResult` bytes, or 404.
@@ -122,21 +122,21 @@ async fn ac_get(
     Extension(core): Extension<Core>,
     method: Method,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = key.cache(&state, &headers, &core, Permission::PULL).await?;
     let hash = key.hash()?;
     let result = state
         .meta
         .get_action_result(cache.id, hash.as_bytes())
         .await?
-        .ok_or_else(|| ApiError::NoSuchObject(format!("ac/{}", hash.to_hex())))?;
+        .ok_or_else(|| Error::NotFound(format!("ac/{}", hash.to_hex())))?;
     if !core
         .0
         .stored_result_is_complete(&cache, &result)
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?
     {
-        return Err(ApiError::NoSuchObject(format!(
+        return Err(Error::NotFound(format!(
             "ac/{}: some outputs of this result are no longer stored",
             hash.to_hex()
         )));
@@ -161,12 +161,12 @@ async fn ac_put(
     Extension(core): Extension<Core>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = key.cache(&state, &headers, &core, Permission::PUSH).await?;
     let hash = key.hash()?;
     let result = read_small(body, &headers, MAX_ACTION_RESULT as u64, &state.limits).await?;
     ActionResult::decode(result.clone())
-        .map_err(|e| ApiError::BadRequest(format!("the body is not an ActionResult: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("the body is not an ActionResult: {e}")))?;
     state
         .meta
         .put_action_result(cache.id, hash.as_bytes(), &result, unix_now())
@@ -181,7 +181,7 @@ async fn cas_get(
     Extension(core): Extension<Core>,
     method: Method,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = key.cache(&state, &headers, &core, Permission::PULL).await?;
     let hash = key.hash()?;
     if *hash.as_bytes() == EMPTY_SHA256 {
@@ -191,7 +191,7 @@ async fn cas_get(
         .meta
         .cas_blob(cache.id, hash.as_bytes())
         .await?
-        .ok_or_else(|| ApiError::NoSuchObject(format!("cas/{}", hash.to_hex())))?;
+        .ok_or_else(|| Error::NotFound(format!("cas/{}", hash.to_hex())))?;
     state
         .meta
         .touch_cas(cache.id, &[blob.hash], unix_now())
@@ -207,7 +207,7 @@ async fn cas_get(
         .next()
         .await
         .transpose()
-        .map_err(|e| ApiError::from(BlobError::Store(e)))?;
+        .map_err(|e| Error::from(BlobError::Store(e)))?;
     let rest = content.map(|part| part.map_err(std::io::Error::other));
     octets(
         blob.size,
@@ -222,13 +222,13 @@ async fn cas_put(
     Extension(core): Extension<Core>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = key.cache(&state, &headers, &core, Permission::PUSH).await?;
     let hash = key.hash()?;
     let size = content_length(&headers)?;
     let limit = state.limits.max_nar_size;
     if let Some(size) = size.filter(|s| *s > limit) {
-        return Err(ApiError::PayloadTooLarge(format!(
+        return Err(Error::PayloadTooLarge(format!(
             "the blob of {size} bytes is larger than the limit of {limit} bytes"
         )));
     }
@@ -236,7 +236,7 @@ async fn cas_put(
         // Nothing to store, but the body must still be what the path says.
         return match read_small(body, &headers, 0, &state.limits).await {
             Ok(_) => stored(),
-            Err(BodyError::TooLarge { .. }) => Err(ApiError::BadRequest(
+            Err(BodyError::TooLarge { .. }) => Err(Error::InvalidArgument(
                 "the empty blob's body is not empty".into(),
             )),
             Err(e) => Err(e.into()),
@@ -251,7 +251,7 @@ async fn cas_put(
         .blobs
         .put(idle_limited(body, state.limits.idle_timeout()), expect);
     let blob = within_request_timeout(&state.limits, async {
-        Ok::<_, ApiError>(Box::pin(put).await?)
+        Ok::<_, Error>(Box::pin(put).await?)
     })
     .await?;
     state
@@ -268,33 +268,33 @@ async fn cas_put(
     stored()
 }
 
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Error> {
     headers
         .get(header::CONTENT_LENGTH)
         .map(|v| {
             v.to_str()
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| ApiError::BadRequest("malformed Content-Length".into()))
+                .ok_or_else(|| Error::InvalidArgument("malformed Content-Length".into()))
         })
         .transpose()
 }
 
-fn octets(len: u64, body: Body) -> Result<Response, ApiError> {
+fn octets(len: u64, body: Body) -> Result<Response, Error> {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, len)
         .body(body)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// The answer to a successful PUT: Bazel accepts 200, 201, 202 and 204.
-fn stored() -> Result<Response, ApiError> {
+fn stored() -> Result<Response, Error> {
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_LENGTH, 0)
         .body(Body::empty())
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 #[cfg(test)]
@@ -326,7 +326,7 @@ mod tests {
             &"g".repeat(64),
         ] {
             assert!(
-                matches!(parse_hash(bad), Err(ApiError::BadRequest(_))),
+                matches!(parse_hash(bad), Err(Error::InvalidArgument(_))),
                 "{bad}"
             );
         }

@@ -5,7 +5,6 @@ pub mod access;
 mod attic;
 pub mod bazel;
 mod body;
-pub mod error;
 mod nix_upload;
 mod substituter;
 

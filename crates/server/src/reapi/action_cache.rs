@@ -11,9 +11,10 @@ use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::digest::Digest;
-use super::{MAX_MESSAGE_BYTES, Reapi, ReapiError};
+use super::{MAX_MESSAGE_BYTES, Reapi};
 use crate::auth::ReapiAccess;
 use crate::clock::unix_now;
+use crate::error::Error;
 
 #[derive(Debug)]
 pub(crate) struct ActionCacheService(pub(crate) Arc<Reapi>);
@@ -43,9 +44,9 @@ impl Reapi {
         &self,
         cache: &Cache,
         result: &ActionResult,
-    ) -> Result<Result<(), Missing>, ReapiError> {
+    ) -> Result<Result<(), Missing>, Error> {
         let mut digests = Vec::new();
-        let mut push = |d: Option<&garret_proto::reapi::Digest>| -> Result<(), ReapiError> {
+        let mut push = |d: Option<&garret_proto::reapi::Digest>| -> Result<(), Error> {
             if let Some(d) = d {
                 digests.push(Digest::from_proto(d)?);
             }
@@ -53,7 +54,7 @@ impl Reapi {
         };
         for file in &result.output_files {
             push(Some(file.digest.as_ref().ok_or_else(|| {
-                ReapiError::InvalidArgument(format!("output file {:?} has no digest", file.path))
+                Error::InvalidArgument(format!("output file {:?} has no digest", file.path))
             })?))?;
         }
         push(result.stdout_digest.as_ref())?;
@@ -69,19 +70,19 @@ impl Reapi {
         for tree in trees {
             tree_bytes = tree_bytes.saturating_add(tree.size);
             if tree_bytes > MAX_TREE_BYTES_PER_RESULT {
-                return Err(ReapiError::ResourceExhausted(format!(
+                return Err(Error::ResourceExhausted(format!(
                     "the result's output trees exceed {MAX_TREE_BYTES_PER_RESULT} bytes"
                 )));
             }
             let bytes = match self.read_bounded(cache, tree, MAX_MESSAGE_BYTES).await {
                 Ok(bytes) => bytes,
-                Err(ReapiError::NotFound(_)) => {
+                Err(Error::NotFound(_) | Error::IncompleteObject(_)) => {
                     return Ok(Err(Missing(format!("output tree {tree} is missing"))));
                 }
                 Err(e) => return Err(e),
             };
             let tree_message = Tree::decode(bytes)
-                .map_err(|e| ReapiError::InvalidArgument(format!("{tree} is not a Tree: {e}")))?;
+                .map_err(|e| Error::InvalidArgument(format!("{tree} is not a Tree: {e}")))?;
             for directory in tree_message.root.iter().chain(&tree_message.children) {
                 for file in &directory.files {
                     digests.push(Digest::from_required(file.digest.as_ref())?);
@@ -108,7 +109,7 @@ impl Reapi {
         &self,
         cache: &Cache,
         stored: &[u8],
-    ) -> Result<bool, ReapiError> {
+    ) -> Result<bool, Error> {
         let Ok(result) = ActionResult::decode(stored) else {
             return Ok(false);
         };
@@ -116,7 +117,7 @@ impl Reapi {
             Ok(complete) => Ok(complete.is_ok()),
             // A result naming malformed digests or oversized trees can
             // never be served.
-            Err(ReapiError::InvalidArgument(_) | ReapiError::ResourceExhausted(_)) => Ok(false),
+            Err(Error::InvalidArgument(_) | Error::ResourceExhausted(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -126,7 +127,7 @@ impl ActionCacheService {
     async fn inner_get(
         &self,
         request: Request<GetActionResultRequest>,
-    ) -> Result<ActionResult, ReapiError> {
+    ) -> Result<ActionResult, Error> {
         let reapi = &self.0;
         let cache = reapi
             .cache(
@@ -142,21 +143,18 @@ impl ActionCacheService {
             .meta
             .get_action_result(cache.id, action.hash_bytes())
             .await?
-            .ok_or_else(|| ReapiError::NotFound(format!("no result for action {action}")))?;
-        let mut result = ActionResult::decode(Bytes::from(stored)).map_err(|e| {
-            ReapiError::Internal(format!("stored result of {action} is corrupt: {e}"))
-        })?;
+            .ok_or_else(|| Error::NotFound(format!("no result for action {action}")))?;
+        let mut result = ActionResult::decode(Bytes::from(stored))
+            .map_err(|e| Error::Internal(format!("stored result of {action} is corrupt: {e}")))?;
         let complete = match reapi.check_complete(&cache, &result).await {
             Ok(complete) => complete,
             // Stored before today's limits, or otherwise unservable: to the
             // client it is a miss, and Bazel re-runs the action.
-            Err(ReapiError::InvalidArgument(why) | ReapiError::ResourceExhausted(why)) => {
-                Err(Missing(why))
-            }
+            Err(Error::InvalidArgument(why) | Error::ResourceExhausted(why)) => Err(Missing(why)),
             Err(e) => return Err(e),
         };
         if let Err(Missing(why)) = complete {
-            return Err(ReapiError::NotFound(format!(
+            return Err(Error::NotFound(format!(
                 "the result of action {action} is incomplete: {why}"
             )));
         }
@@ -176,7 +174,7 @@ impl ActionCacheService {
         cache: &Cache,
         request: &GetActionResultRequest,
         result: &mut ActionResult,
-    ) -> Result<(), ReapiError> {
+    ) -> Result<(), Error> {
         let reapi = &self.0;
         let mut budget =
             MAX_MESSAGE_BYTES.saturating_sub(result.encoded_len() + REPLY_HEADROOM) as u64;
@@ -221,7 +219,7 @@ impl ActionCacheService {
     async fn inner_update(
         &self,
         request: Request<UpdateActionResultRequest>,
-    ) -> Result<ActionResult, ReapiError> {
+    ) -> Result<ActionResult, Error> {
         let reapi = &self.0;
         let cache = reapi
             .cache(
@@ -234,10 +232,10 @@ impl ActionCacheService {
         let action = Digest::from_required(request.action_digest.as_ref())?;
         let mut result = request
             .action_result
-            .ok_or_else(|| ReapiError::InvalidArgument("action_result is required".into()))?;
+            .ok_or_else(|| Error::InvalidArgument("action_result is required".into()))?;
         self.validate(&cache, &mut result).await?;
         if let Err(Missing(why)) = reapi.check_complete(&cache, &result).await? {
-            return Err(ReapiError::FailedPrecondition(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "upload the outputs before the result: {why}"
             )));
         }
@@ -257,11 +255,11 @@ impl ActionCacheService {
     /// Checks paths and digests, and moves inlined bytes (which clients
     /// should not send, but may) into the CAS so the stored result only
     /// refers to blobs.
-    async fn validate(&self, cache: &Cache, result: &mut ActionResult) -> Result<(), ReapiError> {
+    async fn validate(&self, cache: &Cache, result: &mut ActionResult) -> Result<(), Error> {
         let reapi = &self.0;
         let relative = |path: &str, what: &str| {
             if path.starts_with('/') {
-                Err(ReapiError::InvalidArgument(format!(
+                Err(Error::InvalidArgument(format!(
                     "{what} path {path:?} must be relative"
                 )))
             } else {

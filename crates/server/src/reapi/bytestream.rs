@@ -44,8 +44,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::digest::Digest;
 use super::resource_name::{BlobResource, Compression, UploadResource};
 use super::uploads::{Session, SessionKey, Spool};
-use super::{READ_CHUNK_BYTES, Reapi, ReapiError};
+use super::{READ_CHUNK_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::error::Error;
 
 #[derive(Debug)]
 pub(crate) struct ByteStreamService(pub(crate) Arc<Reapi>);
@@ -71,7 +72,7 @@ fn already_stored(compression: Compression, digest: Digest) -> i64 {
 }
 
 impl ByteStreamService {
-    async fn inner_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, ReapiError> {
+    async fn inner_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Error> {
         let reapi = &self.0;
         let resource = BlobResource::parse_read(&request.get_ref().resource_name)?;
         let cache = reapi
@@ -87,12 +88,12 @@ impl ByteStreamService {
             .ok()
             .filter(|&o| o <= digest.size)
             .ok_or_else(|| {
-                ReapiError::OutOfRange(format!(
+                Error::OutOfRange(format!(
                     "read_offset {read_offset} is outside blob {digest}"
                 ))
             })?;
         let limit = u64::try_from(read_limit)
-            .map_err(|_| ReapiError::OutOfRange(format!("read_limit {read_limit} is negative")))?;
+            .map_err(|_| Error::OutOfRange(format!("read_limit {read_limit} is negative")))?;
         match resource.compression {
             Compression::Identity => {
                 let end = if limit == 0 {
@@ -112,7 +113,7 @@ impl ByteStreamService {
             }
             Compression::Zstd => {
                 if limit != 0 {
-                    return Err(ReapiError::InvalidArgument(
+                    return Err(Error::InvalidArgument(
                         "read_limit must be 0 for compressed-blobs reads".into(),
                     ));
                 }
@@ -134,7 +135,7 @@ impl ByteStreamService {
     /// The blob from uncompressed `offset` as zstd frames: the stored frames
     /// unchanged, except that a read starting inside a chunk gets that
     /// chunk's tail compressed afresh.
-    async fn compressed_read(&self, blob: &Blob, offset: u64) -> Result<ReadStream, ReapiError> {
+    async fn compressed_read(&self, blob: &Blob, offset: u64) -> Result<ReadStream, Error> {
         let blobs = &self.0.state.blobs;
         if offset == 0 {
             return Ok(responses(
@@ -149,7 +150,7 @@ impl ByteStreamService {
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| ReapiError::Internal(format!("no chunk covers offset {offset}")))?;
+            .ok_or_else(|| Error::Internal(format!("no chunk covers offset {offset}")))?;
         if first.offset == offset {
             return Ok(responses(
                 blobs
@@ -174,7 +175,7 @@ impl ByteStreamService {
     async fn inner_write(
         &self,
         request: Request<Streaming<WriteRequest>>,
-    ) -> Result<WriteResponse, ReapiError> {
+    ) -> Result<WriteResponse, Error> {
         let reapi = &self.0;
         let limits = &reapi.state.limits;
         let clock = Clock::new(
@@ -185,7 +186,7 @@ impl ByteStreamService {
         let mut requests = request.into_inner();
         let first = next_message(&mut requests, &clock)
             .await?
-            .ok_or_else(|| ReapiError::InvalidArgument("Write without any request".into()))?;
+            .ok_or_else(|| Error::InvalidArgument("Write without any request".into()))?;
         let name = first.resource_name.clone();
         let upload = UploadResource::parse(&name)?;
         let digest = upload.blob.digest;
@@ -204,7 +205,7 @@ impl ByteStreamService {
         let session = reapi.uploads.session(&key)?;
         let mut session = session
             .try_lock_owned()
-            .map_err(|_| ReapiError::Aborted(format!("another Write to {name} is in progress")))?;
+            .map_err(|_| Error::Aborted(format!("another Write to {name} is in progress")))?;
         session.touched = Instant::now();
         let max_len = match compression {
             Compression::Identity => digest.size,
@@ -215,13 +216,13 @@ impl ByteStreamService {
             (offset, Compression::Identity)
                 if u64::try_from(offset).ok() == Some(session.committed) => {}
             (offset, Compression::Identity) => {
-                return Err(ReapiError::OutOfRange(format!(
+                return Err(Error::OutOfRange(format!(
                     "write_offset {offset} does not resume this upload (it holds {} bytes)",
                     session.committed
                 )));
             }
             (offset, Compression::Zstd) => {
-                return Err(ReapiError::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
                 )));
             }
@@ -262,7 +263,7 @@ impl ByteStreamService {
         digest: Digest,
         compression: Compression,
         spool: Spool,
-    ) -> Result<(), ReapiError> {
+    ) -> Result<(), Error> {
         let reapi = &self.0;
         let input = ingest_stream(spool, compression)?;
         reapi.store_stream(cache, digest, input).await
@@ -271,7 +272,7 @@ impl ByteStreamService {
     async fn inner_query_write_status(
         &self,
         request: Request<QueryWriteStatusRequest>,
-    ) -> Result<QueryWriteStatusResponse, ReapiError> {
+    ) -> Result<QueryWriteStatusResponse, Error> {
         let reapi = &self.0;
         let upload = UploadResource::parse(&request.get_ref().resource_name)?;
         let cache = reapi
@@ -315,20 +316,20 @@ async fn receive<S>(
     upload: &Upload<'_>,
     clock: &Clock,
     reapi: &Reapi,
-) -> Result<(), ReapiError>
+) -> Result<(), Error>
 where
     S: Stream<Item = Result<WriteRequest, Status>> + Unpin,
 {
     let mut message = first;
     loop {
         if u64::try_from(message.write_offset).ok() != Some(session.committed) {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "write_offset {} is not the {} bytes received so far",
                 message.write_offset, session.committed
             )));
         }
         if !message.resource_name.is_empty() && message.resource_name != upload.name {
-            return Err(ReapiError::InvalidArgument(
+            return Err(Error::InvalidArgument(
                 "resource_name changed within one Write".into(),
             ));
         }
@@ -336,7 +337,7 @@ where
         if session.committed.saturating_add(len) > upload.max_len {
             // No resume can fix that: the upload is dropped.
             reapi.uploads.remove(upload.key);
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "more data than {} holds",
                 upload.name
             )));
@@ -350,7 +351,7 @@ where
             return Ok(());
         }
         message = next_message(requests, clock).await?.ok_or_else(|| {
-            ReapiError::InvalidArgument(format!(
+            Error::InvalidArgument(format!(
                 "Write ended after {} bytes without finish_write; resume it",
                 session.committed
             ))
@@ -378,23 +379,20 @@ impl Clock {
 
 /// The next client message, within `clock`'s limits. A broken client
 /// stream is ABORTED; a client too slow is DEADLINE_EXCEEDED.
-async fn next_message<S>(
-    requests: &mut S,
-    clock: &Clock,
-) -> Result<Option<WriteRequest>, ReapiError>
+async fn next_message<S>(requests: &mut S, clock: &Clock) -> Result<Option<WriteRequest>, Error>
 where
     S: Stream<Item = Result<WriteRequest, Status>> + Unpin,
 {
     let idle_until = tokio::time::Instant::now() + clock.idle;
     match tokio::time::timeout_at(idle_until.min(clock.deadline), requests.next()).await {
         Ok(message) => message.transpose().map_err(|status| {
-            ReapiError::Aborted(format!("the Write stream failed: {}", status.message()))
+            Error::Aborted(format!("the Write stream failed: {}", status.message()))
         }),
-        Err(_) if idle_until < clock.deadline => Err(ReapiError::DeadlineExceeded(format!(
+        Err(_) if idle_until < clock.deadline => Err(Error::Timeout(format!(
             "the client sent nothing for {} s; resume the upload",
             clock.idle.as_secs()
         ))),
-        Err(_) => Err(ReapiError::DeadlineExceeded(format!(
+        Err(_) => Err(Error::Timeout(format!(
             "the Write took longer than the server's {} s limit; resume the upload",
             clock.total.as_secs()
         ))),
@@ -407,10 +405,10 @@ where
 fn ingest_stream(
     spool: super::uploads::Spool,
     compression: Compression,
-) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, ReapiError> {
+) -> Result<impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static, Error> {
     let reader = spool
         .reader()
-        .map_err(|e| ReapiError::Internal(format!("upload spool: {e}")))?;
+        .map_err(|e| Error::Internal(format!("upload spool: {e}")))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         let _spool = spool; // removed once read
@@ -461,13 +459,13 @@ fn read_full(reader: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<
 }
 
 /// One zstd frame of `data`, compressed on the blocking pool.
-async fn compress(data: Bytes) -> Result<Bytes, ReapiError> {
+async fn compress(data: Bytes) -> Result<Bytes, Error> {
     tokio::task::spawn_blocking(move || {
         garret_store::codec::compress(&data, garret_store::codec::DEFAULT_LEVEL)
     })
     .await
-    .map_err(|e| ReapiError::Internal(e.to_string()))?
-    .map_err(|e| ReapiError::Internal(e.to_string()))
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Store output as ReadResponses of at most [`READ_CHUNK_BYTES`]; a store
@@ -489,7 +487,7 @@ where
                     .collect();
                 stream::iter(pieces)
             }
-            Err(e) => stream::iter(vec![Err(Status::from(ReapiError::from(e)))]),
+            Err(e) => stream::iter(vec![Err(Status::from(Error::from(e)))]),
         })
         .flatten()
         .boxed()
@@ -543,10 +541,10 @@ mod tests {
         assert!(next_message(&mut requests, &clock).await.unwrap().is_some());
         let err = next_message(&mut requests, &clock).await.unwrap_err();
         assert!(
-            matches!(&err, ReapiError::DeadlineExceeded(m) if m.contains("sent nothing")),
+            matches!(&err, Error::Timeout(m) if m.contains("sent nothing")),
             "{err}"
         );
-        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(err.class().code, tonic::Code::DeadlineExceeded);
     }
 
     #[tokio::test]
@@ -555,7 +553,7 @@ mod tests {
         let mut requests = stream::pending::<Result<WriteRequest, Status>>();
         let err = next_message(&mut requests, &clock).await.unwrap_err();
         assert!(
-            matches!(&err, ReapiError::DeadlineExceeded(m) if m.contains("took longer")),
+            matches!(&err, Error::Timeout(m) if m.contains("took longer")),
             "{err}"
         );
     }
@@ -565,6 +563,6 @@ mod tests {
         let clock = Clock::new(Duration::from_mins(5), Duration::from_hours(1));
         let mut requests = stream::iter([Err(Status::cancelled("gone"))]);
         let err = next_message(&mut requests, &clock).await.unwrap_err();
-        assert!(matches!(err, ReapiError::Aborted(_)), "{err}");
+        assert!(matches!(err, Error::Aborted(_)), "{err}");
     }
 }

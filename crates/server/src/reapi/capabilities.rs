@@ -14,8 +14,9 @@ use garret_proto::reapi::{
 use garret_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
 
-use super::{MAX_BATCH_TOTAL_BYTES, Reapi, ReapiError};
+use super::{MAX_BATCH_TOTAL_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::error::Error;
 
 #[derive(Debug)]
 pub(crate) struct CapabilitiesService(pub(crate) Arc<Reapi>);
@@ -33,7 +34,7 @@ impl CapabilitiesService {
     async fn inner(
         &self,
         request: Request<GetCapabilitiesRequest>,
-    ) -> Result<ServerCapabilities, ReapiError> {
+    ) -> Result<ServerCapabilities, Error> {
         let reapi = &self.0;
         reapi
             .cache(

@@ -2,7 +2,7 @@
 //! and grpc.health.v1, on garret's chunked store.
 //!
 //! One module per service (as bazel-remote lays them out), each a thin tonic
-//! shim over methods that return [`ReapiError`]; the one conversion to
+//! shim over methods that return [`Error`]; the one conversion to
 //! [`Status`] lives here, so no call site picks a gRPC code.
 //!
 //! Instance names are cache names: `""` is the default cache the server was
@@ -40,16 +40,16 @@ use garret_proto::health::health_server::HealthServer;
 use garret_proto::reapi::action_cache_server::ActionCacheServer;
 use garret_proto::reapi::capabilities_server::CapabilitiesServer;
 use garret_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
-use tonic::{Code, Status};
 
-use crate::auth::{AuthError, CacheName, CacheState, ReapiAccess, authorize_reapi};
-use crate::blobs::{BlobError, Expect};
+use crate::auth::{CacheName, CacheState, ReapiAccess, authorize_reapi};
+use crate::blobs::Expect;
 use crate::clock::unix_now;
+use crate::error::Error;
 use crate::http::AppState;
-use digest::{Digest, DigestError};
-use resource_name::ResourceNameError;
+use digest::Digest;
 
 /// The largest gRPC message garret decodes, and the size of the standard
 /// gRPC default (4 MiB) so that replies it builds also fit every client's
@@ -125,137 +125,6 @@ impl ReapiConfig {
     }
 }
 
-/// Everything REAPI can fail with, each variant one gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum ReapiError {
-    #[error(transparent)]
-    Auth(#[from] AuthError),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    OutOfRange(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// A conflict the client can retry, e.g. a second writer on one upload.
-    #[error("{0}")]
-    Aborted(String),
-    /// A transient store condition (GC racing a write); retry.
-    #[error("{0}")]
-    Unavailable(String),
-    /// A client that stalled or took too long; what it sent so far is kept
-    /// where it can be resumed.
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl ReapiError {
-    pub fn code(&self) -> Code {
-        match self {
-            Self::Auth(e) => Code::from(e.grpc_code()),
-            Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::NotFound(_) => Code::NotFound,
-            Self::OutOfRange(_) => Code::OutOfRange,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Aborted(_) => Code::Aborted,
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Self::Internal(_) => Code::Internal,
-        }
-    }
-
-    /// The per-entry status of batch responses.
-    pub fn to_rpc_status(&self) -> garret_proto::rpc::Status {
-        self.log();
-        garret_proto::rpc::Status {
-            code: self.code() as i32,
-            message: self.to_string(),
-            details: Vec::new(),
-        }
-    }
-
-    fn log(&self) {
-        match self.code() {
-            Code::Internal | Code::Unavailable => {
-                tracing::error!(error = %self, "REAPI request failed");
-            }
-            Code::NotFound => tracing::debug!(error = %self, "REAPI miss"),
-            code => tracing::info!(error = %self, ?code, "REAPI request refused"),
-        }
-    }
-}
-
-impl From<ReapiError> for Status {
-    fn from(err: ReapiError) -> Self {
-        err.log();
-        Status::new(err.code(), err.to_string())
-    }
-}
-
-impl From<DigestError> for ReapiError {
-    fn from(err: DigestError) -> Self {
-        Self::InvalidArgument(err.to_string())
-    }
-}
-
-impl From<ResourceNameError> for ReapiError {
-    fn from(err: ResourceNameError) -> Self {
-        Self::InvalidArgument(err.to_string())
-    }
-}
-
-impl From<MetaError> for ReapiError {
-    fn from(err: MetaError) -> Self {
-        match err {
-            // GC took a blob or chunk between our lookup and our commit.
-            MetaError::ChunkGone(_) | MetaError::FrameMismatch(_) | MetaError::NotFound(_) => {
-                Self::Unavailable(err.to_string())
-            }
-            MetaError::Invalid(m) => Self::InvalidArgument(m),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<BlobError> for ReapiError {
-    fn from(err: BlobError) -> Self {
-        use garret_store::StoreError;
-        match err {
-            // REAPI: a digest that does not match the data is the client's
-            // error (bazel-remote's INTERNAL here makes Bazel retry forever).
-            BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. } => {
-                Self::InvalidArgument(err.to_string())
-            }
-            BlobError::Store(StoreError::TooLarge { limit }) => Self::InvalidArgument(format!(
-                "the data is larger than its digest's {limit} bytes"
-            )),
-            BlobError::Store(StoreError::Input(e)) => {
-                Self::InvalidArgument(format!("the uploaded data is unusable: {e}"))
-            }
-            // A stored chunk is gone: to the client the blob is missing,
-            // which makes Bazel re-run the action or re-upload the blob
-            // instead of failing the build.
-            BlobError::Store(StoreError::MissingChunk(id)) => Self::NotFound(format!(
-                "blob is incomplete in storage (chunk {id} is missing)"
-            )),
-            BlobError::Meta(e) => e.into(),
-            BlobError::Store(other) => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<garret_store::StoreError> for ReapiError {
-    fn from(err: garret_store::StoreError) -> Self {
-        BlobError::Store(err).into()
-    }
-}
-
 /// What every service shares: the store, the configuration and the
 /// in-progress uploads.
 #[derive(Debug)]
@@ -287,7 +156,7 @@ impl Reapi {
         metadata: &MetadataMap,
         instance: &str,
         access: ReapiAccess,
-    ) -> Result<Cache, ReapiError> {
+    ) -> Result<Cache, Error> {
         let name = if instance.is_empty() {
             self.config.default_cache.clone()
         } else {
@@ -305,7 +174,7 @@ impl Reapi {
         let cache = match self.state.meta.cache(name.as_str()).await {
             Ok(cache) => Some(cache),
             Err(MetaError::NotFound(_)) => None,
-            Err(e) => return Err(ReapiError::Internal(e.to_string())),
+            Err(e) => return Err(e.into()),
         };
         let cache_state = match &cache {
             None => CacheState::Missing,
@@ -313,12 +182,12 @@ impl Reapi {
             Some(_) => CacheState::Private,
         };
         authorize_reapi(token.as_ref(), &name, cache_state, access)?;
-        cache.ok_or_else(|| ReapiError::Internal("authorized a missing cache".into()))
+        cache.ok_or_else(|| Error::Internal("authorized a missing cache".into()))
     }
 
     /// The blob `digest` names in `cache`, or NOT_FOUND. A stored blob of
     /// another size is a different digest, hence also NOT_FOUND.
-    async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, ReapiError> {
+    async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, Error> {
         match self
             .state
             .meta
@@ -326,9 +195,7 @@ impl Reapi {
             .await?
         {
             Some(blob) if blob.size == digest.size => Ok(blob),
-            _ => Err(ReapiError::NotFound(format!(
-                "blob {digest} is not in the CAS"
-            ))),
+            _ => Err(Error::NotFound(format!("blob {digest} is not in the CAS"))),
         }
     }
 
@@ -341,9 +208,9 @@ impl Reapi {
         cache: &Cache,
         digest: Digest,
         limit: usize,
-    ) -> Result<Bytes, ReapiError> {
+    ) -> Result<Bytes, Error> {
         if digest.size > limit as u64 {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "blob {digest} is larger than the {limit} bytes read as one message"
             )));
         }
@@ -356,7 +223,7 @@ impl Reapi {
 
     /// `blob`'s content in memory; callers bound its size first (the size
     /// comes from the row, which matches the digest the caller checked).
-    async fn read_blob(&self, blob: &Blob) -> Result<Bytes, ReapiError> {
+    async fn read_blob(&self, blob: &Blob) -> Result<Bytes, Error> {
         let stream = self.state.blobs.read(blob.id, 0..blob.size).await?;
         let mut out = BytesMut::with_capacity(
             usize::try_from(blob.size)
@@ -371,18 +238,13 @@ impl Reapi {
     }
 
     /// Stores `data` as `digest` in `cache`'s CAS, verifying it first.
-    async fn store_bytes(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        data: Bytes,
-    ) -> Result<(), ReapiError> {
+    async fn store_bytes(&self, cache: &Cache, digest: Digest, data: Bytes) -> Result<(), Error> {
         self.check_size(digest)?;
         if digest.is_empty() {
             return if data.is_empty() {
                 Ok(())
             } else {
-                Err(ReapiError::InvalidArgument(format!(
+                Err(Error::InvalidArgument(format!(
                     "{} bytes were sent for the empty digest",
                     data.len()
                 )))
@@ -394,12 +256,7 @@ impl Reapi {
 
     /// Stores `input` as `digest` in `cache`'s CAS: verified against the
     /// digest while it streams, visible only once it matches.
-    async fn store_stream<S, E>(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        input: S,
-    ) -> Result<(), ReapiError>
+    async fn store_stream<S, E>(&self, cache: &Cache, digest: Digest, input: S) -> Result<(), Error>
     where
         S: futures::Stream<Item = Result<Bytes, E>> + Send,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -424,9 +281,9 @@ impl Reapi {
     }
 
     /// Refuses digests over the advertised `max_cas_blob_size_bytes`.
-    fn check_size(&self, digest: Digest) -> Result<(), ReapiError> {
+    fn check_size(&self, digest: Digest) -> Result<(), Error> {
         if digest.size > self.config.max_blob_size {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::PayloadTooLarge(format!(
                 "blob {digest} is larger than this server's limit of {} bytes",
                 self.config.max_blob_size
             )));
@@ -557,7 +414,7 @@ mod tests {
             .unwrap()
             .unwrap_err();
         let status = Status::from_error(err.into());
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
         drop(tx);
     }
 }

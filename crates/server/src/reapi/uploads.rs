@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf as _, Bytes};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{ReapiError, UploadLimits};
+use super::UploadLimits;
+use crate::error::Error;
 
 /// How often expired sessions are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_mins(1);
@@ -51,8 +52,8 @@ fn release(counter: &AtomicU64, n: u64) {
     clippy::needless_pass_by_value,
     reason = "used as map_err(io), which passes the error by value"
 )]
-fn io(e: std::io::Error) -> ReapiError {
-    ReapiError::Internal(format!("upload spool: {e}"))
+fn io(e: std::io::Error) -> Error {
+    Error::Internal(format!("upload spool: {e}"))
 }
 
 /// Where one upload's bytes wait: a spool file (once the upload outgrows
@@ -88,7 +89,7 @@ impl Spool {
     /// bytes and `data` go to the spool file in one write on the blocking
     /// pool. Past the disk quota, nothing is appended and the upload keeps
     /// what it had.
-    pub(crate) async fn append(&mut self, data: Bytes) -> Result<(), ReapiError> {
+    pub(crate) async fn append(&mut self, data: Bytes) -> Result<(), Error> {
         let len = data.len();
         if self.tail_len + len <= self.limits.session_memory_bytes
             && reserve(
@@ -103,7 +104,7 @@ impl Spool {
         }
         let flush = (self.tail_len + len) as u64;
         if !reserve(&self.usage.spooled, flush, self.limits.total_spool_bytes) {
-            return Err(ReapiError::ResourceExhausted(format!(
+            return Err(Error::ResourceExhausted(format!(
                 "unfinished uploads hold the server's {} spool bytes; retry later",
                 self.limits.total_spool_bytes
             )));
@@ -125,7 +126,7 @@ impl Spool {
                 file.write_all_at(&buffer, at).map(|()| file)
             })
             .await
-            .map_err(|e| ReapiError::Internal(e.to_string()))
+            .map_err(|e| Error::Internal(e.to_string()))
             .and_then(|r| r.map_err(io)),
             Err(e) => Err(io(e)),
         };
@@ -303,7 +304,7 @@ impl Uploads {
 
     /// The session for `key`, created if new. At the session limit, expired
     /// sessions go first; if none has, the upload is refused.
-    pub(crate) fn session(&self, key: &SessionKey) -> Result<SharedSession, ReapiError> {
+    pub(crate) fn session(&self, key: &SessionKey) -> Result<SharedSession, Error> {
         let mut sessions = self.sessions.lock().expect("upload sessions lock");
         if let Some(session) = sessions.get(key) {
             return Ok(Arc::clone(session));
@@ -312,7 +313,7 @@ impl Uploads {
             self.sweep_locked(&mut sessions);
         }
         if sessions.len() >= self.limits.max_sessions {
-            return Err(ReapiError::ResourceExhausted(format!(
+            return Err(Error::ResourceExhausted(format!(
                 "the server holds its limit of {} unfinished uploads; retry later",
                 self.limits.max_sessions
             )));
@@ -431,7 +432,7 @@ mod tests {
         a.spool.append(Bytes::from(vec![1; 30])).await.unwrap();
         let mut b = uploads.new_session();
         let err = b.spool.append(Bytes::from(vec![2; 11])).await.unwrap_err();
-        assert!(matches!(err, ReapiError::ResourceExhausted(_)), "{err}");
+        assert!(matches!(err, Error::ResourceExhausted(_)), "{err}");
         assert_eq!(uploads.usage(), (0, 30));
         // Memory over the process total moves to the file instead.
         b.spool.append(Bytes::from(vec![3; 8])).await.unwrap();
@@ -456,7 +457,7 @@ mod tests {
         // Both are in use, so neither may be swept.
         assert!(matches!(
             uploads.session(&key(9)),
-            Err(ReapiError::ResourceExhausted(_))
+            Err(Error::ResourceExhausted(_))
         ));
         drop(guards);
         // Idle and past their (zero) TTL: swept to make room.

@@ -58,6 +58,10 @@ pub struct Config {
     /// endpoint.
     pub substituter_endpoint: Option<String>,
     pub jwt: Jwt,
+    /// Bounds on unfinished ByteStream uploads. Not configurable yet: the
+    /// defaults hold, and tests tighten them.
+    #[serde(skip)]
+    pub uploads: UploadLimits,
 }
 
 impl Default for Config {
@@ -74,6 +78,7 @@ impl Default for Config {
             api_endpoint: None,
             substituter_endpoint: None,
             jwt: Jwt::default(),
+            uploads: UploadLimits::default(),
         }
     }
 }
@@ -648,6 +653,37 @@ fn redact_url(url: &str) -> String {
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
         None => url.to_owned(),
+    }
+}
+
+/// Bounds on ByteStream upload sessions: a client that opens uploads and
+/// walks away must not be able to fill memory or the disk. A Write over a
+/// bound fails with RESOURCE_EXHAUSTED and the client retries later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Upload sessions open at once, live or waiting to be resumed.
+    pub max_sessions: usize,
+    /// Bytes one session keeps in memory before it moves to a spool file.
+    pub session_memory_bytes: usize,
+    /// Bytes all sessions together keep in memory; past it, new data goes
+    /// to spool files. Small against the server's whole budget (issue 10
+    /// holds it under 300 MiB with thousands of abandoned sessions).
+    pub total_memory_bytes: usize,
+    /// Bytes all spool files together may hold.
+    pub total_spool_bytes: u64,
+    /// How long an interrupted upload waits to be resumed.
+    pub session_ttl: std::time::Duration,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 4096,
+            session_memory_bytes: 1 << 20,
+            total_memory_bytes: 64 << 20,
+            total_spool_bytes: 64 << 30,
+            session_ttl: std::time::Duration::from_hours(1),
+        }
     }
 }
 

@@ -302,8 +302,8 @@ impl From<BodyError> for Error {
     }
 }
 
-impl From<crate::reapi::digest::DigestError> for Error {
-    fn from(err: crate::reapi::digest::DigestError) -> Self {
+impl From<crate::bazel_core::digest::DigestError> for Error {
+    fn from(err: crate::bazel_core::digest::DigestError) -> Self {
         Self::InvalidArgument(err.to_string())
     }
 }

@@ -178,7 +178,7 @@ async fn causes_are_classed_alike(deployment: Deployment) {
     let hash = hex(data);
 
     let invalid = Error::InvalidArgument(String::new()).class();
-    for bad in ["xyz".to_owned(), "g".repeat(64)] {
+    for bad in ["xyz".to_owned(), "g".repeat(64), hash.to_uppercase()] {
         let answers = f.read(&bad, size, token).await;
         assert_class(&format!("invalid digest {bad}"), &answers, invalid);
     }

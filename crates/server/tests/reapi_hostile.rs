@@ -21,7 +21,8 @@ use garret_proto::reapi::{
     SpliceBlobRequest, SplitBlobRequest, Tree, UpdateActionResultRequest,
     batch_update_blobs_request,
 };
-use garret_server::reapi::{MAX_BATCH_TOTAL_BYTES, UploadLimits};
+use garret_server::config::UploadLimits;
+use garret_server::reapi::MAX_BATCH_TOTAL_BYTES;
 use prost::Message as _;
 use tonic::{Code, Request};
 

@@ -3,11 +3,11 @@
 //! Attic's discovery rules (401 before 404 for strangers).
 
 use axum::http::{HeaderMap, HeaderValue, header};
-use garret_meta::{Cache, MetaError};
+use garret_meta::Cache;
 
-use super::AppState;
 use crate::auth::{CacheName, CacheState, Permission, Requester, Token, authorize};
 use crate::error::Error;
+use crate::state::{AppState, authorized_cache};
 
 /// The verified token of a request; no `Authorization` header is anonymous,
 /// an unusable one a 401.
@@ -102,19 +102,7 @@ pub async fn cache(
     required: Permission,
 ) -> Result<Granted, Error> {
     let name = CacheName::new(name)?;
-    tracing::Span::current().record("cache", tracing::field::display(&name));
-    let cache = match state.meta.cache(name.as_str()).await {
-        Ok(cache) => Some(cache),
-        Err(MetaError::NotFound(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let cache_state = match &cache {
-        None => CacheState::Missing,
-        Some(c) if c.is_public => CacheState::Public,
-        Some(_) => CacheState::Private,
-    };
-    let permission = authorize(token, &name, cache_state, required)?;
-    let cache = cache.ok_or_else(|| Error::Internal("authorized a missing cache".into()))?;
+    let (cache, permission) = authorized_cache(&state.meta, token, &name, required).await?;
     Ok(Granted { cache, permission })
 }
 

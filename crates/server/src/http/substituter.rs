@@ -8,12 +8,12 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use garret_meta::{Cache, NixObjectRow};
 use garret_nix::narinfo::NarInfo;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
+use super::body::first_piece_then_stream;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::error::Error;
@@ -145,17 +145,7 @@ pub async fn nar(
     let body = if method == Method::HEAD || span.is_empty() {
         Body::empty()
     } else {
-        let mut frames = Box::pin(state.blobs.read_frames(row.blob.id, span).await?);
-        // The first piece is fetched before the status line goes out, so a
-        // chunk that is already missing gives a 503 rather than a 200 that
-        // breaks off; later failures abort the body, never end it cleanly.
-        let first = frames
-            .next()
-            .await
-            .transpose()
-            .map_err(|e| Error::from(crate::blobs::BlobError::Store(e)))?;
-        let rest = frames.map(|part| part.map_err(std::io::Error::other));
-        Body::from_stream(futures::stream::iter(first.map(Ok)).chain(rest))
+        first_piece_then_stream(state.blobs.read_frames(row.blob.id, span).await?).await?
     };
     response
         .body(body)

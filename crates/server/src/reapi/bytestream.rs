@@ -41,11 +41,11 @@ use garret_proto::bytestream::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::digest::Digest;
 use super::resource_name::{BlobResource, Compression, UploadResource};
 use super::uploads::{Session, SessionKey, Spool};
 use super::{READ_CHUNK_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::bazel_core::digest::Digest;
 use crate::error::Error;
 
 #[derive(Debug)]

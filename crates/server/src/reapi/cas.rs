@@ -21,9 +21,9 @@ use garret_proto::reapi::{
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::digest::Digest;
 use super::{MAX_BATCH_TOTAL_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::bazel_core::digest::Digest;
 use crate::clock::unix_now;
 use crate::error::Error;
 
@@ -62,59 +62,13 @@ fn ok_status() -> garret_proto::rpc::Status {
     garret_proto::rpc::Status::default()
 }
 
-impl Reapi {
-    /// Which of `digests` `cache` lacks, in request order without repeats;
-    /// the others have their access time refreshed, as REAPI asks.
-    pub(crate) async fn find_missing(
-        &self,
-        cache: &Cache,
-        digests: &[Digest],
-    ) -> Result<Vec<Digest>, Error> {
-        let asked: Vec<([u8; 32], u64)> = digests
-            .iter()
-            .filter(|d| !d.is_empty())
-            .map(|d| (*d.hash_bytes(), d.size))
-            .collect();
-        let missing: HashSet<([u8; 32], u64)> = self
-            .state
-            .meta
-            .find_missing_cas(cache.id, &asked)
-            .await?
-            .into_iter()
-            .collect();
-        let found: Vec<[u8; 32]> = asked
-            .into_iter()
-            .filter(|d| !missing.contains(d))
-            .map(|(hash, _)| hash)
-            .collect();
-        if !found.is_empty() {
-            self.state
-                .meta
-                .touch_cas(cache.id, &found, unix_now())
-                .await?;
-        }
-        let mut seen = HashSet::new();
-        Ok(digests
-            .iter()
-            .filter(|d| missing.contains(&(*d.hash_bytes(), d.size)) && seen.insert(**d))
-            .copied()
-            .collect())
-    }
-}
-
 impl CasService {
     async fn inner_find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<FindMissingBlobsResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Read).await?;
         let digests = request
             .get_ref()
             .blob_digests
@@ -132,13 +86,7 @@ impl CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<BatchUpdateBlobsResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Write,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Write).await?;
         let requests = request.into_inner().requests;
         // Both what is sent and what the digests claim (compressed entries
         // decompress to their digest's size) must fit the batch limit, so
@@ -189,13 +137,7 @@ impl CasService {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<BatchReadBlobsResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Read).await?;
         let request = request.into_inner();
         let zstd = request
             .acceptable_compressors
@@ -247,13 +189,7 @@ impl CasService {
     /// plain NOT_FOUND status.
     async fn inner_get_tree(&self, request: Request<GetTreeRequest>) -> Result<TreePages, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Read).await?;
         let request = request.into_inner();
         let root = Digest::from_required(request.root_digest.as_ref())?;
         let skip: usize = if request.page_token.is_empty() {
@@ -390,13 +326,7 @@ impl CasService {
         request: Request<SpliceBlobRequest>,
     ) -> Result<SpliceBlobResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Write,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Write).await?;
         let request = request.into_inner();
         check_chunking_function(request.chunking_function)?;
         let digest = Digest::from_required(request.blob_digest.as_ref())?;

@@ -10,7 +10,7 @@
 //! rules), read from the `authorization` metadata that Bazel's
 //! `--remote_header=Authorization=Bearer …` sends.
 //!
-//! [`grpc_router`] returns an axum router so gRPC (h2c) shares the HTTP port.
+//! [`services`] returns an axum router so gRPC (h2c) shares the HTTP port.
 //! It deliberately has no fallback: tonic's own `Routes` installs one that
 //! answers every unknown path with gRPC UNIMPLEMENTED, which would both
 //! swallow the HTTP API's 404s and make `Router::merge` panic on two
@@ -20,21 +20,18 @@ mod action_cache;
 mod bytestream;
 mod capabilities;
 mod cas;
-pub mod digest;
 mod health;
 pub mod resource_name;
 mod uploads;
 
 use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
 use axum::response::IntoResponse;
-use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt as _;
-use garret_meta::{Blob, Cache, MetaError};
+use garret_meta::Cache;
 use garret_proto::bytestream::byte_stream_server::ByteStreamServer;
 use garret_proto::health::health_server::HealthServer;
 use garret_proto::reapi::action_cache_server::ActionCacheServer;
@@ -44,17 +41,11 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 
-use crate::auth::{CacheName, CacheState, ReapiAccess, authorize_reapi};
-use crate::blobs::Expect;
-use crate::clock::unix_now;
+use crate::auth::ReapiAccess;
+use crate::bazel_core::Core;
+pub use crate::bazel_core::MAX_MESSAGE_BYTES;
 use crate::error::Error;
-use crate::http::AppState;
-use digest::Digest;
-
-/// The largest gRPC message garret decodes, and the size of the standard
-/// gRPC default (4 MiB) so that replies it builds also fit every client's
-/// default inbound limit.
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+use crate::state::AppState;
 
 /// Room left in a message for everything around the blob data of a batch
 /// (digests, statuses, framing): about 600 entries at ~100 bytes each.
@@ -67,251 +58,90 @@ pub const MAX_BATCH_TOTAL_BYTES: usize = MAX_MESSAGE_BYTES - ENVELOPE_BYTES;
 /// the message limit, large enough to keep per-message overhead negligible.
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// Tunables of the REAPI services.
-#[derive(Debug, Clone)]
-pub struct ReapiConfig {
-    /// Instance `""` maps to this cache.
-    pub default_cache: CacheName,
-    /// Largest blob accepted (`max_cas_blob_size_bytes`).
-    pub max_blob_size: u64,
-    /// Where ByteStream uploads keep their bytes until finished or resumed.
-    /// Owned by this core: its contents are removed when the core starts.
-    pub spool_dir: PathBuf,
-    /// Bounds on what unfinished ByteStream uploads may hold.
-    pub uploads: UploadLimits,
-}
-
-/// Bounds on ByteStream upload sessions: a client that opens uploads and
-/// walks away must not be able to fill memory or the disk. A Write over a
-/// bound fails with RESOURCE_EXHAUSTED and the client retries later.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UploadLimits {
-    /// Upload sessions open at once, live or waiting to be resumed.
-    pub max_sessions: usize,
-    /// Bytes one session keeps in memory before it moves to a spool file.
-    pub session_memory_bytes: usize,
-    /// Bytes all sessions together keep in memory; past it, new data goes
-    /// to spool files. Small against the server's whole budget (issue 10
-    /// holds it under 300 MiB with thousands of abandoned sessions).
-    pub total_memory_bytes: usize,
-    /// Bytes all spool files together may hold.
-    pub total_spool_bytes: u64,
-    /// How long an interrupted upload waits to be resumed.
-    pub session_ttl: std::time::Duration,
-}
-
-impl Default for UploadLimits {
-    fn default() -> Self {
-        Self {
-            max_sessions: 4096,
-            session_memory_bytes: 1 << 20,
-            total_memory_bytes: 64 << 20,
-            total_spool_bytes: 64 << 30,
-            session_ttl: std::time::Duration::from_hours(1),
-        }
-    }
-}
-
-impl ReapiConfig {
-    /// The defaults for `state`: blobs up to the NAR limit, spooling in the
-    /// state's spool directory (under the server's data directory).
-    pub fn new(state: &AppState, default_cache: CacheName) -> Self {
-        Self {
-            default_cache,
-            max_blob_size: state.limits.max_nar_size,
-            spool_dir: state.spool_dir.clone(),
-            uploads: UploadLimits::default(),
-        }
-    }
-}
-
-/// What every service shares: the store, the configuration and the
-/// in-progress uploads.
+/// What every service shares: the server's state (whose Bazel core does
+/// the work) and the in-progress ByteStream uploads. Derefs to the core,
+/// so services call `reapi.cache(…)`, `reapi.blob(…)` as the core's own.
 #[derive(Debug)]
 pub(crate) struct Reapi {
     state: Arc<AppState>,
-    config: ReapiConfig,
     uploads: Arc<uploads::Uploads>,
 }
 
-impl Reapi {
-    fn new(state: Arc<AppState>, config: ReapiConfig) -> Self {
-        let uploads = uploads::Uploads::start(config.spool_dir.clone(), config.uploads);
-        Self {
-            state,
-            config,
-            uploads,
+impl std::ops::Deref for Reapi {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.state.bazel
+    }
+}
+
+/// A request message that names its instance (cache).
+pub(crate) trait Instance {
+    fn instance_name(&self) -> &str;
+}
+
+macro_rules! instance {
+    ($($message:ty),* $(,)?) => {$(
+        impl Instance for $message {
+            fn instance_name(&self) -> &str {
+                &self.instance_name
+            }
         }
-    }
+    )*};
+}
 
-    /// The cache requests without an instance name address.
-    pub(crate) fn default_cache(&self) -> &CacheName {
-        &self.config.default_cache
-    }
+instance!(
+    garret_proto::reapi::FindMissingBlobsRequest,
+    garret_proto::reapi::BatchUpdateBlobsRequest,
+    garret_proto::reapi::BatchReadBlobsRequest,
+    garret_proto::reapi::GetTreeRequest,
+    garret_proto::reapi::SplitBlobRequest,
+    garret_proto::reapi::SpliceBlobRequest,
+    garret_proto::reapi::GetActionResultRequest,
+    garret_proto::reapi::UpdateActionResultRequest,
+    garret_proto::reapi::GetCapabilitiesRequest,
+);
 
-    /// The cache behind `instance`, if the request's credentials allow
-    /// `access` to it.
+impl Reapi {
+    /// The cache behind `instance`, if the request's `authorization`
+    /// metadata allows `access` to it.
     async fn cache(
         &self,
         metadata: &MetadataMap,
         instance: &str,
         access: ReapiAccess,
     ) -> Result<Cache, Error> {
-        let name = if instance.is_empty() {
-            self.config.default_cache.clone()
-        } else {
-            CacheName::new(instance)?
-        };
-        tracing::Span::current().record("cache", tracing::field::display(&name));
-        let token = match &self.state.tokens {
-            Some(tokens) => tokens.authenticate(
-                metadata
-                    .get("authorization")
-                    .map(tonic::metadata::AsciiMetadataValue::as_bytes),
-            )?,
-            None => None,
-        };
-        let cache = match self.state.meta.cache(name.as_str()).await {
-            Ok(cache) => Some(cache),
-            Err(MetaError::NotFound(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let cache_state = match &cache {
-            None => CacheState::Missing,
-            Some(c) if c.is_public => CacheState::Public,
-            Some(_) => CacheState::Private,
-        };
-        authorize_reapi(token.as_ref(), &name, cache_state, access)?;
-        cache.ok_or_else(|| Error::Internal("authorized a missing cache".into()))
-    }
-
-    /// The blob `digest` names in `cache`, or NOT_FOUND. A stored blob of
-    /// another size is a different digest, hence also NOT_FOUND.
-    async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, Error> {
-        match self
-            .state
-            .meta
-            .cas_blob(cache.id, digest.hash_bytes())
-            .await?
-        {
-            Some(blob) if blob.size == digest.size => Ok(blob),
-            _ => Err(Error::NotFound(format!("blob {digest} is not in the CAS"))),
-        }
-    }
-
-    /// A whole blob in memory, for protobuf messages kept in the CAS
-    /// (Directory, Tree) and for inlined outputs. A digest over `limit`
-    /// bytes is refused before anything is looked up or read: a client
-    /// that names a huge blob as a message costs nothing.
-    async fn read_bounded(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        limit: usize,
-    ) -> Result<Bytes, Error> {
-        if digest.size > limit as u64 {
-            return Err(Error::InvalidArgument(format!(
-                "blob {digest} is larger than the {limit} bytes read as one message"
-            )));
-        }
-        if digest.is_empty() {
-            return Ok(Bytes::new());
-        }
-        let blob = self.blob(cache, digest).await?;
-        self.read_blob(&blob).await
-    }
-
-    /// `blob`'s content in memory; callers bound its size first (the size
-    /// comes from the row, which matches the digest the caller checked).
-    async fn read_blob(&self, blob: &Blob) -> Result<Bytes, Error> {
-        let stream = self.state.blobs.read(blob.id, 0..blob.size).await?;
-        let mut out = BytesMut::with_capacity(
-            usize::try_from(blob.size)
-                .unwrap_or(0)
-                .min(MAX_MESSAGE_BYTES),
-        );
-        let mut stream = std::pin::pin!(stream);
-        while let Some(piece) = stream.try_next().await? {
-            out.extend_from_slice(&piece);
-        }
-        Ok(out.freeze())
-    }
-
-    /// Stores `data` as `digest` in `cache`'s CAS, verifying it first.
-    async fn store_bytes(&self, cache: &Cache, digest: Digest, data: Bytes) -> Result<(), Error> {
-        self.check_size(digest)?;
-        if digest.is_empty() {
-            return if data.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::InvalidArgument(format!(
-                    "{} bytes were sent for the empty digest",
-                    data.len()
-                )))
-            };
-        }
-        let input = futures::stream::once(async move { Ok::<_, Infallible>(data) });
-        self.store_stream(cache, digest, input).await
-    }
-
-    /// Stores `input` as `digest` in `cache`'s CAS: verified against the
-    /// digest while it streams, visible only once it matches.
-    async fn store_stream<S, E>(&self, cache: &Cache, digest: Digest, input: S) -> Result<(), Error>
-    where
-        S: futures::Stream<Item = Result<Bytes, E>> + Send,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let blob = self
-            .state
-            .blobs
-            .put(
-                input,
-                Expect {
-                    hash: Some(digest.hash),
-                    size: Some(digest.size),
-                    max_size: Some(digest.size),
-                },
-            )
-            .await?;
+        let authorization = metadata
+            .get("authorization")
+            .map(tonic::metadata::AsciiMetadataValue::as_bytes);
         self.state
-            .meta
-            .put_cas_entry(cache.id, blob.id, unix_now())
-            .await?;
-        Ok(())
+            .bazel
+            .cache(authorization, instance, access)
+            .await
     }
 
-    /// Refuses digests over the advertised `max_cas_blob_size_bytes`.
-    fn check_size(&self, digest: Digest) -> Result<(), Error> {
-        if digest.size > self.config.max_blob_size {
-            return Err(Error::PayloadTooLarge(format!(
-                "blob {digest} is larger than this server's limit of {} bytes",
-                self.config.max_blob_size
-            )));
-        }
-        Ok(())
+    /// The preamble of every unary method: the cache `request` names,
+    /// authorized for `access`.
+    async fn cache_for<T: Instance>(
+        &self,
+        request: &tonic::Request<T>,
+        access: ReapiAccess,
+    ) -> Result<Cache, Error> {
+        self.cache(
+            request.metadata(),
+            request.get_ref().instance_name(),
+            access,
+        )
+        .await
     }
 }
 
-/// The gRPC services on `state`, as an axum router for the HTTP port;
-/// instance `""` is `default_cache`.
-pub fn grpc_router(state: Arc<AppState>, default_cache: CacheName) -> Router {
-    let config = ReapiConfig::new(&state, default_cache);
-    grpc_router_with(state, config)
-}
-
-/// [`grpc_router`] with explicit tunables.
-pub fn grpc_router_with(state: Arc<AppState>, config: ReapiConfig) -> Router {
-    services(Arc::new(Reapi::new(state, config)))
-}
-
-/// One REAPI core, for the gRPC services and Bazel's HTTP cache to share.
-pub(crate) fn shared(state: Arc<AppState>, default_cache: CacheName) -> Arc<Reapi> {
-    let config = ReapiConfig::new(&state, default_cache);
-    Arc::new(Reapi::new(state, config))
-}
-
-/// The gRPC services on `reapi`.
-pub(crate) fn services(reapi: Arc<Reapi>) -> Router {
+/// The gRPC services on `state`, as an axum router for the HTTP port.
+/// ByteStream's upload sessions live here, in `state.spool_dir` (emptied
+/// now): build the services once per state.
+pub fn services(state: Arc<AppState>) -> Router {
+    let uploads = uploads::Uploads::start(state.spool_dir.clone(), state.uploads);
+    let reapi = Arc::new(Reapi { state, uploads });
     let router = Router::new();
     let router = route(
         router,
@@ -401,6 +231,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf as _, Bytes};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::UploadLimits;
+use crate::config::UploadLimits;
 use crate::error::Error;
 
 /// How often expired sessions are swept.

@@ -39,6 +39,7 @@ mod error;
 mod gc;
 mod migrations;
 mod nix;
+mod redact;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -59,6 +60,7 @@ pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
 pub use gc::Expired;
 pub use nix::{NixObject, NixObjectRow};
+pub use redact::{Redacted, redact};
 
 /// Result of every [`Meta`] operation.
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;

@@ -128,7 +128,7 @@ impl std::fmt::Debug for S3Storage {
             .field("access_key_id", &self.access_key_id)
             .field(
                 "secret_access_key",
-                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+                &garret_meta::redact(self.secret_access_key.as_ref()),
             )
             .finish()
     }

@@ -3,7 +3,7 @@
 
 pub mod access;
 mod attic;
-pub mod bazel;
+mod bazel;
 mod body;
 mod nix_upload;
 mod substituter;

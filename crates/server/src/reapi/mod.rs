@@ -2,8 +2,9 @@
 //! and grpc.health.v1, on garret's chunked store.
 //!
 //! One module per service (as bazel-remote lays them out), each a thin tonic
-//! shim over methods that return [`Error`]; the one conversion to
-//! [`Status`] lives here, so no call site picks a gRPC code.
+//! shim over methods that return [`Error`], whose one table (`crate::error`)
+//! gives the gRPC code, so no call site picks one. The work is the Bazel
+//! core's (`crate::bazel_core`), which Bazel's HTTP cache shares.
 //!
 //! Instance names are cache names: `""` is the default cache the server was
 //! started with. Authorization is the HTTP API's (same JWTs, same discovery

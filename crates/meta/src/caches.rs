@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use crate::redact::{Redacted, redact};
 use crate::{CacheId, Meta, MetaError, Result, on_reader, on_writer};
 
 /// A cache to create.
@@ -56,7 +57,7 @@ impl fmt::Debug for NewCache {
             .field("is_public", &self.is_public)
             .field("store_dir", &self.store_dir)
             .field("priority", &self.priority)
-            .field("signing_key", &"<redacted>")
+            .field("signing_key", &Redacted)
             .field("upstream_cache_key_names", &self.upstream_cache_key_names)
             .field("retention_period", &self.retention_period)
             .finish()
@@ -71,7 +72,7 @@ impl fmt::Debug for Cache {
             .field("is_public", &self.is_public)
             .field("store_dir", &self.store_dir)
             .field("priority", &self.priority)
-            .field("signing_key", &"<redacted>")
+            .field("signing_key", &Redacted)
             .field("upstream_cache_key_names", &self.upstream_cache_key_names)
             .field("retention_period", &self.retention_period)
             .field("created_at", &self.created_at)
@@ -85,10 +86,7 @@ impl fmt::Debug for CachePatch {
             .field("is_public", &self.is_public)
             .field("store_dir", &self.store_dir)
             .field("priority", &self.priority)
-            .field(
-                "signing_key",
-                &self.signing_key.as_ref().map(|_| "<redacted>"),
-            )
+            .field("signing_key", &redact(self.signing_key.as_ref()))
             .field("upstream_cache_key_names", &self.upstream_cache_key_names)
             .field("retention_period", &self.retention_period)
             .finish()

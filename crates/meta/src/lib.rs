@@ -44,6 +44,7 @@ mod error;
 mod gc;
 mod migrations;
 mod nix;
+mod redact;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -66,6 +67,7 @@ pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
 pub use gc::Expired;
 pub use nix::{NixObject, NixObjectRow};
+pub use redact::{Redacted, redact};
 pub use uploads::UploadSession;
 
 /// Result of every [`Meta`] operation.

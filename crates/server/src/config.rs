@@ -58,6 +58,10 @@ pub struct Config {
     /// endpoint.
     pub substituter_endpoint: Option<String>,
     pub jwt: Jwt,
+    /// ByteStream uploads: live Writes, progress records, session expiry.
+    /// Not configurable yet: the defaults hold, and tests change them.
+    #[serde(skip)]
+    pub uploads: UploadSettings,
 }
 
 impl Default for Config {
@@ -74,6 +78,7 @@ impl Default for Config {
             api_endpoint: None,
             substituter_endpoint: None,
             jwt: Jwt::default(),
+            uploads: UploadSettings::default(),
         }
     }
 }
@@ -123,7 +128,7 @@ impl std::fmt::Debug for S3Storage {
             .field("access_key_id", &self.access_key_id)
             .field(
                 "secret_access_key",
-                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+                &garret_meta::redact(self.secret_access_key.as_ref()),
             )
             .finish()
     }
@@ -648,6 +653,32 @@ fn redact_url(url: &str) -> String {
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
         None => url.to_owned(),
+    }
+}
+
+/// Tunables of ByteStream uploads (see `reapi::upload_sessions`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadSettings {
+    /// Writes streaming at once on this replica. Each holds an ingest
+    /// pipeline (a few MiB at most), so this bounds their memory; a Write
+    /// past it waits for a slot within the idle timeout, then fails with
+    /// RESOURCE_EXHAUSTED.
+    pub max_live_writes: usize,
+    /// Durable bytes between two records of an upload's progress: what a
+    /// crash of this replica can cost the client to send again, against one
+    /// metadata transaction and one pause of the upload pipeline per record.
+    pub checkpoint_bytes: u64,
+    /// How long an interrupted upload waits to be resumed.
+    pub session_ttl: std::time::Duration,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        Self {
+            max_live_writes: 64,
+            checkpoint_bytes: 16 << 20,
+            session_ttl: std::time::Duration::from_hours(1),
+        }
     }
 }
 

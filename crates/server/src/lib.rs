@@ -2,9 +2,11 @@
 //! importable by end-to-end tests and benchmarks.
 
 pub mod auth;
+pub mod bazel_core;
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod error;
 pub mod http;
 pub mod idle;
 pub mod reapi;
@@ -12,3 +14,9 @@ pub mod request_log;
 pub mod serve;
 pub mod state;
 pub mod upload;
+
+/// Everything `garret serve` answers on its one port: the Nix and Attic
+/// routes, Bazel's HTTP cache, and REAPI over h2c gRPC, on one state.
+pub fn app(state: std::sync::Arc<state::AppState>) -> axum::Router {
+    http::router(std::sync::Arc::clone(&state)).merge(reapi::services(state))
+}

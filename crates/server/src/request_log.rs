@@ -27,6 +27,7 @@ const REQUEST_METADATA: &str = "build.bazel.remote.execution.v2.requestmetadata-
 /// A request's span and the counters its access line reports.
 #[derive(Debug)]
 pub struct RequestLog {
+    id: String,
     span: Span,
     started: Instant,
     bytes_in: Arc<AtomicU64>,
@@ -42,9 +43,10 @@ impl RequestLog {
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
     {
+        let id = request_id();
         let span = tracing::info_span!(
             "request",
-            id = %request_id(),
+            id = %id,
             method = %request.method(),
             path = %request.uri().path(),
             cache = Empty,
@@ -64,6 +66,7 @@ impl RequestLog {
             })
         });
         let log = Self {
+            id,
             span,
             started: Instant::now(),
             bytes_in,
@@ -76,6 +79,14 @@ impl RequestLog {
 
     pub fn span(&self) -> &Span {
         &self.span
+    }
+
+    /// Runs `work` (the handler) as this request's: [`current_id`] names it.
+    pub fn scope<F: std::future::Future>(
+        &self,
+        work: F,
+    ) -> impl std::future::Future<Output = F::Output> + use<F> {
+        REQUEST_ID.scope(self.id.clone(), work)
     }
 
     /// Notes the response head; the line is written when the body ends.
@@ -125,6 +136,16 @@ impl Drop for RequestLog {
             );
         }
     }
+}
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being handled, for messages that point the client
+/// at the server log (its span carries the same id).
+pub fn current_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
 }
 
 /// 16 hex digits, unique enough to find one request in the logs of many

@@ -391,9 +391,10 @@ impl hyper::service::Service<Request<Incoming>> for TrackedService {
         let (mut log, request) = RequestLog::start(request);
         let span = log.span().clone();
         let mut app = self.app.clone();
+        let handled = log.scope(tower_service::Service::call(&mut app, request));
         Box::pin(
             async move {
-                let response = tower_service::Service::call(&mut app, request).await?;
+                let response = handled.await?;
                 log.responded(response.status(), response.headers());
                 Ok(response.map(|body| TrackedBody {
                     inner: body,

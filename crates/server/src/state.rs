@@ -1,20 +1,38 @@
 //! The server's state, built once from its configuration: the metadata
-//! database, the chunk store and the settings every handler shares. The
-//! binary and the end-to-end tests build it the same way, so tests run the
-//! wiring that production runs.
+//! database, the chunk store, the token authority, the Bazel core and the
+//! settings every handler shares. The binary and the end-to-end tests build
+//! it the same way, so tests run the wiring that production runs; both
+//! front ends (`http`, `reapi`) serve the one state.
 
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::sync::Arc;
 
-use garret_meta::{Meta, MetaError};
+use garret_meta::{Cache, Meta, MetaError};
 use garret_store::backend::BackendError;
 use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
 
-use crate::auth::TokenAuthority;
+use crate::auth::{AuthError, CacheName, CacheState, Permission, Token, TokenAuthority, authorize};
+use crate::bazel_core::Core;
 use crate::blobs::Blobs;
-use crate::config::Config;
-use crate::http::AppState;
+use crate::config::{Config, Endpoints, Limits, UploadSettings};
+use crate::error::Error;
+
+/// What every handler of both front ends shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub meta: Meta,
+    pub blobs: Blobs,
+    /// Verifies tokens; without it every request is anonymous.
+    pub tokens: Option<TokenAuthority>,
+    pub limits: Limits,
+    /// Configured public URLs; unset ones come from each request.
+    pub endpoints: Endpoints,
+    /// ByteStream uploads: live Writes, progress records, session expiry.
+    pub uploads: UploadSettings,
+    /// The Bazel remote cache both Bazel's HTTP cache and REAPI serve.
+    pub bazel: Core,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -27,6 +45,8 @@ pub enum StateError {
     Meta(#[from] MetaError),
     #[error("the chunk store: {0}")]
     Store(#[from] BackendError),
+    #[error("bazel_default_cache: {0}")]
+    DefaultCache(#[from] AuthError),
 }
 
 /// Everything `config` describes, ready to serve; `tokens` verifies
@@ -45,13 +65,48 @@ pub async fn build(
         ChunkStore::new(backend, config.store_config()),
         meta.clone(),
     );
+    let bazel = Core::new(
+        meta.clone(),
+        blobs.clone(),
+        tokens.clone(),
+        CacheName::new(config.bazel_default_cache.clone())?,
+        config.limits.max_nar_size,
+    );
     Ok(Arc::new(AppState {
         meta,
         blobs,
         tokens,
         limits: config.limits,
         endpoints: config.endpoints(),
+        uploads: config.uploads,
+        bazel,
     }))
+}
+
+/// The cache `name` names, if `token` holds `required` on it, with the
+/// grant it holds; Attic's discovery rules decide what a requester without
+/// any permission learns (401 before 404). Both front ends look caches up
+/// through here.
+pub async fn authorized_cache(
+    meta: &Meta,
+    token: Option<&Token>,
+    name: &CacheName,
+    required: Permission,
+) -> Result<(Cache, Permission), Error> {
+    tracing::Span::current().record("cache", tracing::field::display(name));
+    let cache = match meta.cache(name.as_str()).await {
+        Ok(cache) => Some(cache),
+        Err(MetaError::NotFound(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let cache_state = match &cache {
+        None => CacheState::Missing,
+        Some(c) if c.is_public => CacheState::Public,
+        Some(_) => CacheState::Private,
+    };
+    let permission = authorize(token, name, cache_state, required)?;
+    let cache = cache.ok_or_else(|| Error::Internal("authorized a missing cache".into()))?;
+    Ok((cache, permission))
 }
 
 /// Connects to the metadata database, creating an embedded one on first use

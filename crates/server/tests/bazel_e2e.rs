@@ -13,7 +13,7 @@ use std::time::Duration;
 use garret_nix::Sha256Hash;
 use garret_nix::signing::SigningKey;
 use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
-use garret_server::http::bazel;
+use garret_server::bazel_core;
 
 mod common;
 
@@ -479,7 +479,7 @@ fn ac_edges(push: &Client, pull: &Client, tmp: &Path) {
     assert_eq!(pull.get(&format!("/ac/{later}")).0, 200, "now complete");
 
     let big = tmp.join("big-result");
-    std::fs::write(&big, vec![0u8; bazel::MAX_ACTION_RESULT + 1]).unwrap();
+    std::fs::write(&big, vec![0u8; bazel_core::MAX_ACTION_RESULT + 1]).unwrap();
     let other = Sha256Hash::of(b"other action").to_hex();
     let upload = format!("@{}", big.display());
     assert_eq!(push.put(&format!("/ac/{other}"), &upload).0, 413);

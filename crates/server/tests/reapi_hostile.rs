@@ -21,7 +21,8 @@ use garret_proto::reapi::{
     SpliceBlobRequest, SplitBlobRequest, Tree, UpdateActionResultRequest,
     batch_update_blobs_request,
 };
-use garret_server::reapi::{MAX_BATCH_TOTAL_BYTES, UploadSettings};
+use garret_server::config::UploadSettings;
+use garret_server::reapi::MAX_BATCH_TOTAL_BYTES;
 use prost::Message as _;
 use tonic::{Code, Request};
 
@@ -33,7 +34,7 @@ async fn start() -> GrpcServer {
     GrpcServer::start(Deployment::SqliteFs).await
 }
 
-/// [`start`] with the gRPC services' upload limits set to `uploads`.
+/// [`start`] with the gRPC services' upload settings set to `uploads`.
 async fn start_with(uploads: UploadSettings) -> GrpcServer {
     GrpcServer::start_with(Deployment::SqliteFs, Some(uploads)).await
 }

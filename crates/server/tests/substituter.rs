@@ -11,7 +11,7 @@ use garret_meta::NixObject;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePathHash};
 use garret_server::blobs::Expect;
-use garret_server::http::AppState;
+use garret_server::state::AppState;
 use garret_store::ObjectStore;
 
 mod common;

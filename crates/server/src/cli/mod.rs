@@ -206,8 +206,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, "garret is listening");
-    let default_cache = garret_server::auth::CacheName::new(config.bazel_default_cache.clone())
-        .context("bazel_default_cache")?;
     // On SIGTERM (Kubernetes) or Ctrl-C, stop accepting and let in-flight
     // requests, uploads included, finish within the shutdown timeout.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -220,7 +218,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     };
     garret_server::serve::serve(
         listener,
-        garret_server::http::app(state, &default_cache),
+        garret_server::app(state),
         garret_server::serve::ServeLimits::new(&config.connections, config.limits.idle_timeout()),
         shutdown,
     )

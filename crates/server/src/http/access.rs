@@ -3,15 +3,15 @@
 //! Attic's discovery rules (401 before 404 for strangers).
 
 use axum::http::{HeaderMap, HeaderValue, header};
-use garret_meta::{Cache, MetaError};
+use garret_meta::Cache;
 
-use super::AppState;
-use super::error::ApiError;
 use crate::auth::{CacheName, CacheState, Permission, Requester, Token, authorize};
+use crate::error::Error;
+use crate::state::{AppState, authorized_cache};
 
 /// The verified token of a request; no `Authorization` header is anonymous,
 /// an unusable one a 401.
-pub fn token(state: &AppState, headers: &HeaderMap) -> Result<Option<Token>, ApiError> {
+pub fn token(state: &AppState, headers: &HeaderMap) -> Result<Option<Token>, Error> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
@@ -32,7 +32,7 @@ pub fn token_that_could(
     state: &AppState,
     headers: &HeaderMap,
     required: Permission,
-) -> Result<Option<Token>, ApiError> {
+) -> Result<Option<Token>, Error> {
     let token = token(state, headers)?;
     let could = match &token {
         None => required.difference(Permission::PULL).is_empty(),
@@ -47,7 +47,7 @@ pub fn token_that_could(
         return Ok(token);
     }
     let Some(token) = token else {
-        return Err(ApiError::Unauthorized(format!(
+        return Err(Error::Unauthorized(format!(
             "{} holds the {required} permission on no cache",
             Requester::Anonymous
         )));
@@ -65,9 +65,9 @@ pub fn token_that_could(
         .values()
         .any(|granted| !granted.is_empty());
     Err(if holds_any {
-        ApiError::Forbidden(message)
+        Error::Forbidden(message)
     } else {
-        ApiError::Unauthorized(message)
+        Error::Unauthorized(message)
     })
 }
 
@@ -82,7 +82,7 @@ impl Granted {
     /// Checks a further requirement that only the request body revealed
     /// (a retention change in a cache patch), against the cache already
     /// looked up.
-    pub fn require(&self, token: Option<&Token>, required: Permission) -> Result<(), ApiError> {
+    pub fn require(&self, token: Option<&Token>, required: Permission) -> Result<(), Error> {
         let name = CacheName::new(self.cache.name.clone())?;
         let state = if self.cache.is_public {
             CacheState::Public
@@ -100,21 +100,9 @@ pub async fn cache(
     token: Option<&Token>,
     name: &str,
     required: Permission,
-) -> Result<Granted, ApiError> {
+) -> Result<Granted, Error> {
     let name = CacheName::new(name)?;
-    tracing::Span::current().record("cache", tracing::field::display(&name));
-    let cache = match state.meta.cache(name.as_str()).await {
-        Ok(cache) => Some(cache),
-        Err(MetaError::NotFound(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    let cache_state = match &cache {
-        None => CacheState::Missing,
-        Some(c) if c.is_public => CacheState::Public,
-        Some(_) => CacheState::Private,
-    };
-    let permission = authorize(token, &name, cache_state, required)?;
-    let cache = cache.ok_or_else(|| ApiError::Internal("authorized a missing cache".into()))?;
+    let (cache, permission) = authorized_cache(&state.meta, token, &name, required).await?;
     Ok(Granted { cache, permission })
 }
 
@@ -124,7 +112,7 @@ pub async fn cache_for_request(
     headers: &HeaderMap,
     name: &str,
     required: Permission,
-) -> Result<Cache, ApiError> {
+) -> Result<Cache, Error> {
     let token = token(state, headers)?;
     Ok(cache(state, token.as_ref(), name, required).await?.cache)
 }
@@ -132,7 +120,7 @@ pub async fn cache_for_request(
 /// Checks that the requester may create a cache named `name`. Whether it
 /// exists already is for the insert to report (`CacheAlreadyExists`), which
 /// also settles two concurrent creations.
-pub fn cache_for_create(state: &AppState, headers: &HeaderMap, name: &str) -> Result<(), ApiError> {
+pub fn cache_for_create(state: &AppState, headers: &HeaderMap, name: &str) -> Result<(), Error> {
     let token = token(state, headers)?;
     let name = CacheName::new(name)?;
     authorize(

@@ -17,12 +17,12 @@ use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 use serde::{Deserialize, Serialize};
 
 use super::body::{BodyStream, idle_limited, read_small, within_request_timeout};
-use super::error::ApiError;
 use super::{AppState, MAX_JSON_BODY, access};
 use crate::auth::{CacheName, Permission, Token};
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
 use crate::config::Endpoints;
+use crate::error::Error;
 use crate::upload::{NarCheck, PathInfo};
 use garret_store::StoreError;
 
@@ -36,10 +36,10 @@ async fn json<T: serde::de::DeserializeOwned>(
     state: &AppState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<T, ApiError> {
+) -> Result<T, Error> {
     let body = read_small(body, headers, MAX_JSON_BODY as u64, &state.limits).await?;
     serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        .map_err(|e| Error::InvalidArgument(format!("invalid JSON body: {e}")))
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,15 +60,16 @@ pub async fn get_missing_paths(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<GetMissingPathsResponse>, ApiError> {
+) -> Result<Json<GetMissingPathsResponse>, Error> {
     let token = access::token_that_could(&state, &headers, Permission::PUSH)?;
     let request: GetMissingPathsRequest = json(&state, &headers, body).await?;
     let cache = access::cache(&state, token.as_ref(), &request.cache, Permission::PUSH)
         .await?
         .cache;
     for hash in &request.store_path_hashes {
-        hash.parse::<StorePathHash>()
-            .map_err(|e| ApiError::BadRequest(format!("invalid store path hash {hash:?}: {e}")))?;
+        hash.parse::<StorePathHash>().map_err(|e| {
+            Error::InvalidArgument(format!("invalid store path hash {hash:?}: {e}"))
+        })?;
     }
     let hashes: Vec<&str> = request
         .store_path_hashes
@@ -97,9 +98,9 @@ struct UploadPathNarInfo {
 }
 
 impl UploadPathNarInfo {
-    fn path_info(&self, store_dir: &str) -> Result<PathInfo, ApiError> {
+    fn path_info(&self, store_dir: &str) -> Result<PathInfo, Error> {
         let bad =
-            |what: &str, e: &dyn std::fmt::Display| ApiError::BadRequest(format!("{what}: {e}"));
+            |what: &str, e: &dyn std::fmt::Display| Error::InvalidArgument(format!("{what}: {e}"));
         let store_path = StorePath::from_absolute_path_in(&self.store_path, store_dir)
             .map_err(|e| bad("invalid store_path", &e))?;
         let hash: StorePathHash = self
@@ -107,7 +108,7 @@ impl UploadPathNarInfo {
             .parse()
             .map_err(|e| bad("invalid store_path_hash", &e))?;
         if &hash != store_path.hash() {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::InvalidArgument(format!(
                 "store_path_hash {hash} is not the hash of {}",
                 self.store_path
             )));
@@ -142,7 +143,7 @@ impl UploadPathNarInfo {
             ca,
         };
         info.validate(store_dir)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         Ok(info)
     }
 }
@@ -166,7 +167,7 @@ pub async fn upload_path(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<UploadPathResult>, ApiError> {
+) -> Result<Json<UploadPathResult>, Error> {
     let token = access::token_that_could(&state, &headers, Permission::PUSH)?;
     within_request_timeout(
         &state.limits,
@@ -180,38 +181,38 @@ async fn upload(
     token: Option<&Token>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Json<UploadPathResult>, ApiError> {
+) -> Result<Json<UploadPathResult>, Error> {
     let mut stream = idle_limited(body, state.limits.idle_timeout());
     let nar_info: UploadPathNarInfo = if let Some(size) = headers.get(PREAMBLE_SIZE_HEADER) {
         let size: u64 = size
             .to_str()
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| ApiError::BadRequest(format!("invalid {PREAMBLE_SIZE_HEADER}")))?;
+            .ok_or_else(|| Error::InvalidArgument(format!("invalid {PREAMBLE_SIZE_HEADER}")))?;
         if size > state.limits.max_preamble_size {
-            return Err(ApiError::BadRequest(format!(
+            return Err(Error::InvalidArgument(format!(
                 "the NarInfo preamble of {size} bytes is larger than the limit of {} bytes",
                 state.limits.max_preamble_size
             )));
         }
         let preamble = read_preamble(&mut stream, size).await?;
         serde_json::from_slice(&preamble)
-            .map_err(|e| ApiError::BadRequest(format!("invalid NarInfo preamble: {e}")))?
+            .map_err(|e| Error::InvalidArgument(format!("invalid NarInfo preamble: {e}")))?
     } else {
         let value = headers.get(NAR_INFO_HEADER).ok_or_else(|| {
-            ApiError::BadRequest(format!(
+            Error::InvalidArgument(format!(
                 "the NarInfo is missing: send {NAR_INFO_HEADER} or {PREAMBLE_SIZE_HEADER}"
             ))
         })?;
         serde_json::from_slice(value.as_bytes())
-            .map_err(|e| ApiError::BadRequest(format!("invalid {NAR_INFO_HEADER}: {e}")))?
+            .map_err(|e| Error::InvalidArgument(format!("invalid {NAR_INFO_HEADER}: {e}")))?
     };
     let cache = access::cache(state, token, &nar_info.cache, Permission::PUSH)
         .await?
         .cache;
     let info = nar_info.path_info(&cache.store_dir)?;
     if info.nar_size > state.limits.max_nar_size {
-        return Err(ApiError::PayloadTooLarge(format!(
+        return Err(Error::PayloadTooLarge(format!(
             "the NAR of {} bytes is larger than the limit of {} bytes",
             info.nar_size, state.limits.max_nar_size
         )));
@@ -229,7 +230,7 @@ async fn upload(
         .await
         .map_err(|e| match e {
             // Longer than promised is a lie about NarSize, not an oversized upload.
-            BlobError::Store(StoreError::TooLarge { .. }) => ApiError::BadRequest(format!(
+            BlobError::Store(StoreError::TooLarge { .. }) => Error::InvalidArgument(format!(
                 "the NAR is longer than its NarSize of {} bytes",
                 info.nar_size
             )),
@@ -261,14 +262,14 @@ async fn upload(
 /// from the front of the body, leaving the rest (the NAR) in the stream.
 /// The buffer grows with what arrives, not by the announced size, so a
 /// client that announces a preamble and stalls costs nothing.
-async fn read_preamble(stream: &mut BodyStream, size: u64) -> Result<Vec<u8>, ApiError> {
+async fn read_preamble(stream: &mut BodyStream, size: u64) -> Result<Vec<u8>, Error> {
     use futures::StreamExt as _;
     let size =
-        usize::try_from(size).map_err(|_| ApiError::BadRequest("preamble too large".into()))?;
+        usize::try_from(size).map_err(|_| Error::InvalidArgument("preamble too large".into()))?;
     let mut preamble = Vec::new();
     while preamble.len() < size {
         let Some(part) = stream.next().await else {
-            return Err(ApiError::BadRequest(
+            return Err(Error::InvalidArgument(
                 "the body ended inside the NarInfo preamble".into(),
             ));
         };
@@ -325,13 +326,13 @@ pub enum Keypair {
 }
 
 impl Keypair {
-    fn signing_key(&self, cache: &CacheName) -> Result<SigningKey, ApiError> {
+    fn signing_key(&self, cache: &CacheName) -> Result<SigningKey, Error> {
         match self {
             Self::Generate => SigningKey::generate(cache.as_str())
-                .map_err(|e| ApiError::Internal(format!("generating a key: {e}"))),
+                .map_err(|e| Error::Internal(format!("generating a key: {e}"))),
             Self::Keypair(secret) => secret
                 .parse()
-                .map_err(|e| ApiError::BadRequest(format!("invalid keypair: {e}"))),
+                .map_err(|e| Error::InvalidArgument(format!("invalid keypair: {e}"))),
         }
     }
 }
@@ -392,11 +393,11 @@ fn cache_config(
     cache: &Cache,
     endpoints: &Endpoints,
     headers: &HeaderMap,
-) -> Result<CacheConfig, ApiError> {
+) -> Result<CacheConfig, Error> {
     let key: SigningKey = cache
         .signing_key
         .parse()
-        .map_err(|e| ApiError::Internal(format!("stored signing key: {e}")))?;
+        .map_err(|e| Error::Internal(format!("stored signing key: {e}")))?;
     let api_endpoint = endpoints
         .api
         .clone()
@@ -419,7 +420,7 @@ pub async fn get_cache_config(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<CacheConfig>, ApiError> {
+) -> Result<Json<CacheConfig>, Error> {
     let cache = access::cache_for_request(&state, &headers, &name, Permission::PULL).await?;
     Ok(Json(cache_config(&cache, &state.endpoints, &headers)?))
 }
@@ -430,12 +431,12 @@ pub async fn create_cache(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     access::cache_for_create(&state, &headers, &name)?;
     let request: CreateCacheRequest = json(&state, &headers, body).await?;
     let name = CacheName::new(name)?;
     if name.is_reserved() {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Error::InvalidArgument(format!(
             "`{name}` is reserved (a Bazel or REAPI path word); choose another name"
         )));
     }
@@ -455,12 +456,12 @@ pub async fn create_cache(
             tracing::info!(cache = %new.name, "created cache");
             Ok(().into_response())
         }
-        Err(MetaError::AlreadyExists(_)) => Err(ApiError::CacheAlreadyExists(new.name)),
+        Err(MetaError::AlreadyExists(_)) => Err(Error::CacheAlreadyExists(new.name)),
         Err(e) => Err(e.into()),
     }
 }
 
-fn validate_store_dir(dir: &str) -> Result<(), ApiError> {
+fn validate_store_dir(dir: &str) -> Result<(), Error> {
     if dir.len() > 1
         && dir.starts_with('/')
         && !dir.ends_with('/')
@@ -468,7 +469,7 @@ fn validate_store_dir(dir: &str) -> Result<(), ApiError> {
     {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!(
+        Err(Error::InvalidArgument(format!(
             "invalid store_dir {dir:?}: an absolute path without a trailing slash"
         )))
     }
@@ -482,7 +483,7 @@ pub async fn patch_cache(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let token = access::token(&state, &headers)?;
     let granted = access::cache(&state, token.as_ref(), &name, Permission::CONFIGURE_CACHE).await?;
     let request: PatchCacheRequest = json(&state, &headers, body).await?;
@@ -509,7 +510,7 @@ pub async fn patch_cache(
         validate_store_dir(dir)?;
     }
     if patch == CachePatch::default() {
-        return Err(ApiError::BadRequest("the patch changes nothing".into()));
+        return Err(Error::InvalidArgument("the patch changes nothing".into()));
     }
     state.meta.update_cache(&cache.name, &patch).await?;
     tracing::info!(cache = %cache.name, "configured cache");
@@ -522,7 +523,7 @@ pub async fn delete_cache(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache =
         access::cache_for_request(&state, &headers, &name, Permission::DESTROY_CACHE).await?;
     state.meta.delete_cache(&cache.name, unix_now()).await?;

@@ -34,6 +34,22 @@ pub fn idle_limited(body: Body, idle: Duration) -> BodyStream {
     }))
 }
 
+/// A response body for stored content, with its first piece awaited before
+/// the status line goes out: a chunk that is already missing is an error
+/// answer (503) rather than a 200 that breaks off. A later failure aborts
+/// the body, never ends it cleanly.
+pub async fn first_piece_then_stream<S>(content: S) -> Result<Body, crate::error::Error>
+where
+    S: Stream<Item = Result<Bytes, garret_store::StoreError>> + Send + 'static,
+{
+    let mut content = Box::pin(content);
+    let first = content.next().await.transpose()?;
+    let rest = content.map(|part| part.map_err(std::io::Error::other));
+    Ok(Body::from_stream(
+        futures::stream::iter(first.map(Ok)).chain(rest),
+    ))
+}
+
 /// Runs `work` (which reads a body) within the whole-request time limit.
 pub async fn within_request_timeout<T, E>(
     limits: &Limits,

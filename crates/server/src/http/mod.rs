@@ -3,9 +3,8 @@
 
 pub mod access;
 mod attic;
-pub mod bazel;
+mod bazel;
 mod body;
-pub mod error;
 mod nix_upload;
 mod substituter;
 
@@ -14,29 +13,15 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
-use garret_meta::Meta;
 
-use crate::auth::TokenAuthority;
-use crate::blobs::Blobs;
-use crate::config::{Endpoints, Limits};
-
-/// What every handler shares.
-#[derive(Debug)]
-pub struct AppState {
-    pub meta: Meta,
-    pub blobs: Blobs,
-    /// Verifies tokens; without it every request is anonymous.
-    pub tokens: Option<TokenAuthority>,
-    pub limits: Limits,
-    /// Configured public URLs; unset ones come from each request.
-    pub endpoints: Endpoints,
-}
+use crate::state::AppState;
 
 /// Largest JSON request body (a missing-paths query for a 100 000-path
 /// closure is about 4 MiB), read by `body::read_small` once the request is
 /// authorized. Uploads stream and are bounded by `Limits`.
 const MAX_JSON_BODY: usize = 16 << 20;
 
+/// Every HTTP route: the Nix and Attic API and Bazel's HTTP cache.
 pub fn router(state: Arc<AppState>) -> Router {
     let json_api = Router::new()
         .route("/_api/v1/get-missing-paths", post(attic::get_missing_paths))
@@ -62,18 +47,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/{cache}/attic-cache-info", get(attic::get_cache_config))
         .merge(json_api)
         .merge(uploads)
+        .merge(bazel::routes())
         .with_state(state)
-}
-
-/// Everything `garret serve` answers on its one port: the Nix and Attic
-/// routes, Bazel's HTTP cache, and REAPI over h2c gRPC. Requests without an
-/// instance name (Bazel's default) go to `bazel_default_cache`.
-pub fn app(state: Arc<AppState>, bazel_default_cache: &crate::auth::CacheName) -> Router {
-    let reapi = crate::reapi::shared(Arc::clone(&state), bazel_default_cache.clone());
-    router(Arc::clone(&state))
-        .merge(bazel::routes(Arc::clone(&reapi)).with_state(state))
         .layer(axum::middleware::from_fn(close_after_refused_body))
-        .merge(crate::reapi::services(reapi))
 }
 
 /// A request refused before its body was read leaves the rest of the body

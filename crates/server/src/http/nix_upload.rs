@@ -21,11 +21,11 @@ use garret_nix::{Sha256Hash, StorePathHash};
 use super::body::{
     Compression, DecodeLimits, idle_limited, nar_of_file, read_small, within_request_timeout,
 };
-use super::error::ApiError;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::blobs::Expect;
 use crate::clock::unix_now;
+use crate::error::Error;
 use crate::upload::{NarCheck, PathInfo};
 
 /// `PUT /{cache}/{file}`: a narinfo, or `nix-cache-info` (which Nix PUTs
@@ -35,16 +35,16 @@ pub async fn put_cache_file(
     Path((cache, file)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = access::cache_for_request(&state, &headers, &cache, Permission::PUSH).await?;
     if file == "nix-cache-info" {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let hash: StorePathHash = file
         .strip_suffix(".narinfo")
-        .ok_or_else(|| ApiError::BadRequest(format!("cannot upload {file:?} here")))?
+        .ok_or_else(|| Error::InvalidArgument(format!("cannot upload {file:?} here")))?
         .parse()
-        .map_err(|e| ApiError::BadRequest(format!("invalid store path hash: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("invalid store path hash: {e}")))?;
     let text = read_small(
         body,
         &headers,
@@ -53,11 +53,11 @@ pub async fn put_cache_file(
     )
     .await?;
     let text = std::str::from_utf8(&text)
-        .map_err(|_| ApiError::BadRequest("the narinfo is not UTF-8".into()))?;
+        .map_err(|_| Error::InvalidArgument("the narinfo is not UTF-8".into()))?;
     let narinfo = NarInfo::parse(text, &cache.store_dir)
-        .map_err(|e| ApiError::BadRequest(format!("invalid narinfo: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("invalid narinfo: {e}")))?;
     if narinfo.store_path.hash() != &hash {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Error::InvalidArgument(format!(
             "the narinfo for {} was uploaded as {file}",
             narinfo.store_path
         )));
@@ -73,10 +73,10 @@ pub async fn put_cache_file(
         ca: narinfo.ca,
     };
     info.validate(&cache.store_dir)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let now = unix_now();
     let missing = || {
-        ApiError::BadRequest(format!(
+        Error::InvalidArgument(format!(
             "no NAR with hash {} was uploaded to this cache; upload it first",
             info.nar_hash
         ))
@@ -87,7 +87,7 @@ pub async fn put_cache_file(
         .await?
         .ok_or_else(missing)?;
     if blob.size != info.nar_size {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Error::InvalidArgument(format!(
             "NarSize {} does not match the uploaded NAR of {} bytes",
             info.nar_size, blob.size
         )));
@@ -115,15 +115,15 @@ pub async fn put_nar(
     Path((cache, file)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = access::cache_for_request(&state, &headers, &cache, Permission::PUSH).await?;
     let (stem, compression) = Compression::split_file_name(&file).ok_or_else(|| {
-        ApiError::BadRequest(format!(
+        Error::InvalidArgument(format!(
             "cannot store {file:?}: upload with ?compression=zstd, xz or none"
         ))
     })?;
     let file_hash = Sha256Hash::parse_prefixed(&format!("sha256:{stem}"))
-        .map_err(|e| ApiError::BadRequest(format!("invalid file hash in {file:?}: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("invalid file hash in {file:?}: {e}")))?;
     // Nix sends the NAR before its narinfo, so its NarSize is not known
     // yet: the decoder's memory and expansion bounds stop a bomb early.
     let stream = nar_of_file(
@@ -141,7 +141,7 @@ pub async fn put_nar(
         },
     );
     let stored = within_request_timeout(&state.limits, async {
-        Ok::<_, ApiError>(Box::pin(put).await?)
+        Ok::<_, Error>(Box::pin(put).await?)
     })
     .await?;
     state

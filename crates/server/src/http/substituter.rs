@@ -8,15 +8,15 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
 use garret_meta::{Cache, NixObjectRow};
 use garret_nix::narinfo::NarInfo;
 use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
-use super::error::ApiError;
+use super::body::first_piece_then_stream;
 use super::{AppState, access};
 use crate::auth::Permission;
+use crate::error::Error;
 
 /// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
 pub async fn cache_file(
@@ -24,7 +24,7 @@ pub async fn cache_file(
     Path((cache, file)): Path<(String, String)>,
     method: Method,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
     if file == "nix-cache-info" {
         let body = format!(
@@ -49,30 +49,30 @@ async fn nix_object(
     cache: &Cache,
     file: &str,
     suffix: &str,
-) -> Result<NixObjectRow, ApiError> {
+) -> Result<NixObjectRow, Error> {
     let stem = file
         .strip_suffix(suffix)
-        .ok_or_else(|| ApiError::NoSuchObject(file.to_owned()))?;
+        .ok_or_else(|| Error::NotFound(file.to_owned()))?;
     let hash: StorePathHash = stem.parse().map_err(|e| {
         // `nix copy --to` asks for the NAR it is about to upload by its file
         // hash; that file is simply not here (we serve NARs by path hash).
         if Sha256Hash::parse_prefixed(&format!("sha256:{stem}")).is_ok() {
-            ApiError::NoSuchObject(file.to_owned())
+            Error::NotFound(file.to_owned())
         } else {
-            ApiError::BadRequest(format!("invalid store path hash: {e}"))
+            Error::InvalidArgument(format!("invalid store path hash: {e}"))
         }
     })?;
     state
         .meta
         .nix_object(cache.id, &hash.to_string())
         .await?
-        .ok_or_else(|| ApiError::NoSuchObject(file.to_owned()))
+        .ok_or_else(|| Error::NotFound(file.to_owned()))
 }
 
-fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, ApiError> {
+fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
     let object = &row.object;
     let corrupt =
-        |what: &str, e: &dyn std::fmt::Display| ApiError::Internal(format!("stored {what}: {e}"));
+        |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("stored {what}: {e}"));
     let mut info = NarInfo {
         store_path: StorePath::from_base_name(&object.store_path)
             .map_err(|e| corrupt("store path", &e))?,
@@ -119,7 +119,7 @@ pub async fn nar(
     Path((cache, file)): Path<(String, String)>,
     method: Method,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
     let row = nix_object(&state, &cache, &file, ".nar").await?;
     let size = row.blob.file_size;
@@ -145,27 +145,17 @@ pub async fn nar(
     let body = if method == Method::HEAD || span.is_empty() {
         Body::empty()
     } else {
-        let mut frames = Box::pin(state.blobs.read_frames(row.blob.id, span).await?);
-        // The first piece is fetched before the status line goes out, so a
-        // chunk that is already missing gives a 503 rather than a 200 that
-        // breaks off; later failures abort the body, never end it cleanly.
-        let first = frames
-            .next()
-            .await
-            .transpose()
-            .map_err(|e| ApiError::from(crate::blobs::BlobError::Store(e)))?;
-        let rest = frames.map(|part| part.map_err(std::io::Error::other));
-        Body::from_stream(futures::stream::iter(first.map(Ok)).chain(rest))
+        first_piece_then_stream(state.blobs.read_frames(row.blob.id, span).await?).await?
     };
     response
         .body(body)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Parses a single `bytes=` range. Syntax we do not serve (several ranges)
 /// is ignored and the whole file is sent, as HTTP allows; a range that starts
 /// past the end is a 416.
-fn parse_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ApiError> {
+fn parse_range(value: &str, size: u64) -> Result<Option<Range<u64>>, Error> {
     let Some(spec) = value.strip_prefix("bytes=") else {
         return Ok(None);
     };
@@ -182,7 +172,7 @@ fn parse_range(value: &str, size: u64) -> Result<Option<Range<u64>>, ApiError> {
         _ => return Ok(None),
     };
     if range.start >= size && !(size == 0 && range.start == 0) {
-        return Err(ApiError::RangeNotSatisfiable { size });
+        return Err(Error::RangeNotSatisfiable { size });
     }
     Ok(Some(range))
 }
@@ -202,7 +192,7 @@ mod tests {
         assert_eq!(parse_range("bytes=5-2", 100).unwrap(), None);
         assert!(matches!(
             parse_range("bytes=100-", 100),
-            Err(ApiError::RangeNotSatisfiable { size: 100 })
+            Err(Error::RangeNotSatisfiable { size: 100 })
         ));
     }
 }

@@ -37,11 +37,12 @@ use garret_proto::bytestream::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::digest::Digest;
 use super::resource_name::{BlobResource, Compression, UploadResource};
-use super::{READ_CHUNK_BYTES, Reapi, ReapiError};
+use super::{READ_CHUNK_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::bazel_core::digest::Digest;
 use crate::blobs::BlobError;
+use crate::error::Error;
 use garret_store::StoreError;
 
 #[derive(Debug)]
@@ -69,7 +70,7 @@ fn already_stored(compression: Compression, digest: Digest) -> i64 {
 }
 
 impl ByteStreamService {
-    async fn inner_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, ReapiError> {
+    async fn inner_read(&self, request: Request<ReadRequest>) -> Result<ReadStream, Error> {
         let reapi = &self.0;
         let resource = BlobResource::parse_read(&request.get_ref().resource_name)?;
         let cache = reapi
@@ -85,12 +86,12 @@ impl ByteStreamService {
             .ok()
             .filter(|&o| o <= digest.size)
             .ok_or_else(|| {
-                ReapiError::OutOfRange(format!(
+                Error::OutOfRange(format!(
                     "read_offset {read_offset} is outside blob {digest}"
                 ))
             })?;
         let limit = u64::try_from(read_limit)
-            .map_err(|_| ReapiError::OutOfRange(format!("read_limit {read_limit} is negative")))?;
+            .map_err(|_| Error::OutOfRange(format!("read_limit {read_limit} is negative")))?;
         match resource.compression {
             Compression::Identity => {
                 let end = if limit == 0 {
@@ -110,7 +111,7 @@ impl ByteStreamService {
             }
             Compression::Zstd => {
                 if limit != 0 {
-                    return Err(ReapiError::InvalidArgument(
+                    return Err(Error::InvalidArgument(
                         "read_limit must be 0 for compressed-blobs reads".into(),
                     ));
                 }
@@ -132,7 +133,7 @@ impl ByteStreamService {
     /// The blob from uncompressed `offset` as zstd frames: the stored frames
     /// unchanged, except that a read starting inside a chunk gets that
     /// chunk's tail compressed afresh.
-    async fn compressed_read(&self, blob: &Blob, offset: u64) -> Result<ReadStream, ReapiError> {
+    async fn compressed_read(&self, blob: &Blob, offset: u64) -> Result<ReadStream, Error> {
         let blobs = &self.0.state.blobs;
         if offset == 0 {
             return Ok(responses(
@@ -147,7 +148,7 @@ impl ByteStreamService {
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| ReapiError::Internal(format!("no chunk covers offset {offset}")))?;
+            .ok_or_else(|| Error::Internal(format!("no chunk covers offset {offset}")))?;
         if first.offset == offset {
             return Ok(responses(
                 blobs
@@ -172,7 +173,7 @@ impl ByteStreamService {
     async fn inner_write(
         &self,
         request: Request<Streaming<WriteRequest>>,
-    ) -> Result<WriteResponse, ReapiError> {
+    ) -> Result<WriteResponse, Error> {
         let reapi = &self.0;
         let limits = &reapi.state.limits;
         let clock = Clock::new(
@@ -183,7 +184,7 @@ impl ByteStreamService {
         let mut requests = request.into_inner();
         let first = next_message(&mut requests, &clock)
             .await?
-            .ok_or_else(|| ReapiError::InvalidArgument("Write without any request".into()))?;
+            .ok_or_else(|| Error::InvalidArgument("Write without any request".into()))?;
         let name = first.resource_name.clone();
         let upload = UploadResource::parse(&name)?;
         let digest = upload.blob.digest;
@@ -199,7 +200,7 @@ impl ByteStreamService {
             });
         }
         let offset = u64::try_from(first.write_offset).map_err(|_| {
-            ReapiError::InvalidArgument(format!("write_offset {} is negative", first.write_offset))
+            Error::InvalidArgument(format!("write_offset {} is negative", first.write_offset))
         })?;
         let _slot = reapi.uploads.slot(clock.idle).await?;
         let received = AtomicU64::new(offset);
@@ -235,7 +236,7 @@ impl ByteStreamService {
             }
             Compression::Zstd => {
                 if offset != 0 {
-                    return Err(ReapiError::InvalidArgument(format!(
+                    return Err(Error::InvalidArgument(format!(
                         "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
                     )));
                 }
@@ -253,7 +254,7 @@ impl ByteStreamService {
     async fn inner_query_write_status(
         &self,
         request: Request<QueryWriteStatusRequest>,
-    ) -> Result<QueryWriteStatusResponse, ReapiError> {
+    ) -> Result<QueryWriteStatusResponse, Error> {
         let reapi = &self.0;
         let upload = UploadResource::parse(&request.get_ref().resource_name)?;
         let cache = reapi
@@ -279,7 +280,7 @@ impl ByteStreamService {
 
 /// A Write's messages as the ingest's input: each message's data in
 /// order, checked against the offsets and the resource name, until one sets
-/// `finish_write`. A failure ends the stream with a [`ReapiError`], which
+/// `finish_write`. A failure ends the stream with a [`Error`], which
 /// the ingest hands back inside its input error.
 struct Incoming<'a, S> {
     requests: &'a mut S,
@@ -298,7 +299,7 @@ impl<'a, S> Incoming<'a, S>
 where
     S: Stream<Item = Result<WriteRequest, Status>> + Unpin + Send,
 {
-    fn into_stream(self) -> impl Stream<Item = Result<Bytes, ReapiError>> + Send + 'a {
+    fn into_stream(self) -> impl Stream<Item = Result<Bytes, Error>> + Send + 'a {
         stream::unfold(self, |mut incoming| async move {
             if incoming.finished {
                 return None;
@@ -309,32 +310,32 @@ where
         })
     }
 
-    async fn next_piece(&mut self) -> Result<Bytes, ReapiError> {
+    async fn next_piece(&mut self) -> Result<Bytes, Error> {
         let received = self.received.load(Ordering::Acquire);
         let message = match self.first.take() {
             Some(first) => first,
             None => next_message(self.requests, self.clock)
                 .await?
                 .ok_or_else(|| {
-                    ReapiError::InvalidArgument(format!(
+                    Error::InvalidArgument(format!(
                         "Write ended after {received} bytes without finish_write; resume it"
                     ))
                 })?,
         };
         if u64::try_from(message.write_offset).ok() != Some(received) {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "write_offset {} is not the {received} bytes received so far",
                 message.write_offset
             )));
         }
         if !message.resource_name.is_empty() && message.resource_name != self.name {
-            return Err(ReapiError::InvalidArgument(
+            return Err(Error::InvalidArgument(
                 "resource_name changed within one Write".into(),
             ));
         }
         let len = message.data.len() as u64;
         if received.saturating_add(len) > self.max_len {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "more data than {} holds",
                 self.name
             )));
@@ -365,23 +366,20 @@ impl Clock {
 
 /// The next client message, within `clock`'s limits. A broken client
 /// stream is ABORTED; a client too slow is DEADLINE_EXCEEDED.
-async fn next_message<S>(
-    requests: &mut S,
-    clock: &Clock,
-) -> Result<Option<WriteRequest>, ReapiError>
+async fn next_message<S>(requests: &mut S, clock: &Clock) -> Result<Option<WriteRequest>, Error>
 where
     S: Stream<Item = Result<WriteRequest, Status>> + Unpin,
 {
     let idle_until = tokio::time::Instant::now() + clock.idle;
     match tokio::time::timeout_at(idle_until.min(clock.deadline), requests.next()).await {
         Ok(message) => message.transpose().map_err(|status| {
-            ReapiError::Aborted(format!("the Write stream failed: {}", status.message()))
+            Error::Aborted(format!("the Write stream failed: {}", status.message()))
         }),
-        Err(_) if idle_until < clock.deadline => Err(ReapiError::DeadlineExceeded(format!(
+        Err(_) if idle_until < clock.deadline => Err(Error::Timeout(format!(
             "the client sent nothing for {} s; resume the upload",
             clock.idle.as_secs()
         ))),
-        Err(_) => Err(ReapiError::DeadlineExceeded(format!(
+        Err(_) => Err(Error::Timeout(format!(
             "the Write took longer than the server's {} s limit; resume the upload",
             clock.total.as_secs()
         ))),
@@ -393,8 +391,8 @@ where
 /// ingest refuses more); errors of the messages themselves come back out
 /// as they went in.
 fn decompressed<'a>(
-    compressed: impl Stream<Item = Result<Bytes, ReapiError>> + Send + 'a,
-) -> impl Stream<Item = Result<Bytes, ReapiError>> + Send + 'a {
+    compressed: impl Stream<Item = Result<Bytes, Error>> + Send + 'a,
+) -> impl Stream<Item = Result<Bytes, Error>> + Send + 'a {
     use async_compression::tokio::bufread::ZstdDecoder;
     use async_compression::zstd::DParameter;
     use tokio_util::io::{ReaderStream, StreamReader};
@@ -407,22 +405,22 @@ fn decompressed<'a>(
         let text = e.to_string();
         match e
             .into_inner()
-            .map(<dyn std::error::Error + Send + Sync>::downcast::<ReapiError>)
+            .map(<dyn std::error::Error + Send + Sync>::downcast::<Error>)
         {
             Some(Ok(ours)) => *ours,
-            _ => ReapiError::InvalidArgument(format!("zstd payload is unusable: {text}")),
+            _ => Error::InvalidArgument(format!("zstd payload is unusable: {text}")),
         }
     })
 }
 
 /// One zstd frame of `data`, compressed on the blocking pool.
-async fn compress(data: Bytes) -> Result<Bytes, ReapiError> {
+async fn compress(data: Bytes) -> Result<Bytes, Error> {
     tokio::task::spawn_blocking(move || {
         garret_store::codec::compress(&data, garret_store::codec::DEFAULT_LEVEL)
     })
     .await
-    .map_err(|e| ReapiError::Internal(e.to_string()))?
-    .map_err(|e| ReapiError::Internal(e.to_string()))
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Store output as ReadResponses of at most [`READ_CHUNK_BYTES`]; a store
@@ -444,7 +442,7 @@ where
                     .collect();
                 stream::iter(pieces)
             }
-            Err(e) => stream::iter(vec![Err(Status::from(ReapiError::from(e)))]),
+            Err(e) => stream::iter(vec![Err(Status::from(Error::from(e)))]),
         })
         .flatten()
         .boxed()
@@ -498,10 +496,10 @@ mod tests {
         assert!(next_message(&mut requests, &clock).await.unwrap().is_some());
         let err = next_message(&mut requests, &clock).await.unwrap_err();
         assert!(
-            matches!(&err, ReapiError::DeadlineExceeded(m) if m.contains("sent nothing")),
+            matches!(&err, Error::Timeout(m) if m.contains("sent nothing")),
             "{err}"
         );
-        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(err.class().code, tonic::Code::DeadlineExceeded);
     }
 
     #[tokio::test]
@@ -510,7 +508,7 @@ mod tests {
         let mut requests = stream::pending::<Result<WriteRequest, Status>>();
         let err = next_message(&mut requests, &clock).await.unwrap_err();
         assert!(
-            matches!(&err, ReapiError::DeadlineExceeded(m) if m.contains("took longer")),
+            matches!(&err, Error::Timeout(m) if m.contains("took longer")),
             "{err}"
         );
     }
@@ -520,6 +518,6 @@ mod tests {
         let clock = Clock::new(Duration::from_mins(5), Duration::from_hours(1));
         let mut requests = stream::iter([Err(Status::cancelled("gone"))]);
         let err = next_message(&mut requests, &clock).await.unwrap_err();
-        assert!(matches!(err, ReapiError::Aborted(_)), "{err}");
+        assert!(matches!(err, Error::Aborted(_)), "{err}");
     }
 }

@@ -14,8 +14,9 @@ use garret_proto::reapi::{
 use garret_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
 
-use super::{MAX_BATCH_TOTAL_BYTES, Reapi, ReapiError};
+use super::{MAX_BATCH_TOTAL_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::error::Error;
 
 #[derive(Debug)]
 pub(crate) struct CapabilitiesService(pub(crate) Arc<Reapi>);
@@ -33,15 +34,9 @@ impl CapabilitiesService {
     async fn inner(
         &self,
         request: Request<GetCapabilitiesRequest>,
-    ) -> Result<ServerCapabilities, ReapiError> {
+    ) -> Result<ServerCapabilities, Error> {
         let reapi = &self.0;
-        reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        reapi.cache_for(&request, ReapiAccess::Read).await?;
         let chunker = reapi.state.blobs.store().config().chunker;
         let zstd = vec![Compressor::Zstd as i32];
         Ok(ServerCapabilities {
@@ -58,8 +53,7 @@ impl CapabilitiesService {
                 symlink_absolute_path_strategy: SymlinkAbsolutePathStrategy::Allowed as i32,
                 supported_compressors: zstd.clone(),
                 supported_batch_update_compressors: zstd,
-                max_cas_blob_size_bytes: i64::try_from(reapi.config.max_blob_size)
-                    .unwrap_or(i64::MAX),
+                max_cas_blob_size_bytes: i64::try_from(reapi.max_blob_size()).unwrap_or(i64::MAX),
                 split_blob_support: true,
                 splice_blob_support: true,
                 fast_cdc_2020_params: Some(FastCdc2020Params {

@@ -21,10 +21,11 @@ use garret_proto::reapi::{
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::digest::Digest;
-use super::{MAX_BATCH_TOTAL_BYTES, Reapi, ReapiError};
+use super::{MAX_BATCH_TOTAL_BYTES, Reapi};
 use crate::auth::ReapiAccess;
+use crate::bazel_core::digest::Digest;
 use crate::clock::unix_now;
+use crate::error::Error;
 
 #[derive(Debug)]
 pub(crate) struct CasService(pub(crate) Arc<Reapi>);
@@ -61,59 +62,13 @@ fn ok_status() -> garret_proto::rpc::Status {
     garret_proto::rpc::Status::default()
 }
 
-impl Reapi {
-    /// Which of `digests` `cache` lacks, in request order without repeats;
-    /// the others have their access time refreshed, as REAPI asks.
-    pub(crate) async fn find_missing(
-        &self,
-        cache: &Cache,
-        digests: &[Digest],
-    ) -> Result<Vec<Digest>, ReapiError> {
-        let asked: Vec<([u8; 32], u64)> = digests
-            .iter()
-            .filter(|d| !d.is_empty())
-            .map(|d| (*d.hash_bytes(), d.size))
-            .collect();
-        let missing: HashSet<([u8; 32], u64)> = self
-            .state
-            .meta
-            .find_missing_cas(cache.id, &asked)
-            .await?
-            .into_iter()
-            .collect();
-        let found: Vec<[u8; 32]> = asked
-            .into_iter()
-            .filter(|d| !missing.contains(d))
-            .map(|(hash, _)| hash)
-            .collect();
-        if !found.is_empty() {
-            self.state
-                .meta
-                .touch_cas(cache.id, &found, unix_now())
-                .await?;
-        }
-        let mut seen = HashSet::new();
-        Ok(digests
-            .iter()
-            .filter(|d| missing.contains(&(*d.hash_bytes(), d.size)) && seen.insert(**d))
-            .copied()
-            .collect())
-    }
-}
-
 impl CasService {
     async fn inner_find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
-    ) -> Result<FindMissingBlobsResponse, ReapiError> {
+    ) -> Result<FindMissingBlobsResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Read).await?;
         let digests = request
             .get_ref()
             .blob_digests
@@ -129,15 +84,9 @@ impl CasService {
     async fn inner_batch_update_blobs(
         &self,
         request: Request<BatchUpdateBlobsRequest>,
-    ) -> Result<BatchUpdateBlobsResponse, ReapiError> {
+    ) -> Result<BatchUpdateBlobsResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Write,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Write).await?;
         let requests = request.into_inner().requests;
         // Both what is sent and what the digests claim (compressed entries
         // decompress to their digest's size) must fit the batch limit, so
@@ -151,7 +100,7 @@ impl CasService {
         );
         for (what, total) in [("carries", sent), ("claims", claimed)] {
             if total.is_none_or(|t| t > MAX_BATCH_TOTAL_BYTES as u64) {
-                return Err(ReapiError::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "batch {what} {} bytes, over max_batch_total_size_bytes \
                      ({MAX_BATCH_TOTAL_BYTES}); use ByteStream for large blobs",
                     total.map_or_else(|| "more than 2^64".into(), |t| t.to_string())
@@ -172,7 +121,7 @@ impl CasService {
                     status: Some(
                         result
                             .as_ref()
-                            .map_or_else(ReapiError::to_rpc_status, |_| ok_status()),
+                            .map_or_else(Error::to_rpc_status, |_| ok_status()),
                     ),
                     digest: entry.digest,
                 }
@@ -186,15 +135,9 @@ impl CasService {
     async fn inner_batch_read_blobs(
         &self,
         request: Request<BatchReadBlobsRequest>,
-    ) -> Result<BatchReadBlobsResponse, ReapiError> {
+    ) -> Result<BatchReadBlobsResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Read).await?;
         let request = request.into_inner();
         let zstd = request
             .acceptable_compressors
@@ -210,7 +153,7 @@ impl CasService {
                 .map(|d| d.size),
         );
         if total.is_none_or(|t| t > MAX_BATCH_TOTAL_BYTES as u64) {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "batch asks for {} bytes, over max_batch_total_size_bytes \
                  ({MAX_BATCH_TOTAL_BYTES}); use ByteStream for large blobs",
                 total.map_or_else(|| "more than 2^64".into(), |t| t.to_string())
@@ -244,28 +187,16 @@ impl CasService {
     /// into pages that are produced as the walk goes (see [`TreePages`]).
     /// The root is read before the stream starts, so a missing root is a
     /// plain NOT_FOUND status.
-    async fn inner_get_tree(
-        &self,
-        request: Request<GetTreeRequest>,
-    ) -> Result<TreePages, ReapiError> {
+    async fn inner_get_tree(&self, request: Request<GetTreeRequest>) -> Result<TreePages, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Read,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Read).await?;
         let request = request.into_inner();
         let root = Digest::from_required(request.root_digest.as_ref())?;
         let skip: usize = if request.page_token.is_empty() {
             0
         } else {
             request.page_token.parse().map_err(|_| {
-                ReapiError::InvalidArgument(format!(
-                    "page token {:?} is not ours",
-                    request.page_token
-                ))
+                Error::InvalidArgument(format!("page token {:?} is not ours", request.page_token))
             })?
         };
         let page_size = usize::try_from(request.page_size)
@@ -308,7 +239,7 @@ impl CasService {
     async fn inner_split_blob(
         &self,
         request: Request<SplitBlobRequest>,
-    ) -> Result<SplitBlobResponse, ReapiError> {
+    ) -> Result<SplitBlobResponse, Error> {
         let reapi = &self.0;
         let metadata = request.metadata().clone();
         let instance = request.get_ref().instance_name.clone();
@@ -320,7 +251,7 @@ impl CasService {
         if !digest.is_empty() {
             let blob = reapi.blob(&cache, digest).await?;
             if blob.chunk_count > MAX_SPLIT_CHUNKS {
-                return Err(ReapiError::ResourceExhausted(format!(
+                return Err(Error::ResourceExhausted(format!(
                     "blob {digest} has {} chunks, more than one reply lists ({MAX_SPLIT_CHUNKS})",
                     blob.chunk_count
                 )));
@@ -393,15 +324,9 @@ impl CasService {
     async fn inner_splice_blob(
         &self,
         request: Request<SpliceBlobRequest>,
-    ) -> Result<SpliceBlobResponse, ReapiError> {
+    ) -> Result<SpliceBlobResponse, Error> {
         let reapi = &self.0;
-        let cache = reapi
-            .cache(
-                request.metadata(),
-                &request.get_ref().instance_name,
-                ReapiAccess::Write,
-            )
-            .await?;
+        let cache = reapi.cache_for(&request, ReapiAccess::Write).await?;
         let request = request.into_inner();
         check_chunking_function(request.chunking_function)?;
         let digest = Digest::from_required(request.blob_digest.as_ref())?;
@@ -413,7 +338,7 @@ impl CasService {
             .collect::<Result<Vec<_>, _>>()?;
         let total = checked_total(chunks.iter().map(|c| c.size));
         if total != Some(digest.size) {
-            return Err(ReapiError::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "the chunks add up to {} bytes, not the blob's {}",
                 total.map_or_else(|| "more than 2^64".into(), |t| t.to_string()),
                 digest.size
@@ -428,9 +353,10 @@ impl CasService {
         let mut blobs = Vec::with_capacity(chunks.len());
         for chunk in chunks.iter().filter(|c| !c.is_empty()) {
             blobs.push(
-                reapi.blob(&cache, *chunk).await.map_err(|_| {
-                    ReapiError::NotFound(format!("chunk {chunk} is not in the CAS"))
-                })?,
+                reapi
+                    .blob(&cache, *chunk)
+                    .await
+                    .map_err(|_| Error::NotFound(format!("chunk {chunk} is not in the CAS")))?,
             );
         }
         // A task owns the reads and hands pieces over, so the ingest's input
@@ -464,11 +390,11 @@ impl CasService {
     }
 }
 
-fn check_chunking_function(value: i32) -> Result<(), ReapiError> {
+fn check_chunking_function(value: i32) -> Result<(), Error> {
     if value == ChunkingFunction::Unknown as i32 || value == ChunkingFunction::FastCdc2020 as i32 {
         Ok(())
     } else {
-        Err(ReapiError::InvalidArgument(format!(
+        Err(Error::InvalidArgument(format!(
             "chunking function {value} is not supported (only FastCDC 2020)"
         )))
     }
@@ -481,14 +407,14 @@ async fn update_one(
     digest: Digest,
     compressor: i32,
     data: Bytes,
-) -> Result<(), ReapiError> {
+) -> Result<(), Error> {
     reapi.check_size(digest)?;
     let data = if compressor == Compressor::Identity as i32 {
         data
     } else if compressor == Compressor::Zstd as i32 {
         decompress(data, digest.size).await?
     } else {
-        return Err(ReapiError::InvalidArgument(format!(
+        return Err(Error::InvalidArgument(format!(
             "compressor {compressor} is not supported (identity or zstd)"
         )));
     };
@@ -503,10 +429,10 @@ fn checked_total(sizes: impl IntoIterator<Item = u64>) -> Option<u64> {
 
 /// Decompresses a zstd payload that must hold exactly `size` bytes, on the
 /// blocking pool. The caller has bounded `size` by the batch limit.
-async fn decompress(data: Bytes, size: u64) -> Result<Bytes, ReapiError> {
+async fn decompress(data: Bytes, size: u64) -> Result<Bytes, Error> {
     tokio::task::spawn_blocking(move || decompress_exact(&data, size))
         .await
-        .map_err(|e| ReapiError::Internal(e.to_string()))?
+        .map_err(|e| Error::Internal(e.to_string()))?
         .map(Bytes::from)
 }
 
@@ -514,10 +440,10 @@ async fn decompress(data: Bytes, size: u64) -> Result<Bytes, ReapiError> {
 /// of output: memory grows with what the payload really holds, never with
 /// what the client claims, and a payload holding more than `size` stops
 /// there (a zstd bomb costs at most one byte past the digest's size).
-fn decompress_exact(data: &[u8], size: u64) -> Result<Vec<u8>, ReapiError> {
+fn decompress_exact(data: &[u8], size: u64) -> Result<Vec<u8>, Error> {
     use std::io::Read as _;
     let unusable =
-        |e: std::io::Error| ReapiError::InvalidArgument(format!("zstd payload is unusable: {e}"));
+        |e: std::io::Error| Error::InvalidArgument(format!("zstd payload is unusable: {e}"));
     let mut decoder = zstd::stream::read::Decoder::with_buffer(data).map_err(unusable)?;
     decoder
         .window_log_max(MAX_ZSTD_WINDOW_LOG)
@@ -528,7 +454,7 @@ fn decompress_exact(data: &[u8], size: u64) -> Result<Vec<u8>, ReapiError> {
         .read_to_end(&mut out)
         .map_err(unusable)?;
     if out.len() as u64 != size {
-        return Err(ReapiError::InvalidArgument(format!(
+        return Err(Error::InvalidArgument(format!(
             "zstd payload decompresses to {} bytes, not the digest's {size}",
             if out.len() as u64 > size {
                 format!("more than {size}")
@@ -546,7 +472,7 @@ async fn read_one(
     cache: &Cache,
     digest: Digest,
     zstd: bool,
-) -> Result<(Bytes, Compressor), ReapiError> {
+) -> Result<(Bytes, Compressor), Error> {
     if digest.is_empty() {
         return Ok((Bytes::new(), Compressor::Identity));
     }
@@ -585,11 +511,11 @@ struct TreeWalk {
 
 impl TreeWalk {
     /// The next directory that exists, with its position in the walk.
-    async fn next(&mut self) -> Result<Option<(usize, Directory)>, ReapiError> {
+    async fn next(&mut self) -> Result<Option<(usize, Directory)>, Error> {
         while let Some(digest) = self.queue.pop_front() {
             self.bytes = self.bytes.saturating_add(digest.size);
             if self.bytes > MAX_TREE_BYTES {
-                return Err(ReapiError::ResourceExhausted(format!(
+                return Err(Error::ResourceExhausted(format!(
                     "tree {} holds more than {MAX_TREE_BYTES} bytes of directories",
                     self.root
                 )));
@@ -600,20 +526,19 @@ impl TreeWalk {
                 .await
             {
                 Ok(bytes) => bytes,
-                Err(ReapiError::NotFound(m)) if digest != self.root => {
+                Err(Error::NotFound(m) | Error::IncompleteObject(m)) if digest != self.root => {
                     tracing::debug!(%digest, "GetTree: directory missing: {m}");
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let directory = Directory::decode(bytes).map_err(|e| {
-                ReapiError::InvalidArgument(format!("{digest} is not a Directory: {e}"))
-            })?;
+            let directory = Directory::decode(bytes)
+                .map_err(|e| Error::InvalidArgument(format!("{digest} is not a Directory: {e}")))?;
             for child in &directory.directories {
                 let child = Digest::from_required(child.digest.as_ref())?;
                 if self.seen.insert(child) {
                     if self.seen.len() > MAX_TREE_DIRECTORIES {
-                        return Err(ReapiError::ResourceExhausted(format!(
+                        return Err(Error::ResourceExhausted(format!(
                             "tree {} has more than {MAX_TREE_DIRECTORIES} directories",
                             self.root
                         )));
@@ -659,7 +584,7 @@ fn page_entry_len(directory: &Directory) -> usize {
 }
 
 impl TreePages {
-    async fn next_page(&mut self) -> Result<Option<GetTreeResponse>, ReapiError> {
+    async fn next_page(&mut self) -> Result<Option<GetTreeResponse>, Error> {
         if self.done {
             return Ok(None);
         }
@@ -698,7 +623,7 @@ impl TreePages {
     fn into_stream(self) -> impl Stream<Item = Result<GetTreeResponse, Status>> + Send {
         stream::try_unfold(self, |mut pages| async move {
             let page = pages.next_page().await?;
-            Ok::<_, ReapiError>(page.map(|page| (page, pages)))
+            Ok::<_, Error>(page.map(|page| (page, pages)))
         })
         .map_err(Status::from)
     }
@@ -773,14 +698,14 @@ mod tests {
         // one byte past the claim.
         let err = decompress_exact(&frame, 1000).unwrap_err();
         assert!(
-            matches!(&err, ReapiError::InvalidArgument(m) if m.contains("more than 1000")),
+            matches!(&err, Error::InvalidArgument(m) if m.contains("more than 1000")),
             "{err}"
         );
         // Claims more than it holds (a 10-byte entry claiming gigabytes).
         let err = decompress_exact(&frame, 60 << 30).unwrap_err();
-        assert!(matches!(err, ReapiError::InvalidArgument(_)), "{err}");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
         let err = decompress_exact(b"0123456789", 60 << 30).unwrap_err();
-        assert!(matches!(err, ReapiError::InvalidArgument(_)), "{err}");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     }
 
     #[test]
@@ -791,6 +716,6 @@ mod tests {
         std::io::Write::write_all(&mut encoder, b"hello").unwrap();
         let frame = encoder.finish().unwrap();
         let err = decompress_exact(&frame, 5).unwrap_err();
-        assert!(matches!(err, ReapiError::InvalidArgument(_)), "{err}");
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     }
 }

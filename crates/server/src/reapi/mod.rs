@@ -2,15 +2,16 @@
 //! and grpc.health.v1, on garret's chunked store.
 //!
 //! One module per service (as bazel-remote lays them out), each a thin tonic
-//! shim over methods that return [`ReapiError`]; the one conversion to
-//! [`Status`] lives here, so no call site picks a gRPC code.
+//! shim over methods that return [`Error`], whose one table (`crate::error`)
+//! gives the gRPC code, so no call site picks one. The work is the Bazel
+//! core's (`crate::bazel_core`), which Bazel's HTTP cache shares.
 //!
 //! Instance names are cache names: `""` is the default cache the server was
 //! started with. Authorization is the HTTP API's (same JWTs, same discovery
 //! rules), read from the `authorization` metadata that Bazel's
 //! `--remote_header=Authorization=Bearer …` sends.
 //!
-//! [`grpc_router`] returns an axum router so gRPC (h2c) shares the HTTP port.
+//! [`services`] returns an axum router so gRPC (h2c) shares the HTTP port.
 //! It deliberately has no fallback: tonic's own `Routes` installs one that
 //! answers every unknown path with gRPC UNIMPLEMENTED, which would both
 //! swallow the HTTP API's 404s and make `Router::merge` panic on two
@@ -20,12 +21,9 @@ mod action_cache;
 mod bytestream;
 mod capabilities;
 mod cas;
-pub mod digest;
 mod health;
 pub mod resource_name;
 mod upload_sessions;
-
-pub use upload_sessions::UploadSettings;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,29 +31,22 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::response::IntoResponse;
-use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt as _;
-use garret_meta::{Blob, Cache, MetaError};
+use garret_meta::Cache;
 use garret_proto::bytestream::byte_stream_server::ByteStreamServer;
 use garret_proto::health::health_server::HealthServer;
 use garret_proto::reapi::action_cache_server::ActionCacheServer;
 use garret_proto::reapi::capabilities_server::CapabilitiesServer;
 use garret_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
-use tonic::{Code, Status};
 
-use crate::auth::{AuthError, CacheName, CacheState, ReapiAccess, authorize_reapi};
-use crate::blobs::{BlobError, Expect};
-use crate::clock::unix_now;
-use crate::http::AppState;
-use digest::{Digest, DigestError};
-use resource_name::ResourceNameError;
-
-/// The largest gRPC message garret decodes, and the size of the standard
-/// gRPC default (4 MiB) so that replies it builds also fit every client's
-/// default inbound limit.
-pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+use crate::auth::ReapiAccess;
+use crate::bazel_core::Core;
+pub use crate::bazel_core::MAX_MESSAGE_BYTES;
+use crate::error::Error;
+use crate::state::AppState;
 
 /// Room left in a message for everything around the blob data of a batch
 /// (digests, statuses, framing): about 600 entries at ~100 bytes each.
@@ -68,398 +59,90 @@ pub const MAX_BATCH_TOTAL_BYTES: usize = MAX_MESSAGE_BYTES - ENVELOPE_BYTES;
 /// the message limit, large enough to keep per-message overhead negligible.
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// Tunables of the REAPI services.
-#[derive(Debug, Clone)]
-pub struct ReapiConfig {
-    /// Instance `""` maps to this cache.
-    pub default_cache: CacheName,
-    /// Largest blob accepted (`max_cas_blob_size_bytes`).
-    pub max_blob_size: u64,
-    /// ByteStream uploads: live Writes, progress records, session expiry.
-    pub uploads: UploadSettings,
-}
-
-impl ReapiConfig {
-    /// The defaults for `state`: blobs up to the NAR limit.
-    pub fn new(state: &AppState, default_cache: CacheName) -> Self {
-        Self {
-            default_cache,
-            max_blob_size: state.limits.max_nar_size,
-            uploads: UploadSettings::default(),
-        }
-    }
-}
-
-/// Everything REAPI can fail with, each variant one gRPC code.
-#[derive(Debug, thiserror::Error)]
-pub enum ReapiError {
-    #[error(transparent)]
-    Auth(#[from] AuthError),
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    OutOfRange(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    /// A conflict the client can retry, e.g. a second writer on one upload.
-    #[error("{0}")]
-    Aborted(String),
-    /// A transient store condition (GC racing a write); retry.
-    #[error("{0}")]
-    Unavailable(String),
-    /// A client that stalled or took too long; what it sent so far is kept
-    /// where it can be resumed.
-    #[error("{0}")]
-    DeadlineExceeded(String),
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl ReapiError {
-    pub fn code(&self) -> Code {
-        match self {
-            Self::Auth(e) => Code::from(e.grpc_code()),
-            Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::NotFound(_) => Code::NotFound,
-            Self::OutOfRange(_) => Code::OutOfRange,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Aborted(_) => Code::Aborted,
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Self::Internal(_) => Code::Internal,
-        }
-    }
-
-    /// The per-entry status of batch responses.
-    pub fn to_rpc_status(&self) -> garret_proto::rpc::Status {
-        self.log();
-        garret_proto::rpc::Status {
-            code: self.code() as i32,
-            message: self.to_string(),
-            details: Vec::new(),
-        }
-    }
-
-    fn log(&self) {
-        match self.code() {
-            Code::Internal | Code::Unavailable => {
-                tracing::error!(error = %self, "REAPI request failed");
-            }
-            Code::NotFound => tracing::debug!(error = %self, "REAPI miss"),
-            code => tracing::info!(error = %self, ?code, "REAPI request refused"),
-        }
-    }
-}
-
-impl From<ReapiError> for Status {
-    fn from(err: ReapiError) -> Self {
-        err.log();
-        Status::new(err.code(), err.to_string())
-    }
-}
-
-impl From<DigestError> for ReapiError {
-    fn from(err: DigestError) -> Self {
-        Self::InvalidArgument(err.to_string())
-    }
-}
-
-impl From<ResourceNameError> for ReapiError {
-    fn from(err: ResourceNameError) -> Self {
-        Self::InvalidArgument(err.to_string())
-    }
-}
-
-impl From<MetaError> for ReapiError {
-    fn from(err: MetaError) -> Self {
-        match err {
-            // GC took a blob or chunk between our lookup and our commit.
-            MetaError::ChunkGone(_) | MetaError::FrameMismatch(_) | MetaError::NotFound(_) => {
-                Self::Unavailable(err.to_string())
-            }
-            MetaError::Invalid(m) => Self::InvalidArgument(m),
-            MetaError::UploadSuperseded => {
-                Self::Aborted("another Write took this upload over; ask QueryWriteStatus".into())
-            }
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<BlobError> for ReapiError {
-    fn from(err: BlobError) -> Self {
-        use garret_store::StoreError;
-        match err {
-            // REAPI: a digest that does not match the data is the client's
-            // error (bazel-remote's INTERNAL here makes Bazel retry forever).
-            BlobError::HashMismatch { .. } | BlobError::SizeMismatch { .. } => {
-                Self::InvalidArgument(err.to_string())
-            }
-            BlobError::Store(StoreError::TooLarge { limit }) => Self::InvalidArgument(format!(
-                "the data is larger than its digest's {limit} bytes"
-            )),
-            // A ByteStream Write's own verdict on its messages comes back
-            // as the ingest's input error.
-            BlobError::Store(StoreError::Input(e)) => match e.downcast::<Self>() {
-                Ok(ours) => *ours,
-                Err(e) => Self::InvalidArgument(format!("the uploaded data is unusable: {e}")),
-            },
-            // A record of upload progress failed.
-            BlobError::Store(StoreError::Index(e)) => match e.downcast::<MetaError>() {
-                Ok(meta) => (*meta).into(),
-                Err(e) => Self::Internal(e.to_string()),
-            },
-            // A stored chunk is gone: to the client the blob is missing,
-            // which makes Bazel re-run the action or re-upload the blob
-            // instead of failing the build.
-            BlobError::Store(StoreError::MissingChunk(id)) => Self::NotFound(format!(
-                "blob is incomplete in storage (chunk {id} is missing)"
-            )),
-            BlobError::Meta(e) => e.into(),
-            BlobError::Store(other) => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-impl From<garret_store::StoreError> for ReapiError {
-    fn from(err: garret_store::StoreError) -> Self {
-        BlobError::Store(err).into()
-    }
-}
-
-/// What every service shares: the store, the configuration and the
-/// in-progress uploads.
+/// What every service shares: the server's state (whose Bazel core does
+/// the work) and ByteStream's upload sessions. Derefs to the core,
+/// so services call `reapi.cache(…)`, `reapi.blob(…)` as the core's own.
 #[derive(Debug)]
 pub(crate) struct Reapi {
     state: Arc<AppState>,
-    config: ReapiConfig,
     uploads: upload_sessions::Uploads,
 }
 
-impl Reapi {
-    fn new(state: Arc<AppState>, config: ReapiConfig) -> Self {
-        let uploads = upload_sessions::Uploads::start(state.meta.clone(), config.uploads);
-        Self {
-            state,
-            config,
-            uploads,
+impl std::ops::Deref for Reapi {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.state.bazel
+    }
+}
+
+/// A request message that names its instance (cache).
+pub(crate) trait Instance {
+    fn instance_name(&self) -> &str;
+}
+
+macro_rules! instance {
+    ($($message:ty),* $(,)?) => {$(
+        impl Instance for $message {
+            fn instance_name(&self) -> &str {
+                &self.instance_name
+            }
         }
-    }
+    )*};
+}
 
-    /// The cache requests without an instance name address.
-    pub(crate) fn default_cache(&self) -> &CacheName {
-        &self.config.default_cache
-    }
+instance!(
+    garret_proto::reapi::FindMissingBlobsRequest,
+    garret_proto::reapi::BatchUpdateBlobsRequest,
+    garret_proto::reapi::BatchReadBlobsRequest,
+    garret_proto::reapi::GetTreeRequest,
+    garret_proto::reapi::SplitBlobRequest,
+    garret_proto::reapi::SpliceBlobRequest,
+    garret_proto::reapi::GetActionResultRequest,
+    garret_proto::reapi::UpdateActionResultRequest,
+    garret_proto::reapi::GetCapabilitiesRequest,
+);
 
-    /// The cache behind `instance`, if the request's credentials allow
-    /// `access` to it.
+impl Reapi {
+    /// The cache behind `instance`, if the request's `authorization`
+    /// metadata allows `access` to it.
     async fn cache(
         &self,
         metadata: &MetadataMap,
         instance: &str,
         access: ReapiAccess,
-    ) -> Result<Cache, ReapiError> {
-        let name = if instance.is_empty() {
-            self.config.default_cache.clone()
-        } else {
-            CacheName::new(instance)?
-        };
-        tracing::Span::current().record("cache", tracing::field::display(&name));
-        let token = match &self.state.tokens {
-            Some(tokens) => tokens.authenticate(
-                metadata
-                    .get("authorization")
-                    .map(tonic::metadata::AsciiMetadataValue::as_bytes),
-            )?,
-            None => None,
-        };
-        let cache = match self.state.meta.cache(name.as_str()).await {
-            Ok(cache) => Some(cache),
-            Err(MetaError::NotFound(_)) => None,
-            Err(e) => return Err(ReapiError::Internal(e.to_string())),
-        };
-        let cache_state = match &cache {
-            None => CacheState::Missing,
-            Some(c) if c.is_public => CacheState::Public,
-            Some(_) => CacheState::Private,
-        };
-        authorize_reapi(token.as_ref(), &name, cache_state, access)?;
-        cache.ok_or_else(|| ReapiError::Internal("authorized a missing cache".into()))
-    }
-
-    /// The blob `digest` names in `cache`, or NOT_FOUND. A stored blob of
-    /// another size is a different digest, hence also NOT_FOUND.
-    async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, ReapiError> {
-        match self
-            .state
-            .meta
-            .cas_blob(cache.id, digest.hash_bytes())
-            .await?
-        {
-            Some(blob) if blob.size == digest.size => Ok(blob),
-            _ => Err(ReapiError::NotFound(format!(
-                "blob {digest} is not in the CAS"
-            ))),
-        }
-    }
-
-    /// A whole blob in memory, for protobuf messages kept in the CAS
-    /// (Directory, Tree) and for inlined outputs. A digest over `limit`
-    /// bytes is refused before anything is looked up or read: a client
-    /// that names a huge blob as a message costs nothing.
-    async fn read_bounded(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        limit: usize,
-    ) -> Result<Bytes, ReapiError> {
-        if digest.size > limit as u64 {
-            return Err(ReapiError::InvalidArgument(format!(
-                "blob {digest} is larger than the {limit} bytes read as one message"
-            )));
-        }
-        if digest.is_empty() {
-            return Ok(Bytes::new());
-        }
-        let blob = self.blob(cache, digest).await?;
-        self.read_blob(&blob).await
-    }
-
-    /// `blob`'s content in memory; callers bound its size first (the size
-    /// comes from the row, which matches the digest the caller checked).
-    async fn read_blob(&self, blob: &Blob) -> Result<Bytes, ReapiError> {
-        let stream = self.state.blobs.read(blob.id, 0..blob.size).await?;
-        let mut out = BytesMut::with_capacity(
-            usize::try_from(blob.size)
-                .unwrap_or(0)
-                .min(MAX_MESSAGE_BYTES),
-        );
-        let mut stream = std::pin::pin!(stream);
-        while let Some(piece) = stream.try_next().await? {
-            out.extend_from_slice(&piece);
-        }
-        Ok(out.freeze())
-    }
-
-    /// Stores `data` as `digest` in `cache`'s CAS, verifying it first.
-    async fn store_bytes(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        data: Bytes,
-    ) -> Result<(), ReapiError> {
-        self.check_size(digest)?;
-        if digest.is_empty() {
-            return if data.is_empty() {
-                Ok(())
-            } else {
-                Err(ReapiError::InvalidArgument(format!(
-                    "{} bytes were sent for the empty digest",
-                    data.len()
-                )))
-            };
-        }
-        let input = futures::stream::once(async move { Ok::<_, Infallible>(data) });
-        self.store_stream(cache, digest, input).await
-    }
-
-    /// Stores `input` as `digest` in `cache`'s CAS: verified against the
-    /// digest while it streams, visible only once it matches.
-    async fn store_stream<S, E>(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        input: S,
-    ) -> Result<(), ReapiError>
-    where
-        S: futures::Stream<Item = Result<Bytes, E>> + Send,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let blob = self.state.blobs.put(input, expect(digest)).await?;
-        Ok(self.add_to_cas(cache, &blob).await?)
-    }
-
-    /// [`Reapi::store_stream`] of an upload that continues `prefix` and
-    /// records its progress through `checkpoint`. The error stays a
-    /// [`BlobError`] so the caller can tell a broken input (resumable) from
-    /// a refusal.
-    async fn store_resumable<S>(
-        &self,
-        cache: &Cache,
-        digest: Digest,
-        prefix: Vec<garret_store::ChunkRef>,
-        input: S,
-        checkpoint: &impl garret_store::Checkpoint,
-    ) -> Result<(), BlobError>
-    where
-        S: futures::Stream<Item = Result<Bytes, ReapiError>> + Send,
-    {
-        let blob = self
-            .state
-            .blobs
-            .put_after(prefix, input, expect(digest), checkpoint)
-            .await?;
-        self.add_to_cas(cache, &blob).await.map_err(BlobError::Meta)
-    }
-
-    async fn add_to_cas(
-        &self,
-        cache: &Cache,
-        blob: &crate::blobs::StoredBlob,
-    ) -> Result<(), MetaError> {
+    ) -> Result<Cache, Error> {
+        let authorization = metadata
+            .get("authorization")
+            .map(tonic::metadata::AsciiMetadataValue::as_bytes);
         self.state
-            .meta
-            .put_cas_entry(cache.id, blob.id, unix_now())
-            .await?;
-        Ok(())
+            .bazel
+            .cache(authorization, instance, access)
+            .await
     }
 
-    /// Refuses digests over the advertised `max_cas_blob_size_bytes`.
-    fn check_size(&self, digest: Digest) -> Result<(), ReapiError> {
-        if digest.size > self.config.max_blob_size {
-            return Err(ReapiError::InvalidArgument(format!(
-                "blob {digest} is larger than this server's limit of {} bytes",
-                self.config.max_blob_size
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// What an upload of `digest` must turn out to be.
-fn expect(digest: Digest) -> Expect {
-    Expect {
-        hash: Some(digest.hash),
-        size: Some(digest.size),
-        max_size: Some(digest.size),
+    /// The preamble of every unary method: the cache `request` names,
+    /// authorized for `access`.
+    async fn cache_for<T: Instance>(
+        &self,
+        request: &tonic::Request<T>,
+        access: ReapiAccess,
+    ) -> Result<Cache, Error> {
+        self.cache(
+            request.metadata(),
+            request.get_ref().instance_name(),
+            access,
+        )
+        .await
     }
 }
 
-/// The gRPC services on `state`, as an axum router for the HTTP port;
-/// instance `""` is `default_cache`.
-pub fn grpc_router(state: Arc<AppState>, default_cache: CacheName) -> Router {
-    let config = ReapiConfig::new(&state, default_cache);
-    grpc_router_with(state, config)
-}
-
-/// [`grpc_router`] with explicit tunables.
-pub fn grpc_router_with(state: Arc<AppState>, config: ReapiConfig) -> Router {
-    services(Arc::new(Reapi::new(state, config)))
-}
-
-/// One REAPI core, for the gRPC services and Bazel's HTTP cache to share.
-pub(crate) fn shared(state: Arc<AppState>, default_cache: CacheName) -> Arc<Reapi> {
-    let config = ReapiConfig::new(&state, default_cache);
-    Arc::new(Reapi::new(state, config))
-}
-
-/// The gRPC services on `reapi`.
-pub(crate) fn services(reapi: Arc<Reapi>) -> Router {
+/// The gRPC services on `state`, as an axum router for the HTTP port.
+/// Also starts the sweep of expired upload sessions, which ends when the
+/// router is dropped.
+pub fn services(state: Arc<AppState>) -> Router {
+    let uploads = upload_sessions::Uploads::start(state.meta.clone(), state.uploads);
+    let reapi = Arc::new(Reapi { state, uploads });
     let router = Router::new();
     let router = route(
         router,
@@ -549,6 +232,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
 
     #[tokio::test]
@@ -562,7 +247,7 @@ mod tests {
             .unwrap()
             .unwrap_err();
         let status = Status::from_error(err.into());
-        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
         drop(tx);
     }
 }

@@ -9,7 +9,7 @@
 //! function segment is optional and must be `sha256` here, the only function
 //! garret stores by.
 
-use super::digest::{Digest, DigestError};
+use crate::bazel_core::digest::{Digest, DigestError};
 
 /// How the bytes of a blob travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Resumable ByteStream uploads, with their state in the metadata database.
 //!
 //! An upload's bytes go straight into the chunk ingest; nothing is spooled.
-//! Every [`UploadSettings::checkpoint_bytes`] of durable chunks, and once
+//! Every `checkpoint_bytes` ([`UploadSettings`]) of durable chunks, and once
 //! more when the client's stream breaks, the chunks so far and the offset
 //! they cover are recorded in the upload's session (`upload_sessions`).
 //! `QueryWriteStatus` on any replica reports that offset, and a Write that
@@ -11,7 +11,7 @@
 //! A Write takes its session over (the metadata bumps its generation), so a
 //! writer on another replica, stalled or dead, can no longer record into
 //! it: its next record fails with ABORTED. Sessions expire after
-//! [`UploadSettings::session_ttl`] without a record; a periodic sweep
+//! its `session_ttl` without a record; a periodic sweep
 //! deletes them, and their chunks, unreferenced, go to garbage collection.
 
 use std::collections::HashSet;
@@ -23,9 +23,10 @@ use garret_store::{Checkpoint, ChunkHash, ChunkRef};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::ReapiError;
 use crate::blobs::{chunk_ref, new_chunk_ref};
 use crate::clock::unix_now;
+use crate::config::UploadSettings;
+use crate::error::Error;
 
 /// How often expired sessions are swept (by every replica; the delete is
 /// idempotent).
@@ -33,32 +34,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_mins(1);
 
 /// Sessions deleted per sweep statement.
 const SWEEP_BATCH: u32 = 1000;
-
-/// Tunables of ByteStream uploads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UploadSettings {
-    /// Writes streaming at once on this replica. Each holds an ingest
-    /// pipeline (a few MiB at most), so this bounds their memory; a Write
-    /// past it waits for a slot within the idle timeout, then fails with
-    /// RESOURCE_EXHAUSTED.
-    pub max_live_writes: usize,
-    /// Durable bytes between two records of an upload's progress: what a
-    /// crash of this replica can cost the client to send again, against one
-    /// metadata transaction and one pause of the upload pipeline per record.
-    pub checkpoint_bytes: u64,
-    /// How long an interrupted upload waits to be resumed.
-    pub session_ttl: Duration,
-}
-
-impl Default for UploadSettings {
-    fn default() -> Self {
-        Self {
-            max_live_writes: 64,
-            checkpoint_bytes: 16 << 20,
-            session_ttl: Duration::from_hours(1),
-        }
-    }
-}
 
 /// The uploads of one REAPI core: the slots of live Writes and the sweep of
 /// expired sessions, which stops when the core is dropped.
@@ -85,13 +60,10 @@ impl Uploads {
     }
 
     /// A slot for one live Write, waiting at most `patience` for one.
-    pub(crate) async fn slot(
-        &self,
-        patience: Duration,
-    ) -> Result<OwnedSemaphorePermit, ReapiError> {
+    pub(crate) async fn slot(&self, patience: Duration) -> Result<OwnedSemaphorePermit, Error> {
         match tokio::time::timeout(patience, Arc::clone(&self.live).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(ReapiError::ResourceExhausted(format!(
+            _ => Err(Error::ResourceExhausted(format!(
                 "{} uploads are streaming into this server; retry later",
                 self.settings.max_live_writes
             ))),
@@ -106,7 +78,7 @@ impl Uploads {
         cache: CacheId,
         resource: &str,
         offset: u64,
-    ) -> Result<Session, ReapiError> {
+    ) -> Result<Session, Error> {
         let now = unix_now();
         if offset > 0 {
             // Refused before a session is made for an upload never started.
@@ -127,11 +99,7 @@ impl Uploads {
     }
 
     /// Bytes of `resource` recorded durable, for QueryWriteStatus.
-    pub(crate) async fn committed(
-        &self,
-        cache: CacheId,
-        resource: &str,
-    ) -> Result<u64, ReapiError> {
+    pub(crate) async fn committed(&self, cache: CacheId, resource: &str) -> Result<u64, Error> {
         Ok(self
             .meta
             .upload_status(cache, resource, unix_now())
@@ -150,8 +118,8 @@ impl UploadSettings {
     }
 }
 
-fn out_of_range(offset: u64, held: u64) -> ReapiError {
-    ReapiError::OutOfRange(format!(
+fn out_of_range(offset: u64, held: u64) -> Error {
+    Error::OutOfRange(format!(
         "write_offset {offset} does not resume this upload (the server holds {held} bytes); \
          ask QueryWriteStatus"
     ))
@@ -171,7 +139,7 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    fn new(uploads: &Uploads, session: &UploadSession) -> Result<Self, ReapiError> {
+    fn new(uploads: &Uploads, session: &UploadSession) -> Result<Self, Error> {
         let prefix = session
             .chunks
             .iter()
@@ -267,7 +235,7 @@ mod tests {
         );
         let held = uploads.slot(Duration::ZERO).await.unwrap();
         let refused = uploads.slot(Duration::ZERO).await.unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(refused.class().code, tonic::Code::ResourceExhausted);
         drop(held);
         let _again = uploads.slot(Duration::ZERO).await.unwrap();
     }

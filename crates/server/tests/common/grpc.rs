@@ -6,8 +6,6 @@
     reason = "sizes in these tests are a few MiB, and the wire uses i64"
 )]
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures::stream;
 use garret_nix::Sha256Hash;
@@ -19,12 +17,12 @@ use garret_proto::reapi::content_addressable_storage_client::ContentAddressableS
 use garret_proto::reapi::{
     BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest, batch_update_blobs_request,
 };
-use garret_server::auth::{CacheName, Permission};
-use garret_server::reapi::{ReapiConfig, UploadSettings, grpc_router_with};
+use garret_server::auth::Permission;
+use garret_server::config::UploadSettings;
 use tonic::Request;
 use tonic::transport::Channel;
 
-use super::{Deployment, TestServer, spawn_serve};
+use super::{Deployment, TestServer};
 
 /// The REAPI gRPC services on 127.0.0.1, beside a [`TestServer`] on the
 /// same state. The default instance is the private cache `main`; `pub` is
@@ -43,23 +41,25 @@ impl GrpcServer {
         Self::start_with(deployment, None).await
     }
 
-    /// With `uploads`, the gRPC services run with those upload settings.
+    /// With `uploads`, the server runs with those upload settings.
     pub async fn start_with(deployment: Deployment, uploads: Option<UploadSettings>) -> Self {
-        let http = TestServer::start(deployment).await;
+        let http = TestServer::start_configured(deployment, |config| {
+            config.bazel_default_cache = "main".into();
+            if let Some(uploads) = uploads {
+                config.uploads = uploads;
+            }
+        })
+        .await;
         for (name, public) in [("main", false), ("pub", true)] {
             let key = SigningKey::generate(&format!("{name}-1")).unwrap();
             http.create_cache(name, public, &key).await;
         }
-        let state = Arc::clone(&http.state);
-        let mut config = ReapiConfig::new(&state, CacheName::new("main").unwrap());
-        if let Some(uploads) = uploads {
-            config.uploads = uploads;
-        }
-        let app = grpc_router_with(state, config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        spawn_serve(listener, app, &http.state.limits);
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        // gRPC (h2c) on the server's one port, as `garret serve` runs it.
+        let channel = Channel::from_shared(http.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         let token = http.token(&[("*", Permission::PULL.union(Permission::PUSH))]);
         Self {
             http,

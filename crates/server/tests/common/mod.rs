@@ -14,7 +14,7 @@ use garret_nix::signing::SigningKey;
 use garret_server::auth::TokenAuthority;
 use garret_server::blobs::Blobs;
 use garret_server::config::{Config, Limits, S3Storage, Storage};
-use garret_server::http::AppState;
+use garret_server::state::AppState;
 use garret_store::testing::S3TestServer;
 use garret_store::{Backend, ChunkStore, FsBackend, S3Backend, StoreConfig};
 
@@ -127,10 +127,7 @@ impl TestServer {
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = garret_server::http::app(
-            Arc::clone(&state),
-            &garret_server::auth::CacheName::new(config.bazel_default_cache.clone()).unwrap(),
-        );
+        let app = garret_server::app(Arc::clone(&state));
         spawn_serve(listener, app, &config.limits);
         Self {
             url,

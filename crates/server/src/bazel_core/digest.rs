@@ -76,6 +76,12 @@ impl Digest {
         Ok(Self { hash, size })
     }
 
+    /// A hash alone, as Bazel's HTTP cache names blobs: the same strict
+    /// lower-case hex as in REAPI digests.
+    pub fn parse_hash(hash: &str) -> Result<Sha256Hash, DigestError> {
+        parse_hex(hash)
+    }
+
     pub fn from_proto(digest: &reapi::Digest) -> Result<Self, DigestError> {
         Self::parse(&digest.hash, digest.size_bytes)
     }

@@ -1,0 +1,271 @@
+//! The Bazel remote cache both front ends serve: Bazel's HTTP cache
+//! (`http::bazel`) and REAPI over gRPC (`reapi`) call this one core for the
+//! cache lookup and authorization, digest rules, blob lookups, bounded
+//! reads, the CAS write path and the action cache's completeness rules, so
+//! the two cannot drift apart.
+
+mod action_results;
+pub mod digest;
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+
+use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt as _;
+use garret_meta::{Blob, Cache, Meta};
+
+use crate::auth::{CacheName, ReapiAccess, TokenAuthority};
+use crate::blobs::{BlobError, Blobs, Expect, StoredBlob};
+use crate::clock::unix_now;
+use crate::error::Error;
+use crate::state::authorized_cache;
+pub use action_results::{MAX_ACTION_RESULT, Update};
+use digest::Digest;
+
+/// The largest gRPC message garret decodes, and the size of the standard
+/// gRPC default (4 MiB) so that replies it builds also fit every client's
+/// default inbound limit. Protobuf messages kept in the CAS (Directory,
+/// Tree) are read whole only up to this size.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The core: the stores, the token authority and the cache Bazel's
+/// requests without an instance name use.
+#[derive(Debug)]
+pub struct Core {
+    meta: Meta,
+    blobs: Blobs,
+    tokens: Option<TokenAuthority>,
+    default_cache: CacheName,
+    /// Largest blob accepted (`max_cas_blob_size_bytes`).
+    max_blob_size: u64,
+}
+
+impl Core {
+    pub fn new(
+        meta: Meta,
+        blobs: Blobs,
+        tokens: Option<TokenAuthority>,
+        default_cache: CacheName,
+        max_blob_size: u64,
+    ) -> Self {
+        Self {
+            meta,
+            blobs,
+            tokens,
+            default_cache,
+            max_blob_size,
+        }
+    }
+
+    /// Largest blob accepted (`max_cas_blob_size_bytes`).
+    pub fn max_blob_size(&self) -> u64 {
+        self.max_blob_size
+    }
+
+    /// The cache behind `instance` (`""`: the default cache), if the
+    /// request's `Authorization` value allows `access` to it.
+    pub(crate) async fn cache(
+        &self,
+        authorization: Option<&[u8]>,
+        instance: &str,
+        access: ReapiAccess,
+    ) -> Result<Cache, Error> {
+        let name = if instance.is_empty() {
+            self.default_cache.clone()
+        } else {
+            CacheName::new(instance)?
+        };
+        let token = match &self.tokens {
+            Some(tokens) => tokens.authenticate(authorization)?,
+            None => None,
+        };
+        Ok(
+            authorized_cache(&self.meta, token.as_ref(), &name, access.required())
+                .await?
+                .0,
+        )
+    }
+
+    /// The blob `digest` names in `cache`, or NOT_FOUND. A stored blob of
+    /// another size is a different digest, hence also NOT_FOUND.
+    pub(crate) async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, Error> {
+        match self.meta.cas_blob(cache.id, digest.hash_bytes()).await? {
+            Some(blob) if blob.size == digest.size => Ok(blob),
+            _ => Err(Error::NotFound(format!("blob {digest} is not in the CAS"))),
+        }
+    }
+
+    /// A whole blob in memory, for protobuf messages kept in the CAS
+    /// (Directory, Tree) and for inlined outputs. A digest over `limit`
+    /// bytes is refused before anything is looked up or read: a client
+    /// that names a huge blob as a message costs nothing.
+    pub(crate) async fn read_bounded(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        limit: usize,
+    ) -> Result<Bytes, Error> {
+        if digest.size > limit as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "blob {digest} is larger than the {limit} bytes read as one message"
+            )));
+        }
+        if digest.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let blob = self.blob(cache, digest).await?;
+        self.read_blob(&blob).await
+    }
+
+    /// `blob`'s content in memory; callers bound its size first (the size
+    /// comes from the row, which matches the digest the caller checked).
+    pub(crate) async fn read_blob(&self, blob: &Blob) -> Result<Bytes, Error> {
+        let stream = self.blobs.read(blob.id, 0..blob.size).await?;
+        let mut out = BytesMut::with_capacity(
+            usize::try_from(blob.size)
+                .unwrap_or(0)
+                .min(MAX_MESSAGE_BYTES),
+        );
+        let mut stream = std::pin::pin!(stream);
+        while let Some(piece) = stream.try_next().await? {
+            out.extend_from_slice(&piece);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Stores `data` as `digest` in `cache`'s CAS, verifying it first.
+    pub(crate) async fn store_bytes(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        data: Bytes,
+    ) -> Result<(), Error> {
+        self.check_size(digest)?;
+        if digest.is_empty() {
+            return if data.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "{} bytes were sent for the empty digest",
+                    data.len()
+                )))
+            };
+        }
+        let input = futures::stream::once(async move { Ok::<_, Infallible>(data) });
+        self.store_stream(cache, digest, input).await
+    }
+
+    /// Stores `input` as `digest` in `cache`'s CAS: verified against the
+    /// digest while it streams, visible only once it matches.
+    pub(crate) async fn store_stream<S, E>(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        input: S,
+    ) -> Result<(), Error>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.put_cas(cache, expect(digest), input).await.map(drop)
+    }
+
+    /// The CAS write path of both front ends: stores `input` in `cache`'s
+    /// CAS if it matches `expect`, checked while it streams; nothing is
+    /// visible unless it matches.
+    pub(crate) async fn put_cas<S, E>(
+        &self,
+        cache: &Cache,
+        expect: Expect,
+        input: S,
+    ) -> Result<StoredBlob, Error>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let blob = self.blobs.put(input, expect).await?;
+        self.meta
+            .put_cas_entry(cache.id, blob.id, unix_now())
+            .await?;
+        Ok(blob)
+    }
+
+    /// [`Core::store_stream`] of an upload that continues `prefix` (stored
+    /// by an earlier attempt) and records its progress through
+    /// `checkpoint`. The error stays a [`BlobError`], so the caller can
+    /// tell a broken input (which the client resumes) from a refusal.
+    pub(crate) async fn store_resumable<S>(
+        &self,
+        cache: &Cache,
+        digest: Digest,
+        prefix: Vec<garret_store::ChunkRef>,
+        input: S,
+        checkpoint: &impl garret_store::Checkpoint,
+    ) -> Result<(), BlobError>
+    where
+        S: futures::Stream<Item = Result<Bytes, Error>> + Send,
+    {
+        let blob = self
+            .blobs
+            .put_after(prefix, input, expect(digest), checkpoint)
+            .await?;
+        self.meta
+            .put_cas_entry(cache.id, blob.id, unix_now())
+            .await?;
+        Ok(())
+    }
+
+    /// Refuses digests over the advertised `max_cas_blob_size_bytes`.
+    pub(crate) fn check_size(&self, digest: Digest) -> Result<(), Error> {
+        if digest.size > self.max_blob_size {
+            return Err(Error::PayloadTooLarge(format!(
+                "blob {digest} is larger than this server's limit of {} bytes",
+                self.max_blob_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Which of `digests` `cache` lacks, in request order without repeats;
+    /// the others have their access time refreshed, as REAPI asks.
+    pub(crate) async fn find_missing(
+        &self,
+        cache: &Cache,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>, Error> {
+        let asked: Vec<([u8; 32], u64)> = digests
+            .iter()
+            .filter(|d| !d.is_empty())
+            .map(|d| (*d.hash_bytes(), d.size))
+            .collect();
+        let missing: HashSet<([u8; 32], u64)> = self
+            .meta
+            .find_missing_cas(cache.id, &asked)
+            .await?
+            .into_iter()
+            .collect();
+        let found: Vec<[u8; 32]> = asked
+            .into_iter()
+            .filter(|d| !missing.contains(d))
+            .map(|(hash, _)| hash)
+            .collect();
+        if !found.is_empty() {
+            self.meta.touch_cas(cache.id, &found, unix_now()).await?;
+        }
+        let mut seen = HashSet::new();
+        Ok(digests
+            .iter()
+            .filter(|d| missing.contains(&(*d.hash_bytes(), d.size)) && seen.insert(**d))
+            .copied()
+            .collect())
+    }
+}
+
+/// What an upload of `digest` must turn out to be.
+fn expect(digest: Digest) -> Expect {
+    Expect {
+        hash: Some(digest.hash),
+        size: Some(digest.size),
+        max_size: Some(digest.size),
+    }
+}

@@ -33,3 +33,29 @@ pub fn build_output_like(len: usize, seed: u64) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Deterministic bytes that do not compress (xorshift64*).
+pub fn pseudo_random(len: usize, seed: u64) -> bytes::Bytes {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out.into()
+}
+
+/// A seed unique to this run, so blobs are new to a server that saw
+/// earlier runs.
+pub fn run_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    // The low 64 bits vary fastest; the pid separates simultaneous runs.
+    let low = u64::try_from(nanos & u128::from(u64::MAX)).expect("masked to 64 bits");
+    low ^ (u64::from(std::process::id()) << 32)
+}

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
+use garret_benches::{pseudo_random, run_seed};
 use garret_nix::Sha256Hash;
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
 use garret_proto::bytestream::{ReadRequest, WriteRequest};
@@ -183,29 +184,6 @@ impl Probe {
 
 // ---------------------------------------------------------------------------
 // Content.
-
-/// Deterministic bytes that do not compress (xorshift64*).
-fn pseudo_random(len: usize, seed: u64) -> Bytes {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out.into()
-}
-
-/// A seed unique to this run, so blobs are new to a server benched before.
-fn run_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
-    nanos ^ (u64::from(std::process::id()) << 32)
-}
 
 /// The seed for run `run` of scenario number `scenario`: distinct for every
 /// pair, so no two writes carry the same content.

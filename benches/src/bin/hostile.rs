@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
+use garret_benches::{pseudo_random, run_seed};
 use garret_nix::{Sha256Hash, Sha256Hasher};
 use garret_proto::bytestream::WriteRequest;
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -320,29 +321,6 @@ fn rpc_code_name(status: Option<&garret_proto::rpc::Status>) -> String {
 
 // ---------------------------------------------------------------------------
 // Inputs.
-
-/// Deterministic bytes that do not compress (xorshift64*).
-fn pseudo_random(len: usize, seed: u64) -> Bytes {
-    let mut state = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        out.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out.into()
-}
-
-/// A seed unique to this run, so blobs are new to a server already attacked.
-fn run_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
-    nanos ^ (u64::from(std::process::id()) << 32)
-}
 
 /// The hex SHA-256 of `seed`: a digest nobody stored.
 fn fake_hash(seed: u64) -> String {

@@ -37,7 +37,7 @@ use garret_proto::bytestream::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use super::resource_name::{BlobResource, Compression, UploadResource};
+use super::resource_name::{BlobCompression, BlobResource, UploadResource};
 use super::{READ_CHUNK_BYTES, Reapi};
 use crate::auth::ReapiAccess;
 use crate::bazel_core::digest::Digest;
@@ -62,10 +62,10 @@ type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send
 
 /// `committed_size` of a finished upload: the final write offset, and -1
 /// for a compressed blob that was already stored (REAPI's convention).
-fn already_stored(compression: Compression, digest: Digest) -> i64 {
+fn already_stored(compression: BlobCompression, digest: Digest) -> i64 {
     match compression {
-        Compression::Identity => i64::try_from(digest.size).unwrap_or(i64::MAX),
-        Compression::Zstd => -1,
+        BlobCompression::Identity => i64::try_from(digest.size).unwrap_or(i64::MAX),
+        BlobCompression::Zstd => -1,
     }
 }
 
@@ -93,7 +93,7 @@ impl ByteStreamService {
         let limit = u64::try_from(read_limit)
             .map_err(|_| Error::OutOfRange(format!("read_limit {read_limit} is negative")))?;
         match resource.compression {
-            Compression::Identity => {
+            BlobCompression::Identity => {
                 let end = if limit == 0 {
                     digest.size
                 } else {
@@ -109,7 +109,7 @@ impl ByteStreamService {
                 let content = reapi.state.blobs.read(blob.id, offset..end).await?;
                 Ok(responses(content))
             }
-            Compression::Zstd => {
+            BlobCompression::Zstd => {
                 if limit != 0 {
                     return Err(Error::InvalidArgument(
                         "read_limit must be 0 for compressed-blobs reads".into(),
@@ -211,14 +211,14 @@ impl ByteStreamService {
             first: Some(first),
             received: &received,
             max_len: match compression {
-                Compression::Identity => digest.size,
-                Compression::Zstd => max_compressed_len(digest.size),
+                BlobCompression::Identity => digest.size,
+                BlobCompression::Zstd => max_compressed_len(digest.size),
             },
             finished: false,
         }
         .into_stream();
         match compression {
-            Compression::Identity => {
+            BlobCompression::Identity => {
                 let mut session = reapi
                     .uploads
                     .claim(cache.id, upload.upload_key, offset)
@@ -234,7 +234,7 @@ impl ByteStreamService {
                 }
                 stored?;
             }
-            Compression::Zstd => {
+            BlobCompression::Zstd => {
                 if offset != 0 {
                     return Err(Error::InvalidArgument(format!(
                         "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
@@ -268,8 +268,10 @@ impl ByteStreamService {
             });
         }
         let committed = match upload.blob.compression {
-            Compression::Identity => reapi.uploads.committed(cache.id, upload.upload_key).await?,
-            Compression::Zstd => 0,
+            BlobCompression::Identity => {
+                reapi.uploads.committed(cache.id, upload.upload_key).await?
+            }
+            BlobCompression::Zstd => 0,
         };
         Ok(QueryWriteStatusResponse {
             committed_size: i64::try_from(committed).unwrap_or(i64::MAX),

@@ -13,7 +13,7 @@ use crate::bazel_core::digest::{Digest, DigestError};
 
 /// How the bytes of a blob travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
+pub enum BlobCompression {
     Identity,
     Zstd,
 }
@@ -22,7 +22,7 @@ pub enum Compression {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobResource<'a> {
     pub instance: &'a str,
-    pub compression: Compression,
+    pub compression: BlobCompression,
     pub digest: Digest,
 }
 
@@ -150,9 +150,9 @@ fn parse_blob<'a>(
         segment.ok_or(None)
     };
     let compression = match take()? {
-        "blobs" => Compression::Identity,
+        "blobs" => BlobCompression::Identity,
         "compressed-blobs" => match take()? {
-            "zstd" => Compression::Zstd,
+            "zstd" => BlobCompression::Zstd,
             other => {
                 return Err(Some(ResourceNameError::UnsupportedCompressor(
                     other.to_owned(),
@@ -193,7 +193,7 @@ mod tests {
 
     const H: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-    fn blob(instance: &str, compression: Compression) -> BlobResource<'_> {
+    fn blob(instance: &str, compression: BlobCompression) -> BlobResource<'_> {
         BlobResource {
             instance,
             compression,
@@ -204,22 +204,22 @@ mod tests {
     #[test]
     fn read_names() {
         let cases = [
-            (format!("blobs/{H}/0"), blob("", Compression::Identity)),
+            (format!("blobs/{H}/0"), blob("", BlobCompression::Identity)),
             (
                 format!("main/blobs/{H}/0"),
-                blob("main", Compression::Identity),
+                blob("main", BlobCompression::Identity),
             ),
             (
                 format!("main/blobs/sha256/{H}/0"),
-                blob("main", Compression::Identity),
+                blob("main", BlobCompression::Identity),
             ),
             (
                 format!("team-a/compressed-blobs/zstd/{H}/0"),
-                blob("team-a", Compression::Zstd),
+                blob("team-a", BlobCompression::Zstd),
             ),
             (
                 format!("compressed-blobs/zstd/sha256/{H}/0"),
-                blob("", Compression::Zstd),
+                blob("", BlobCompression::Zstd),
             ),
         ];
         for (name, expected) in &cases {
@@ -269,7 +269,7 @@ mod tests {
     fn upload_names() {
         let name = format!("main/uploads/0f1e/blobs/{H}/0/some/metadata");
         let upload = UploadResource::parse(&name).unwrap();
-        assert_eq!(upload.blob, blob("main", Compression::Identity));
+        assert_eq!(upload.blob, blob("main", BlobCompression::Identity));
         let long = format!("{}/{name}", "i".repeat(MAX_RESOURCE_NAME));
         assert!(matches!(
             UploadResource::parse(&long),
@@ -284,7 +284,7 @@ mod tests {
 
         let name = format!("uploads/u/compressed-blobs/zstd/sha256/{H}/0");
         let upload = UploadResource::parse(&name).unwrap();
-        assert_eq!(upload.blob, blob("", Compression::Zstd));
+        assert_eq!(upload.blob, blob("", BlobCompression::Zstd));
         assert_eq!(
             upload.upload_key,
             format!("uploads/u/compressed-blobs/zstd/sha256/{H}/0")

@@ -13,15 +13,21 @@
 # start for requests without an instance name; the admin token it prints
 # then is the bearer token. Prints garret-bench's Markdown table, then stops
 # the server. `garret-bench` with a bad argument lists the scenarios.
-# Environment: SIZE_MIB (128), MESSAGE_KIB (1024), RUNS (3), JSON (a file
+# Environment: GARRET_BIN (a server binary to run instead of this tree's), SIZE_MIB (128), MESSAGE_KIB (1024), RUNS (3), JSON (a file
 # for garret-bench's --json), KEEP_LOG=1 prints the server's log at the end.
 # Exit status: garret-bench's (1 if a scenario failed), 2 if the server died.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build --release -q -p garret-server --bin garret
-cargo build --release -q -p garret-benches --bin garret-bench
 target=${CARGO_TARGET_DIR:-target}
-bin=$target/release/garret
+# GARRET_BIN=path runs another build of the server (e.g. an older commit's,
+# for a before/after in one run of the machine); else this tree's.
+if [ -n "${GARRET_BIN:-}" ]; then
+  bin=$GARRET_BIN
+else
+  cargo build --release -q -p garret-server --bin garret
+  bin=$target/release/garret
+fi
+cargo build --release -q -p garret-benches --bin garret-bench
 bench=$target/release/garret-bench
 
 work=$(mktemp -d)
@@ -45,7 +51,7 @@ listen=$(grep -o 'address=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
 url=http://$listen
 # Printed once, on first start (with the creation of the cache `default`).
 admin=$(grep '^ey' "$work/out")
-echo "garret serve at $url (SQLite + local disk in $work); $(git rev-parse --short HEAD); $(date -u +%FT%TZ); $(nproc) cores"
+echo "garret serve at $url (SQLite + local disk in $work); ${GARRET_BIN:-$(git rev-parse --short HEAD)}; $(date -u +%FT%TZ); $(nproc) cores"
 echo
 
 json_args=()

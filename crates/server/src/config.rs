@@ -267,13 +267,32 @@ impl Default for Limits {
 /// What every token must carry, as Attic's `[jwt]` section: a token minted
 /// for another deployment that shares the key (say, staging) is refused
 /// when the issuer or audience differs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Jwt {
     /// Tokens must carry exactly this `iss`.
     pub bound_issuer: Option<String>,
     /// Tokens must name one of these in `aud`; empty checks nothing.
     pub bound_audiences: Vec<String>,
+    /// The HS256 secret (base64) tokens are signed with: Attic's
+    /// `token-hs256-secret-base64`. Wins over `rs256_pubkey_pem`.
+    pub hs256_secret_base64: Option<String>,
+    /// The RS256 public key (PEM) tokens are verified with.
+    pub rs256_pubkey_pem: Option<String>,
+}
+
+impl std::fmt::Debug for Jwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwt")
+            .field("bound_issuer", &self.bound_issuer)
+            .field("bound_audiences", &self.bound_audiences)
+            .field(
+                "hs256_secret_base64",
+                &garret_meta::redact(self.hs256_secret_base64.as_ref()),
+            )
+            .field("rs256_pubkey_pem", &self.rs256_pubkey_pem)
+            .finish()
+    }
 }
 
 /// How long connections may live without doing useful work, so idle and
@@ -413,6 +432,12 @@ impl Config {
         }
         if let Some((_, value)) = var("GARRET_SUBSTITUTER_ENDPOINT") {
             self.substituter_endpoint = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_HS256_SECRET_BASE64") {
+            self.jwt.hs256_secret_base64 = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_RS256_PUBKEY_PEM") {
+            self.jwt.rs256_pubkey_pem = Some(value);
         }
         if let Some((_, value)) = var("GARRET_TOKEN_BOUND_ISSUER") {
             self.jwt.bound_issuer = Some(value);
@@ -819,6 +844,27 @@ mod tests {
         }
         let missing = Config::load(Some(Path::new("/nonexistent/garret.toml")), |_| None);
         assert!(matches!(missing, Err(ConfigError::Read { .. })));
+    }
+
+    #[test]
+    fn token_keys_come_from_the_file_or_the_environment_and_stay_hidden() {
+        let toml = "[jwt]\nhs256_secret_base64 = \"c2VjcmV0\"\n";
+        let config = load(Some(toml), &[]).unwrap();
+        assert_eq!(config.jwt.hs256_secret_base64.as_deref(), Some("c2VjcmV0"));
+        assert!(!format!("{config:?}").contains("c2VjcmV0"));
+        let config = load(
+            Some(toml),
+            &[
+                ("GARRET_TOKEN_HS256_SECRET_BASE64", "ZW52"),
+                (
+                    "GARRET_TOKEN_RS256_PUBKEY_PEM",
+                    "-----BEGIN PUBLIC KEY-----",
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.jwt.hs256_secret_base64.as_deref(), Some("ZW52"));
+        assert!(config.jwt.rs256_pubkey_pem.is_some());
     }
 
     #[test]

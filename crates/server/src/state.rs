@@ -23,8 +23,8 @@ use crate::error::Error;
 pub struct AppState {
     pub meta: Meta,
     pub blobs: Blobs,
-    /// Verifies tokens; without it every request is anonymous.
-    pub tokens: Option<TokenAuthority>,
+    /// Verifies tokens (requests without one are anonymous).
+    pub tokens: TokenAuthority,
     pub limits: Limits,
     /// Configured public URLs; unset ones come from each request.
     pub endpoints: Endpoints,
@@ -46,15 +46,34 @@ pub enum StateError {
     #[error("the chunk store: {0}")]
     Store(#[from] BackendError),
     #[error("bazel_default_cache: {0}")]
-    DefaultCache(#[from] AuthError),
+    DefaultCache(#[source] AuthError),
+    #[error("the token key: {0}")]
+    TokenKey(#[source] AuthError),
+    #[error("no randomness for the token secret: {0}")]
+    Randomness(String),
 }
 
-/// Everything `config` describes, ready to serve; `tokens` verifies
-/// requests (none: every request is anonymous).
-pub async fn build(
-    config: &Config,
-    tokens: Option<TokenAuthority>,
-) -> Result<Arc<AppState>, StateError> {
+/// What a first start made: the token secret in the data directory and an
+/// admin token for the operator, which `serve` prints once.
+#[derive(Debug)]
+pub struct FirstStart {
+    pub secret_file: std::path::PathBuf,
+    pub admin_token: String,
+}
+
+/// The state [`build`] made, and whether this was the data directory's
+/// first start.
+#[derive(Debug)]
+pub struct Built {
+    pub state: Arc<AppState>,
+    pub first_start: Option<FirstStart>,
+}
+
+/// Everything `config` describes, ready to serve. The data directory is
+/// created (private) if need be; see [`token_authority`] for the key.
+pub async fn build(config: &Config) -> Result<Built, StateError> {
+    private_data_dir(&config.data_dir)?;
+    let (tokens, first_start) = token_authority(config)?;
     let meta = open_meta(&config.database_url()).await?;
     let backend = match (config.s3_config(), config.local_path()) {
         (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
@@ -69,10 +88,10 @@ pub async fn build(
         meta.clone(),
         blobs.clone(),
         tokens.clone(),
-        CacheName::new(config.bazel_default_cache.clone())?,
+        CacheName::new(config.bazel_default_cache.clone()).map_err(StateError::DefaultCache)?,
         config.limits.max_nar_size,
     );
-    Ok(Arc::new(AppState {
+    let state = Arc::new(AppState {
         meta,
         blobs,
         tokens,
@@ -80,7 +99,69 @@ pub async fn build(
         endpoints: config.endpoints(),
         uploads: config.uploads,
         bazel,
-    }))
+    });
+    Ok(Built { state, first_start })
+}
+
+/// The server's token key: the configured one (`[jwt]` or its variables,
+/// the same `garret token create` reads), else the secret in the data
+/// directory. On a first start that secret is created (0600), with an admin
+/// token, so a newcomer can push right away. Tokens are bound to the
+/// configured issuer and audiences whatever the key's source.
+pub fn token_authority(
+    config: &Config,
+) -> Result<(TokenAuthority, Option<FirstStart>), StateError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    use crate::auth::{CacheNamePattern, TokenSpec};
+
+    let bind = |authority: TokenAuthority| {
+        let authority = match &config.jwt.bound_issuer {
+            Some(issuer) => authority.with_issuer(issuer.clone()),
+            None => authority,
+        };
+        authority.with_audiences(config.jwt.bound_audiences.iter().cloned())
+    };
+    if let Some(secret) = &config.jwt.hs256_secret_base64 {
+        let authority = TokenAuthority::hs256_base64(secret).map_err(StateError::TokenKey)?;
+        return Ok((bind(authority), None));
+    }
+    if let Some(pem) = &config.jwt.rs256_pubkey_pem {
+        let authority = TokenAuthority::rs256_pem(pem.as_bytes()).map_err(StateError::TokenKey)?;
+        return Ok((bind(authority), None));
+    }
+    let path = config.data_dir.join("token-secret");
+    if path.exists() {
+        let secret = std::fs::read_to_string(&path).map_err(|source| io(&path, source))?;
+        let authority =
+            TokenAuthority::hs256_base64(secret.trim()).map_err(StateError::TokenKey)?;
+        return Ok((bind(authority), None));
+    }
+    let mut bytes = [0u8; 64];
+    getrandom::fill(&mut bytes).map_err(|e| StateError::Randomness(e.to_string()))?;
+    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+    let authority = bind(TokenAuthority::hs256_base64(&secret).map_err(StateError::TokenKey)?);
+    let mut spec = TokenSpec::new("admin", std::time::Duration::from_hours(365 * 24));
+    spec.grant(
+        CacheNamePattern::new("*").expect("`*` is a pattern"),
+        Permission::ALL,
+    );
+    let admin_token = authority.mint(&spec).map_err(StateError::TokenKey)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(|source| io(&path, source))?;
+    Ok((
+        authority,
+        Some(FirstStart {
+            secret_file: path,
+            admin_token,
+        }),
+    ))
 }
 
 /// The cache `name` names, if `token` holds `required` on it, with the

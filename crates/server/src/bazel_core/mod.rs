@@ -34,7 +34,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub struct Core {
     meta: Meta,
     blobs: Blobs,
-    tokens: Option<TokenAuthority>,
+    tokens: TokenAuthority,
     default_cache: CacheName,
     /// Largest blob accepted (`max_cas_blob_size_bytes`).
     max_blob_size: u64,
@@ -44,7 +44,7 @@ impl Core {
     pub fn new(
         meta: Meta,
         blobs: Blobs,
-        tokens: Option<TokenAuthority>,
+        tokens: TokenAuthority,
         default_cache: CacheName,
         max_blob_size: u64,
     ) -> Self {
@@ -75,10 +75,7 @@ impl Core {
         } else {
             CacheName::new(instance)?
         };
-        let token = match &self.tokens {
-            Some(tokens) => tokens.authenticate(authorization)?,
-            None => None,
-        };
+        let token = self.tokens.authenticate(authorization)?;
         Ok(
             authorized_cache(&self.meta, token.as_ref(), &name, access.required())
                 .await?

@@ -189,10 +189,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    garret_server::state::private_data_dir(&config.data_dir)?;
-    let (tokens, first_start) = token_authority(&config)?;
-    let state = garret_server::state::build(&config, Some(tokens)).await?;
-    if first_start {
+    let garret_server::state::Built { state, first_start } =
+        garret_server::state::build(&config).await?;
+    if let Some(first) = first_start {
+        println!(
+            "First start: created the token secret {path} (keep it safe).\n\
+             More tokens: garret token create --hs256-secret-file {path} --sub NAME --validity 90d --push CACHE\n\
+             Admin token (every permission on every cache, valid one year):\n\n{admin}\n",
+            path = first.secret_file.display(),
+            admin = first.admin_token,
+        );
         // So `bazel build --remote_cache=grpc://…` works with no other step.
         let default = cache::CreateArgs::private(&config.bazel_default_cache);
         if let Some(cache) = cache::create(&state.meta, &default).await? {
@@ -231,62 +237,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// own user alone: the database holds every cache's signing key.
 fn restrict_file_modes() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-}
-
-/// Where the server's token key comes from: the same variables `garret
-/// token create` reads, else a secret in the data directory, created on
-/// first start together with an admin token printed once, so a newcomer can
-/// push right away. Also says whether this was that first start. `serve`
-/// has made the (private) data directory already.
-fn token_authority(config: &Config) -> anyhow::Result<(garret_server::auth::TokenAuthority, bool)> {
-    use garret_server::auth::{CacheNamePattern, Permission, TokenAuthority, TokenSpec};
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let bind = |authority: TokenAuthority| {
-        let authority = match &config.jwt.bound_issuer {
-            Some(issuer) => authority.with_issuer(issuer.clone()),
-            None => authority,
-        };
-        authority.with_audiences(config.jwt.bound_audiences.iter().cloned())
-    };
-    if let Some(secret) = non_empty_env("GARRET_TOKEN_HS256_SECRET_BASE64") {
-        return Ok((bind(TokenAuthority::hs256_base64(&secret)?), false));
-    }
-    if let Some(pem) = non_empty_env("GARRET_TOKEN_RS256_PUBKEY_PEM") {
-        return Ok((bind(TokenAuthority::rs256_pem(pem.as_bytes())?), false));
-    }
-    let path = config.data_dir.join("token-secret");
-    if path.exists() {
-        let secret = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        return TokenAuthority::hs256_base64(secret.trim())
-            .map(|authority| (bind(authority), false))
-            .with_context(|| format!("the token secret in {}", path.display()));
-    }
-    let mut bytes = [0u8; 64];
-    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
-    let authority = bind(TokenAuthority::hs256_base64(&secret)?);
-    let mut spec = TokenSpec::new("admin", std::time::Duration::from_hours(365 * 24));
-    spec.grant(CacheNamePattern::new("*")?, Permission::ALL);
-    let admin = authority.mint(&spec)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(secret.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!(
-        "First start: created the token secret {path} (keep it safe).\n\
-         More tokens: garret token create --hs256-secret-file {path} --sub NAME --validity 90d --push CACHE\n\
-         Admin token (every permission on every cache, valid one year):\n\n{admin}\n",
-        path = path.display(),
-    );
-    Ok((authority, true))
-}
-
-fn non_empty_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 async fn open_meta(database_url: &str) -> anyhow::Result<garret_meta::Meta> {

@@ -15,10 +15,7 @@ pub fn token(state: &AppState, headers: &HeaderMap) -> Result<Option<Token>, Err
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    Ok(match &state.tokens {
-        Some(tokens) => tokens.authenticate(authorization)?,
-        None => None,
-    })
+    Ok(state.tokens.authenticate(authorization)?)
 }
 
 /// The verified token of a request that names its cache only in the body

@@ -120,11 +120,10 @@ impl TestServer {
                 Some(s3)
             }
         };
+        config.jwt.hs256_secret_base64 = Some(TEST_SECRET_BASE64.into());
         adjust(&mut config);
         let tokens = TokenAuthority::hs256_base64(TEST_SECRET_BASE64).unwrap();
-        let state = garret_server::state::build(&config, Some(tokens.clone()))
-            .await
-            .unwrap();
+        let state = garret_server::state::build(&config).await.unwrap().state;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = garret_server::app(Arc::clone(&state));

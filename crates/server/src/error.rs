@@ -318,12 +318,6 @@ impl From<crate::bazel_core::digest::DigestError> for Error {
     }
 }
 
-impl From<crate::reapi::resource_name::ResourceNameError> for Error {
-    fn from(err: crate::reapi::resource_name::ResourceNameError) -> Self {
-        Self::InvalidArgument(err.to_string())
-    }
-}
-
 impl From<MetaError> for Error {
     fn from(err: MetaError) -> Self {
         match err {

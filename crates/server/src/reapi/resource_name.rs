@@ -51,6 +51,14 @@ pub enum ResourceNameError {
     TooLong(usize),
 }
 
+/// A malformed name is the client's to fix. (Here, not in `crate::error`,
+/// so the error table depends on no front end.)
+impl From<ResourceNameError> for crate::error::Error {
+    fn from(err: ResourceNameError) -> Self {
+        Self::InvalidArgument(err.to_string())
+    }
+}
+
 /// The longest resource name accepted: room for a deep instance name, an
 /// upload id and a digest, while an upload's name is also its session's key
 /// in the database and is quoted in errors.

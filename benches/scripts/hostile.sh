@@ -61,10 +61,11 @@ url=http://$listen
 # Printed once, on first start; the token secret stays in the data dir, so
 # the token stays valid across restarts.
 admin=$(grep '^ey' "$work/out.1")
-for cache in hostile default; do
-  curl -sf -o /dev/null -X POST -H "Authorization: Bearer $admin" \
-    -d '{"keypair":"Generate","is_public":true}' "$url/_api/v1/cache-config/$cache"
-done
+curl -sf -o /dev/null -X POST -H "Authorization: Bearer $admin" \
+  -d '{"keypair":"Generate","is_public":true}' "$url/_api/v1/cache-config/hostile"
+# The first start created `default` (private); the attacks need it public.
+curl -sf -o /dev/null -X PATCH -H "Authorization: Bearer $admin" \
+  -d '{"is_public":true}' "$url/_api/v1/cache-config/default"
 echo "garret serve at $url; bar ${BAR_MIB:-300} MiB; $([ "${SAME_SERVER:-0}" = 1 ] && echo "one server for all attacks" || echo "a fresh server per attack"); $(git rev-parse --short HEAD); $(date -u +%FT%TZ)"
 echo
 

@@ -202,6 +202,11 @@ impl ByteStreamService {
         let offset = u64::try_from(first.write_offset).map_err(|_| {
             Error::InvalidArgument(format!("write_offset {} is negative", first.write_offset))
         })?;
+        if compression == BlobCompression::Zstd && offset != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
+            )));
+        }
         let _slot = reapi.uploads.slot(clock.idle).await?;
         let received = AtomicU64::new(offset);
         let incoming = Incoming {
@@ -235,11 +240,6 @@ impl ByteStreamService {
                 stored?;
             }
             BlobCompression::Zstd => {
-                if offset != 0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "write_offset {offset}: compressed uploads cannot be resumed; start at 0"
-                    )));
-                }
                 let decoded = decompressed(incoming);
                 reapi
                     .store_resumable(&cache, digest, Vec::new(), decoded, &())

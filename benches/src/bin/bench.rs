@@ -50,6 +50,11 @@ use garret_benches::{pseudo_random, run_seed};
 use garret_nix::Sha256Hash;
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
 use garret_proto::bytestream::{ReadRequest, WriteRequest};
+use garret_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use garret_proto::reapi::{
+    BatchReadBlobsRequest, BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest,
+    batch_update_blobs_request,
+};
 use tonic::transport::Channel;
 
 const MIB: usize = 1 << 20;
@@ -71,7 +76,25 @@ const SCENARIOS: &[(&str, &str)] = &[
         "bytestream-read",
         "ByteStream Read of the blob bytestream-write wrote last (one is written first if none)",
     ),
+    (
+        "batch-update-4k",
+        "BatchUpdateBlobs of 10,000 new 4 KiB blobs, 900 per request",
+    ),
+    (
+        "batch-read-4k",
+        "BatchReadBlobs of the blobs batch-update-4k stored (stored first if none), 900 per request",
+    ),
+    (
+        "find-missing-10k",
+        "FindMissingBlobs of 10,000 digests in one request, half of them stored",
+    ),
 ];
+
+/// Small blobs per batch scenario, their size, and how many go in one
+/// request: 900 × 4 KiB stays under the 4 MiB gRPC message limit.
+const SMALL_BLOBS: usize = 10_000;
+const SMALL_BLOB_BYTES: usize = 4096;
+const SMALL_PER_BATCH: usize = 900;
 
 // ---------------------------------------------------------------------------
 // Arguments.
@@ -230,6 +253,9 @@ impl Blob {
 /// One timed RPC.
 #[derive(Debug, Clone)]
 struct Run {
+    /// Items the run handled: one for a ByteStream call, the blobs or
+    /// digests for batch calls.
+    ops: u64,
     /// The blob's uncompressed size: what throughput is counted in.
     bytes: u64,
     /// What travelled as ByteStream data (compressed, for zstd).
@@ -248,6 +274,10 @@ struct Run {
 }
 
 impl Run {
+    fn ops_per_s(&self) -> f64 {
+        self.ops as f64 / self.wall.as_secs_f64()
+    }
+
     fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / self.wall.as_secs_f64() / 1e6
     }
@@ -310,6 +340,9 @@ struct Ctx {
     progress: bool,
     /// The last blob `bytestream-write` stored, for `bytestream-read`.
     written: Option<Blob>,
+    /// The small blobs `batch-update-4k` stored, for the read and
+    /// find-missing scenarios.
+    small: Option<Vec<Blob>>,
 }
 
 impl Ctx {
@@ -325,11 +358,18 @@ impl Ctx {
             args,
             channel,
             written: None,
+            small: None,
         })
     }
 
     fn seed(&self, scenario: u64, run: usize) -> u64 {
         content_seed(self.args.seed, scenario, run)
+    }
+
+    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
     }
 
     fn bytestream(&self) -> ByteStreamClient<Channel> {
@@ -417,6 +457,7 @@ impl Ctx {
             ));
         }
         Ok(Run {
+            ops: 1,
             bytes: blob_size as u64,
             wire_bytes: wire as u64,
             wall,
@@ -468,6 +509,7 @@ impl Ctx {
             return Err(format!("read returned {received} of {} bytes", blob.size()));
         }
         Ok(Run {
+            ops: 1,
             bytes: received as u64,
             wire_bytes: received as u64,
             wall,
@@ -572,12 +614,217 @@ async fn bytestream_read(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
     Ok(runs)
 }
 
+fn digest_of(blob: &Blob) -> Digest {
+    Digest {
+        hash: blob.hash.clone(),
+        size_bytes: blob.size() as i64,
+    }
+}
+
+/// `SMALL_BLOBS` new 4 KiB blobs for run `run` of scenario `scenario`.
+fn small_blobs(ctx: &Ctx, scenario: u64, run: usize) -> Vec<Blob> {
+    let base = ctx.seed(scenario, run);
+    (0..SMALL_BLOBS)
+        .map(|i| Blob::generate(SMALL_BLOB_BYTES, base.wrapping_add(i as u64 * 2 + 1)))
+        .collect()
+}
+
+/// One timed BatchUpdateBlobs pass over `blobs`, `SMALL_PER_BATCH` a
+/// request; every entry must be stored.
+async fn batch_update(ctx: &Ctx, blobs: &[Blob]) -> Result<Run, String> {
+    let mut requests = Vec::new();
+    for batch in blobs.chunks(SMALL_PER_BATCH) {
+        requests.push(
+            ctx.request(BatchUpdateBlobsRequest {
+                instance_name: ctx.args.instance.clone(),
+                requests: batch
+                    .iter()
+                    .map(|b| batch_update_blobs_request::Request {
+                        digest: Some(digest_of(b)),
+                        data: b.data.clone(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                ..Default::default()
+            })?,
+        );
+    }
+    let mut cas = ctx.cas();
+    let (failed, wall, client_cpu, server_cpu) = ctx
+        .timed(async {
+            let mut failed = 0;
+            for request in requests {
+                let reply = cas
+                    .batch_update_blobs(request)
+                    .await
+                    .map_err(|s| status_text(&s))?;
+                failed += reply
+                    .into_inner()
+                    .responses
+                    .iter()
+                    .filter(|r| r.status.as_ref().is_some_and(|s| s.code != 0))
+                    .count();
+            }
+            Ok(failed)
+        })
+        .await?;
+    if failed > 0 {
+        return Err(format!("{failed} blobs were not stored"));
+    }
+    Ok(small_run(blobs, wall, client_cpu, server_cpu))
+}
+
+fn small_run(
+    blobs: &[Blob],
+    wall: Duration,
+    client_cpu: Option<f64>,
+    server_cpu: Option<f64>,
+) -> Run {
+    let bytes = (blobs.len() * SMALL_BLOB_BYTES) as u64;
+    Run {
+        ops: blobs.len() as u64,
+        bytes,
+        wire_bytes: bytes,
+        wall,
+        after_last: None,
+        client_cpu,
+        server_cpu,
+        already_stored: false,
+    }
+}
+
+/// `batch-update-4k`: new small blobs every run.
+async fn batch_update_4k(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let blobs = small_blobs(ctx, 4, run);
+        let result = batch_update(ctx, &blobs).await?;
+        ctx.progress("batch-update-4k", run, &result);
+        runs.push(result);
+        ctx.small = Some(blobs);
+    }
+    Ok(runs)
+}
+
+/// The small blobs `batch-update-4k` stored, or new ones stored (untimed).
+async fn stored_small_blobs(ctx: &mut Ctx) -> Result<Vec<Blob>, String> {
+    if let Some(blobs) = ctx.small.clone() {
+        return Ok(blobs);
+    }
+    let blobs = small_blobs(ctx, 5, 0);
+    batch_update(ctx, &blobs).await?;
+    ctx.small = Some(blobs.clone());
+    Ok(blobs)
+}
+
+/// `batch-read-4k`: reads the stored small blobs back, checked after the
+/// timing.
+async fn batch_read_4k(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let blobs = stored_small_blobs(ctx).await?;
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let mut requests = Vec::new();
+        for batch in blobs.chunks(SMALL_PER_BATCH) {
+            requests.push(ctx.request(BatchReadBlobsRequest {
+                instance_name: ctx.args.instance.clone(),
+                digests: batch.iter().map(digest_of).collect(),
+                ..Default::default()
+            })?);
+        }
+        let mut cas = ctx.cas();
+        let (replies, wall, client_cpu, server_cpu) = ctx
+            .timed(async {
+                let mut replies = Vec::new();
+                for request in requests {
+                    let reply = cas
+                        .batch_read_blobs(request)
+                        .await
+                        .map_err(|s| status_text(&s))?;
+                    replies.extend(reply.into_inner().responses);
+                }
+                Ok(replies)
+            })
+            .await?;
+        // Matched by digest: REAPI does not promise the request's order.
+        let read: std::collections::HashMap<&str, &Bytes> = replies
+            .iter()
+            .filter(|r| r.status.as_ref().is_none_or(|s| s.code == 0))
+            .filter_map(|r| Some((r.digest.as_ref()?.hash.as_str(), &r.data)))
+            .collect();
+        let good = blobs
+            .iter()
+            .filter(|b| read.get(b.hash.as_str()) == Some(&&b.data))
+            .count();
+        if good != blobs.len() {
+            return Err(format!("{good} of {} blobs read back intact", blobs.len()));
+        }
+        let result = small_run(&blobs, wall, client_cpu, server_cpu);
+        ctx.progress("batch-read-4k", run, &result);
+        runs.push(result);
+    }
+    Ok(runs)
+}
+
+/// `find-missing-10k`: one FindMissingBlobs of the stored small blobs'
+/// digests, half of them replaced by new ones; the new half must come back.
+async fn find_missing_10k(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let stored = stored_small_blobs(ctx).await?;
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let fresh = small_blobs(ctx, 6, run);
+        let digests: Vec<Digest> = stored
+            .iter()
+            .step_by(2)
+            .chain(fresh.iter().step_by(2))
+            .map(digest_of)
+            .collect();
+        let asked = digests.len();
+        let request = ctx.request(FindMissingBlobsRequest {
+            instance_name: ctx.args.instance.clone(),
+            blob_digests: digests,
+            ..Default::default()
+        })?;
+        let mut cas = ctx.cas();
+        let (missing, wall, client_cpu, server_cpu) = ctx
+            .timed(async {
+                let reply = cas
+                    .find_missing_blobs(request)
+                    .await
+                    .map_err(|s| status_text(&s))?;
+                Ok(reply.into_inner().missing_blob_digests.len())
+            })
+            .await?;
+        if missing != asked / 2 {
+            return Err(format!(
+                "{missing} of {asked} missing, expected {}",
+                asked / 2
+            ));
+        }
+        let result = Run {
+            ops: asked as u64,
+            bytes: 0,
+            wire_bytes: 0,
+            wall,
+            after_last: None,
+            client_cpu,
+            server_cpu,
+            already_stored: false,
+        };
+        ctx.progress("find-missing-10k", run, &result);
+        runs.push(result);
+    }
+    Ok(runs)
+}
+
 async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Outcome {
     let reset = ctx.server.is_some_and(Probe::reset_peak);
     let runs = match scenario {
         "bytestream-write" => bytestream_write(ctx).await,
         "bytestream-write-zstd" => bytestream_write_zstd(ctx).await,
         "bytestream-read" => bytestream_read(ctx).await,
+        "batch-update-4k" => batch_update_4k(ctx).await,
+        "batch-read-4k" => batch_read_4k(ctx).await,
+        "find-missing-10k" => find_missing_10k(ctx).await,
         other => Err(format!("no scenario {other}")),
     };
     let server_peak_kib = ctx.server.and_then(Probe::peak_kib).map(|kib| (kib, reset));
@@ -607,9 +854,10 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
         args.seed
     );
     out.push_str(
-        "| scenario | runs | median MB/s | min MB/s | max MB/s | median MiB/s | median wall \
-         | median after last message | server peak RSS | server CPU / run | client CPU / run |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | runs | median MB/s | min MB/s | max MB/s | median MiB/s | median ops/s \
+         | median wall | median after last message | server peak RSS | server CPU / run \
+         | client CPU / run |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let fixed = |v: Option<f64>, unit: &str| v.map_or("—".into(), |v| format!("{v:.1}{unit}"));
     let fixed2 = |v: Option<f64>, unit: &str| v.map_or("—".into(), |v| format!("{v:.2}{unit}"));
@@ -617,7 +865,7 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
         if let Some(error) = &o.error {
             let _ = writeln!(
                 out,
-                "| {} | failed: {} | | | | | | | | | |",
+                "| {} | failed: {} | | | | | | | | | | |",
                 o.scenario,
                 error.replace('|', "/")
             );
@@ -633,13 +881,14 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
         });
         let _ = writeln!(
             out,
-            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {peak} | {} | {} |",
+            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {peak} | {} | {} |",
             o.scenario,
             o.runs.len(),
             fixed(o.median_of(|r| Some(r.mb_per_s())), ""),
             fixed(min, ""),
             fixed(max, ""),
             fixed(o.median_of(|r| Some(r.mib_per_s())), ""),
+            fixed(o.median_of(|r| Some(r.ops_per_s())), ""),
             fixed(o.median_of(|r| Some(r.wall.as_secs_f64())), " s"),
             fixed2(o.median_of(|r| r.after_last.map(|d| d.as_secs_f64())), " s"),
             fixed(o.median_of(|r| r.server_cpu), " s"),
@@ -653,9 +902,10 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
             .iter()
             .map(|r| {
                 format!(
-                    "{:.2} s = {:.1} MB/s{}{}{}",
+                    "{:.3} s = {:.1} MB/s, {:.0} ops/s{}{}{}",
                     r.wall.as_secs_f64(),
                     r.mb_per_s(),
+                    r.ops_per_s(),
                     r.after_last.map_or(String::new(), |d| format!(
                         " ({:.2} s after the last message)",
                         d.as_secs_f64()
@@ -687,6 +937,8 @@ fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
                 .iter()
                 .map(|r| {
                     serde_json::json!({
+                        "ops": r.ops,
+                        "ops_per_s": r.ops_per_s(),
                         "bytes": r.bytes,
                         "wire_bytes": r.wire_bytes,
                         "wall_s": r.wall.as_secs_f64(),
@@ -707,6 +959,7 @@ fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
                 "min_mb_per_s": min,
                 "max_mb_per_s": max,
                 "median_mib_per_s": o.median_of(|r| Some(r.mib_per_s())),
+                "median_ops_per_s": o.median_of(|r| Some(r.ops_per_s())),
                 "median_after_last_message_s":
                     o.median_of(|r| r.after_last.map(|d| d.as_secs_f64())),
                 "server_peak_rss_kib": o.server_peak_kib.map(|(kib, _)| kib),

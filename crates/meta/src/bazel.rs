@@ -109,33 +109,39 @@ impl Meta {
     }
 
     /// Records that these CAS entries were just used, for retention. Rows
-    /// already touched this second are not rewritten.
+    /// already touched this second are not rewritten. One transaction for
+    /// all of them: a FindMissingBlobs of 10,000 digests is one commit (one
+    /// WAL sync on SQLite), not one per batch.
     pub async fn touch_cas(&self, cache: CacheId, hashes: &[[u8; 32]], now: i64) -> Result<()> {
         let hashes = sql::dedup(hashes);
-        for batch in hashes.chunks(READ_BATCH) {
-            let n = sql::in_list_len(batch.len());
-            // `+accessed_at`, not `accessed_at`: with the plain column SQLite's
-            // planner (EXPLAIN QUERY PLAN) takes the (cache_id, accessed_at)
-            // retention index and visits every entry of the cache not touched
-            // this second, per batch: a cost that grows with the cache. The
-            // unary plus (valid in Postgres too) keeps that index out, so the
-            // statement goes by its keys.
-            let update = format!(
-                "UPDATE cas_entries SET accessed_at = $2 \
-                 WHERE cache_id = $1 AND +accessed_at < $2 \
-                   AND blob_id IN (SELECT id FROM blobs WHERE hash IN ({}))",
-                sql::params(3, n)
-            );
-            on_writer!(self, |pool| async {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        on_writer!(self, |pool| async {
+            let mut tx = pool.begin_write().await?;
+            for batch in hashes.chunks(READ_BATCH) {
+                let n = sql::in_list_len(batch.len());
+                // `+accessed_at`, not `accessed_at`: with the plain column
+                // SQLite's planner (EXPLAIN QUERY PLAN) takes the (cache_id,
+                // accessed_at) retention index and visits every entry of the
+                // cache not touched this second, per batch: a cost that grows
+                // with the cache. The unary plus (valid in Postgres too) keeps
+                // that index out, so the statement goes by its keys.
+                let update = format!(
+                    "UPDATE cas_entries SET accessed_at = $2 \
+                     WHERE cache_id = $1 AND +accessed_at < $2 \
+                       AND blob_id IN (SELECT id FROM blobs WHERE hash IN ({}))",
+                    sql::params(3, n)
+                );
                 let mut query = sqlx::query(&update).bind(cache.0).bind(now);
                 for i in 0..n {
                     query = query.bind(&sql::padded(batch, i)[..]);
                 }
-                query.execute(pool).await?;
-                Ok(())
-            })?;
-        }
-        Ok(())
+                query.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// The serialized `ActionResult` stored for `action_hash` in `cache`.

@@ -312,12 +312,8 @@ impl Meta {
         let hashes = sql::dedup(store_path_hashes);
         for batch in hashes.chunks(READ_BATCH) {
             let n = sql::in_list_len(batch.len());
-            // `+accessed_at`, not `accessed_at`: with the plain column SQLite's
-            // planner (EXPLAIN QUERY PLAN) takes the (cache_id, accessed_at)
-            // retention index and visits every entry of the cache not touched
-            // this second, per batch: a cost that grows with the cache. The
-            // unary plus (valid in Postgres too) keeps that index out, so the
-            // statement goes by its keys.
+            // `+accessed_at`: as in `Meta::touch_cas`, so SQLite goes by key
+            // and not by the retention index.
             let update = format!(
                 "UPDATE nix_objects SET accessed_at = $2 \
                  WHERE cache_id = $1 AND +accessed_at < $2 AND store_path_hash IN ({})",

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::blobs::{BLOB_COLUMNS, Blob, BlobRow, blob_from_row};
 use crate::nix::{BLOB_DECREF, BLOB_INCREF};
-use crate::sql::{self, READ_BATCH};
+use crate::sql;
 use crate::{BeginWrite as _, BlobId, CacheId, Meta, MetaError, Result, on_reader, on_writer};
 
 impl Meta {
@@ -85,7 +85,7 @@ impl Meta {
     ) -> Result<Vec<([u8; 32], u64)>> {
         let digests = sql::dedup(digests);
         let mut missing = Vec::new();
-        for batch in digests.chunks(READ_BATCH) {
+        for batch in digests.chunks(sql::WIDE_READ_BATCH) {
             let n = sql::in_list_len(batch.len());
             let lookup = format!(
                 "SELECT b.hash, b.size FROM blobs b \
@@ -119,7 +119,7 @@ impl Meta {
         }
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
-            for batch in hashes.chunks(READ_BATCH) {
+            for batch in hashes.chunks(sql::WIDE_READ_BATCH) {
                 let n = sql::in_list_len(batch.len());
                 // `+accessed_at`, not `accessed_at`: with the plain column
                 // SQLite's planner (EXPLAIN QUERY PLAN) takes the (cache_id,

@@ -10,6 +10,12 @@ use crate::{MetaError, Result};
 /// statement plans and runs in well under a millisecond.
 pub(crate) const READ_BATCH: usize = 64;
 
+/// Keys per lookup for callers that ask about thousands at once
+/// (FindMissingBlobs): each statement costs a round trip to the database
+/// (for SQLite, to its worker thread), which dominates at 64 keys; 1024 binds
+/// stay far below either database's parameter limit.
+pub(crate) const WIDE_READ_BATCH: usize = 1024;
+
 /// Rows per multi-row `INSERT`. The widest one binds 6 values a row plus 1,
 /// far below SQLite's limit of 32766 bound parameters (Postgres allows 65535).
 pub(crate) const WRITE_BATCH: usize = 1000;

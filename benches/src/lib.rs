@@ -1,4 +1,5 @@
-//! Shared inputs for garret's benchmarks.
+//! Shared inputs for garret's benchmarks, and the `/proc` probe the load
+//! generators read a server's memory and CPU through.
 
 /// Deterministic bytes with the texture of build outputs: runs of repeated
 /// phrases mixed with noise, compressing about 3:1 with zstd-3 (see the
@@ -58,4 +59,54 @@ pub fn run_seed() -> u64 {
     // The low 64 bits vary fastest; the pid separates simultaneous runs.
     let low = u64::try_from(nanos & u128::from(u64::MAX)).expect("masked to 64 bits");
     low ^ (u64::from(std::process::id()) << 32)
+}
+
+/// A process's `/proc` entries: a server's (by pid), or this one's.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe(pub u32);
+
+impl Probe {
+    pub fn own() -> Self {
+        Self(std::process::id())
+    }
+
+    /// `(VmHWM, VmRSS)` in KiB; `None` once the process is gone or a zombie.
+    pub fn memory_kib(self) -> Option<(u64, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0)).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
+        };
+        let state = field("State:")?;
+        if state.starts_with('Z') || state.starts_with('X') {
+            return None;
+        }
+        Some((
+            field("VmHWM:")?.parse().ok()?,
+            field("VmRSS:")?.parse().ok()?,
+        ))
+    }
+
+    /// `VmHWM` in KiB: the peak RSS since start or the last reset.
+    pub fn peak_kib(self) -> Option<u64> {
+        self.memory_kib().map(|(peak, _)| peak)
+    }
+
+    /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so the next reading
+    /// is the peak since now.
+    pub fn reset_peak(self) -> bool {
+        std::fs::write(format!("/proc/{}/clear_refs", self.0), "5").is_ok()
+    }
+
+    /// User + system CPU seconds (clock ticks of 1/100 s, as on Linux).
+    #[allow(clippy::cast_precision_loss, reason = "figures for humans")]
+    pub fn cpu_secs(self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // After the command: state is field 3, utime 14 and stime 15.
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    }
 }

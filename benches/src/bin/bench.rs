@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
-use garret_benches::{pseudo_random, run_seed};
+use garret_benches::{Probe, pseudo_random, run_seed};
 use garret_nix::Sha256Hash;
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
 use garret_proto::bytestream::{ReadRequest, WriteRequest};
@@ -168,41 +168,6 @@ fn parse_args() -> Args {
         args.scenarios = SCENARIOS.iter().map(|(n, _)| *n).collect();
     }
     args
-}
-
-// ---------------------------------------------------------------------------
-// Processes, through /proc.
-
-/// A process's `/proc` entries: the server's (`--pid`), or this one's.
-#[derive(Debug, Clone, Copy)]
-struct Probe(u32);
-
-impl Probe {
-    fn own() -> Self {
-        Self(std::process::id())
-    }
-
-    /// `VmHWM` in KiB; `None` once the process is gone.
-    fn peak_kib(self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0)).ok()?;
-        let value = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?;
-        value.trim().trim_end_matches("kB").trim().parse().ok()
-    }
-
-    /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so the next reading
-    /// is the peak since now.
-    fn reset_peak(self) -> bool {
-        std::fs::write(format!("/proc/{}/clear_refs", self.0), "5").is_ok()
-    }
-
-    /// User + system CPU seconds (clock ticks of 1/100 s, as on Linux).
-    fn cpu_secs(self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        // After the command: state is field 3, utime 14 and stime 15.
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(ticks as f64 / 100.0)
-    }
 }
 
 // ---------------------------------------------------------------------------

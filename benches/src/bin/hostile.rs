@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
-use garret_benches::{pseudo_random, run_seed};
+use garret_benches::{Probe, pseudo_random, run_seed};
 use garret_nix::{Sha256Hash, Sha256Hasher};
 use garret_proto::bytestream::WriteRequest;
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -171,47 +171,7 @@ fn parse_args() -> Args {
 }
 
 // ---------------------------------------------------------------------------
-// The server process, through /proc.
-
-/// The server's `/proc` entries.
-#[derive(Debug, Clone, Copy)]
-struct Probe(u32);
-
-impl Probe {
-    /// `(VmHWM, VmRSS)` in KiB; `None` once the process is gone or a zombie.
-    fn memory_kib(self) -> Option<(u64, u64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0)).ok()?;
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
-        };
-        let state = field("State:")?;
-        if state.starts_with('Z') || state.starts_with('X') {
-            return None;
-        }
-        Some((
-            field("VmHWM:")?.parse().ok()?,
-            field("VmRSS:")?.parse().ok()?,
-        ))
-    }
-
-    /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so the next reading
-    /// is this attack's peak alone.
-    fn reset_peak(self) -> bool {
-        std::fs::write(format!("/proc/{}/clear_refs", self.0), "5").is_ok()
-    }
-
-    /// User + system CPU seconds (clock ticks of 1/100 s, as on Linux).
-    fn cpu_secs(self) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0)).ok()?;
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        // After the command: state is field 3, utime 14 and stime 15.
-        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-        Some(ticks as f64 / 100.0)
-    }
-}
+// The server process, through /proc (`garret_benches::Probe`).
 
 /// Reads `VmHWM` every 50 ms on its own thread, so a server that dies
 /// mid-attack still leaves its last known peak.

@@ -7,19 +7,7 @@ use garret_server::auth::Permission;
 use serde_json::json;
 
 mod common;
-use common::{Deployment, TestServer};
-
-/// Pseudo-random bytes (xorshift), incompressible like build outputs.
-fn random(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed.to_le_bytes()[0]
-        })
-        .collect()
-}
+use common::{Deployment, TestServer, random};
 
 async fn bazel_file_and_nix_path_share_chunks(deployment: Deployment) {
     let server = TestServer::start(deployment).await;

@@ -31,21 +31,8 @@ use garret_server::reapi::MAX_BATCH_TOTAL_BYTES;
 use prost::Message as _;
 use tonic::{Code, Request};
 
-use common::Deployment;
 use common::grpc::{EMPTY_HASH, GrpcServer, digest, hex, with_token};
-
-/// Deterministic incompressible bytes.
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect()
-}
+use common::{Deployment, random};
 
 /// Runs a scenario on both deployments, each in its own test.
 macro_rules! both_deployments {

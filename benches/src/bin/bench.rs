@@ -1,5 +1,6 @@
 //! `garret-bench`: a load generator that speaks only the wire protocols, so
-//! it can be pointed at any REAPI server (garret, bazel-remote, NativeLink…).
+//! it can be pointed at any REAPI server (garret, bazel-remote, NativeLink…)
+//! and, for the Nix scenarios, at any Attic-compatible server.
 //!
 //! `benches/scripts/bench.sh` starts a fresh release `garret serve` and runs
 //! this against it:
@@ -7,15 +8,18 @@
 //! ```text
 //! garret-bench --url http://127.0.0.1:PORT [--token JWT] [--instance NAME] [--pid PID]
 //!     [--size-mib 128] [--message-kib 1024] [--runs 3] [--seed N] [--json FILE]
-//!     [SCENARIO... | all]
+//!     [--cache garret-bench] [--nar-mib 200] [--paths 1] [--requests 20000]
+//!     [--concurrency 64] [SCENARIO... | all]
 //! ```
 //!
-//! Each scenario runs `--runs` times and yields one [`Outcome`]: its runs
-//! (bytes, wall time, CPU) and, with `--pid`, the server's peak RSS over the
-//! scenario (`VmHWM`, reset before it through `/proc/PID/clear_refs`). The
-//! report is a Markdown table on stdout (and JSON with `--json`); progress
-//! goes to stderr only when stderr is a terminal. Throughput is always of
-//! the blob's uncompressed bytes: MB/s is 10^6 bytes/s, MiB/s 2^20 bytes/s.
+//! Each scenario runs `--runs` times and yields one [`Outcome`] per row (a
+//! scenario with content variants, such as `attic-push`, yields one row per
+//! variant): its runs (bytes, wall time, CPU, latency percentiles) and, with
+//! `--pid`, the server's peak RSS over the scenario (`VmHWM`, reset before it
+//! through `/proc/PID/clear_refs`). The report is a Markdown table on stdout
+//! (and JSON with `--json`); progress goes to stderr only when stderr is a
+//! terminal. Throughput is always of the blob's (or NAR's) uncompressed
+//! bytes: MB/s is 10^6 bytes/s, MiB/s 2^20 bytes/s.
 //!
 //! Writes also report the time from the transport taking the last message
 //! (`finish_write`) to the reply: how long the server works on an upload
@@ -26,6 +30,15 @@
 //! run), with a new seed per run and per scenario, so no write finds its
 //! blob already stored. Each timed section is the RPC alone, on a
 //! connection opened beforehand.
+//!
+//! The Nix scenarios use the Attic cache `--cache`, created through the
+//! cache-config API if it does not exist, and reach it where its config says
+//! (`api_endpoint`, `substituter_endpoint`), as the `attic` client does.
+//! Their store paths hold a NAR of one regular file, either compressible
+//! (build-output-like, about 3:1) or incompressible. The request-rate
+//! scenarios (`narinfo-*`, `ac-*`) send `--requests` requests with
+//! `--concurrency` in flight, after an untimed round that opens the
+//! connections, and report p50/p99 of the per-request latencies.
 //!
 //! Exit status: 0 if every scenario ran, 1 if one failed, 64 on bad usage.
 
@@ -39,22 +52,28 @@
 
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::TryStreamExt as _;
 use futures::{StreamExt as _, stream};
-use garret_benches::{Probe, pseudo_random, run_seed};
-use garret_nix::Sha256Hash;
+use garret_benches::{Probe, build_output_like, pseudo_random, run_seed};
+use garret_nix::nar::NarWriter;
+use garret_nix::narinfo::NarInfo;
+use garret_nix::{Sha256Hash, Sha256Hasher, StorePath, StorePathHash};
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
 use garret_proto::bytestream::{ReadRequest, WriteRequest};
+use garret_proto::reapi::action_cache_client::ActionCacheClient;
 use garret_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use garret_proto::reapi::{
-    BatchReadBlobsRequest, BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest,
-    batch_update_blobs_request,
+    ActionResult, BatchReadBlobsRequest, BatchUpdateBlobsRequest, Digest, FindMissingBlobsRequest,
+    GetActionResultRequest, OutputFile, UpdateActionResultRequest, batch_update_blobs_request,
 };
+use reqwest::{Method, StatusCode, Url};
 use tonic::transport::Channel;
 
 const MIB: usize = 1 << 20;
@@ -88,6 +107,39 @@ const SCENARIOS: &[(&str, &str)] = &[
         "find-missing-10k",
         "FindMissingBlobs of 10,000 digests in one request, half of them stored",
     ),
+    (
+        "attic-push",
+        "get-missing-paths + upload-path of --paths new paths of --nar-mib, compressible and \
+         incompressible, then the latter's NARs again under new paths (dedup)",
+    ),
+    (
+        "nix-copy-put",
+        "what `nix copy --to http://…?compression=zstd` sends: GET narinfo, HEAD nar, \
+         PUT nar/<filehash>.nar.zst, PUT <hash>.narinfo (zstd before the timing)",
+    ),
+    (
+        "narinfo-hit",
+        "GET <hash>.narinfo of 100 stored paths, --requests at --concurrency",
+    ),
+    (
+        "narinfo-miss",
+        "GET <hash>.narinfo of random hashes (404), --requests at --concurrency",
+    ),
+    (
+        "nar-download",
+        "GET of the NARs attic-push stored last (pushed first if none) at the narinfo's URL, \
+         one stream, checked against the narinfo's hashes",
+    ),
+    ("nar-download-8", "the same with 8 concurrent streams"),
+    (
+        "ac-update",
+        "UpdateActionResult of --requests new actions (outputs stored first), at --concurrency",
+    ),
+    (
+        "ac-get",
+        "GetActionResult of the actions ac-update stored last (stored first if none), \
+         at --concurrency",
+    ),
 ];
 
 /// Small blobs per batch scenario, their size, and how many go in one
@@ -95,6 +147,20 @@ const SCENARIOS: &[(&str, &str)] = &[
 const SMALL_BLOBS: usize = 10_000;
 const SMALL_BLOB_BYTES: usize = 4096;
 const SMALL_PER_BATCH: usize = 900;
+
+/// Where every invented store path lives.
+const STORE_DIR: &str = "/nix/store";
+
+/// Uploads `attic push` keeps in flight (and so the Nix push scenarios).
+const PARALLEL_UPLOADS: usize = 5;
+
+/// Stored paths `narinfo-hit` looks up, round robin, and their file size:
+/// enough distinct rows that the lookups are not all one row.
+const NARINFO_PATHS: usize = 100;
+const NARINFO_FILE_BYTES: usize = 4096;
+
+/// Download streams of `nar-download-8`.
+const NAR_STREAMS: usize = 8;
 
 // ---------------------------------------------------------------------------
 // Arguments.
@@ -110,6 +176,15 @@ struct Args {
     runs: usize,
     seed: u64,
     json: Option<PathBuf>,
+    /// The Attic cache of the Nix scenarios.
+    cache: String,
+    nar_size: usize,
+    /// Store paths per push of a content variant.
+    paths: usize,
+    /// Requests per run of the request-rate scenarios, and how many are in
+    /// flight at once.
+    requests: usize,
+    concurrency: usize,
     scenarios: Vec<&'static str>,
 }
 
@@ -117,7 +192,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: garret-bench --url http://HOST:PORT [--token JWT] [--instance NAME] [--pid PID]\n\
          \x20      [--size-mib 128] [--message-kib 1024] [--runs 3] [--seed N] [--json FILE]\n\
-         \x20      [SCENARIO... | all]   (default: all)\nscenarios:"
+         \x20      [--cache garret-bench] [--nar-mib 200] [--paths 1] [--requests 20000]\n\
+         \x20      [--concurrency 64] [SCENARIO... | all]   (default: all)\nscenarios:"
     );
     for (name, what) in SCENARIOS {
         eprintln!("  {name:<22} {what}");
@@ -139,6 +215,11 @@ fn parse_args() -> Args {
         runs: 3,
         seed: run_seed(),
         json: None,
+        cache: "garret-bench".into(),
+        nar_size: 200 * MIB,
+        paths: 1,
+        requests: 20_000,
+        concurrency: 64,
         scenarios: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -154,6 +235,11 @@ fn parse_args() -> Args {
             "--runs" => args.runs = number(&value()),
             "--seed" => args.seed = number(&value()),
             "--json" => args.json = Some(value().into()),
+            "--cache" => args.cache = value(),
+            "--nar-mib" => args.nar_size = number::<usize>(&value()) * MIB,
+            "--paths" => args.paths = number(&value()),
+            "--requests" => args.requests = number(&value()),
+            "--concurrency" => args.concurrency = number(&value()),
             "all" => args.scenarios.extend(SCENARIOS.iter().map(|(n, _)| *n)),
             name => match SCENARIOS.iter().find(|(n, _)| *n == name) {
                 Some((n, _)) => args.scenarios.push(n),
@@ -161,7 +247,14 @@ fn parse_args() -> Args {
             },
         }
     }
-    if args.url.is_empty() || args.message == 0 || args.runs == 0 {
+    if args.url.is_empty()
+        || args.message == 0
+        || args.runs == 0
+        || args.paths == 0
+        || args.requests == 0
+        || args.concurrency == 0
+        || args.cache.is_empty()
+    {
         usage();
     }
     if args.scenarios.is_empty() {
@@ -215,8 +308,9 @@ impl Blob {
 // ---------------------------------------------------------------------------
 // Results.
 
-/// One timed RPC.
-#[derive(Debug, Clone)]
+/// One timed section: an RPC, a push, a set of downloads, or a round of
+/// `--requests` requests.
+#[derive(Debug, Clone, Default)]
 struct Run {
     /// Items the run handled: one for a ByteStream call, the blobs or
     /// digests for batch calls.
@@ -234,8 +328,38 @@ struct Run {
     client_cpu: Option<f64>,
     server_cpu: Option<f64>,
     /// The server answered a write with "already stored" (`committed_size`
-    /// -1): nothing was ingested, so the figure is not an upload's.
+    /// -1, Attic's `Deduplicated`): nothing was ingested, so the figure is
+    /// not an upload's.
     already_stored: bool,
+    /// Percentiles of the run's per-request latencies.
+    latency: Option<Latency>,
+    /// Downloads: the median time from sending a request to its first body
+    /// byte.
+    first_byte: Option<Duration>,
+}
+
+/// p50 and p99 (nearest rank) of a run's request latencies.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Latency {
+    /// `None` for no requests.
+    fn of(mut latencies: Vec<Duration>) -> Option<Self> {
+        latencies.sort_unstable();
+        Some(Self {
+            p50: percentile(&latencies, 50)?,
+            p99: percentile(&latencies, 99)?,
+        })
+    }
+}
+
+/// The nearest-rank `p`th percentile of `sorted`.
+fn percentile(sorted: &[Duration], p: usize) -> Option<Duration> {
+    let rank = (sorted.len() * p).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied()
 }
 
 impl Run {
@@ -243,20 +367,48 @@ impl Run {
         self.ops as f64 / self.wall.as_secs_f64()
     }
 
-    fn mb_per_s(&self) -> f64 {
-        self.bytes as f64 / self.wall.as_secs_f64() / 1e6
+    /// Throughput, for runs that move bytes (not the request-rate ones).
+    fn mb_per_s(&self) -> Option<f64> {
+        (self.bytes > 0).then(|| self.bytes as f64 / self.wall.as_secs_f64() / 1e6)
     }
 
-    fn mib_per_s(&self) -> f64 {
-        self.bytes as f64 / self.wall.as_secs_f64() / MIB as f64
+    fn mib_per_s(&self) -> Option<f64> {
+        (self.bytes > 0).then(|| self.bytes as f64 / self.wall.as_secs_f64() / MIB as f64)
+    }
+
+    /// The run in a line, for the progress and the report's list of runs.
+    fn summary(&self) -> String {
+        let mut line = format!("{:.3} s =", self.wall.as_secs_f64());
+        if let Some(rate) = self.mb_per_s() {
+            let _ = write!(line, " {rate:.1} MB/s,");
+        }
+        let _ = write!(line, " {:.0} ops/s", self.ops_per_s());
+        if let Some(l) = self.latency {
+            let _ = write!(line, " (p50 {:.2} ms, p99 {:.2} ms)", ms(l.p50), ms(l.p99));
+        }
+        if let Some(d) = self.first_byte {
+            let _ = write!(line, " (first byte after {:.2} ms)", ms(d));
+        }
+        if let Some(d) = self.after_last {
+            let _ = write!(line, " ({:.2} s after the last message)", d.as_secs_f64());
+        }
+        if self.wire_bytes != self.bytes {
+            let _ = write!(line, " ({} bytes on the wire)", self.wire_bytes);
+        }
+        if self.already_stored {
+            line.push_str(", already stored");
+        }
+        line
     }
 }
 
-/// What a scenario yields: its runs, the server's peak RSS over all of
-/// them, or what stopped it.
+/// What a scenario yields per row: its runs, the server's peak RSS over
+/// the whole scenario, or what stopped it.
 #[derive(Debug)]
 struct Outcome {
     scenario: &'static str,
+    /// The content variant of scenarios with several rows.
+    variant: Option<&'static str>,
     runs: Vec<Run>,
     /// Server `VmHWM` after the scenario, in KiB, and whether it was reset
     /// before it (else it is the peak since the server started).
@@ -277,8 +429,16 @@ fn median(values: &[f64]) -> Option<f64> {
 }
 
 impl Outcome {
+    /// The row's name in the report.
+    fn name(&self) -> String {
+        match self.variant {
+            Some(variant) => format!("{} {variant}", self.scenario),
+            None => self.scenario.to_owned(),
+        }
+    }
+
     fn rates(&self) -> Vec<f64> {
-        self.runs.iter().map(Run::mb_per_s).collect()
+        self.runs.iter().filter_map(Run::mb_per_s).collect()
     }
 
     fn median_of(&self, f: impl Fn(&Run) -> Option<f64>) -> Option<f64> {
@@ -308,6 +468,20 @@ struct Ctx {
     /// The small blobs `batch-update-4k` stored, for the read and
     /// find-missing scenarios.
     small: Option<Vec<Blob>>,
+    /// HTTP/1.1, one connection per request in flight, as Nix (curl) and
+    /// the `attic` client use it.
+    http: reqwest::Client,
+    /// The Attic cache's endpoints, once it is known to exist.
+    nix: Option<NixApi>,
+    /// The paths `attic-push` stored last, per content variant, for the
+    /// downloads.
+    pushed: Vec<(Content, Vec<NixPath>)>,
+    /// The small paths `narinfo-hit` looks up.
+    narinfo_paths: Option<Vec<NixPath>>,
+    /// The stored blobs every action result names.
+    ac_outputs: Option<Vec<Blob>>,
+    /// The actions `ac-update` stored last, for `ac-get`.
+    actions: Option<Vec<Digest>>,
 }
 
 impl Ctx {
@@ -317,6 +491,10 @@ impl Ctx {
             .connect()
             .await
             .map_err(|e| format!("connecting to {}: {e}", args.url))?;
+        let http = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
         Ok(Self {
             server: args.pid.map(Probe),
             progress: std::io::stderr().is_terminal(),
@@ -324,6 +502,12 @@ impl Ctx {
             channel,
             written: None,
             small: None,
+            http,
+            nix: None,
+            pushed: Vec::new(),
+            narinfo_paths: None,
+            ac_outputs: None,
+            actions: None,
         })
     }
 
@@ -341,6 +525,19 @@ impl Ctx {
         ByteStreamClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
+    }
+
+    fn ac(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel.clone())
+    }
+
+    /// An HTTP request with the token, if any, as a bearer token.
+    fn http(&self, method: Method, url: Url) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, url);
+        match &self.args.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
     }
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>, String> {
@@ -367,7 +564,7 @@ impl Ctx {
     async fn timed<T>(
         &self,
         rpc: impl Future<Output = Result<T, String>>,
-    ) -> Result<(T, Duration, Option<f64>, Option<f64>), String> {
+    ) -> Result<Timed<T>, String> {
         let client_before = Probe::own().cpu_secs();
         let server_before = self.server.and_then(Probe::cpu_secs);
         let started = Instant::now();
@@ -430,6 +627,7 @@ impl Ctx {
             client_cpu,
             server_cpu,
             already_stored: committed == -1,
+            ..Run::default()
         })
     }
 
@@ -482,22 +680,17 @@ impl Ctx {
             client_cpu,
             server_cpu,
             already_stored: false,
+            ..Run::default()
         })
     }
 
     fn progress(&self, scenario: &str, run: usize, result: &Run) {
         if self.progress {
             eprintln!(
-                "{scenario} run {}/{}: {:.2} s, {:.1} MB/s{}",
+                "{scenario} run {}/{}: {}",
                 run + 1,
                 self.args.runs,
-                result.wall.as_secs_f64(),
-                result.mb_per_s(),
-                if result.already_stored {
-                    " (already stored)"
-                } else {
-                    ""
-                }
+                result.summary()
             );
         }
     }
@@ -506,6 +699,10 @@ impl Ctx {
 /// A gRPC status in a line.
 fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
 }
 
 // ---------------------------------------------------------------------------
@@ -655,6 +852,7 @@ fn small_run(
         client_cpu,
         server_cpu,
         already_stored: false,
+        ..Run::default()
     }
 }
 
@@ -774,6 +972,7 @@ async fn find_missing_10k(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
             client_cpu,
             server_cpu,
             already_stored: false,
+            ..Run::default()
         };
         ctx.progress("find-missing-10k", run, &result);
         runs.push(result);
@@ -781,27 +980,932 @@ async fn find_missing_10k(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
     Ok(runs)
 }
 
-async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Outcome {
+// ---------------------------------------------------------------------------
+// HTTP.
+
+/// Sends `request` and reads the whole reply.
+async fn fetch(request: reqwest::RequestBuilder) -> Result<(StatusCode, Bytes), String> {
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+/// A reply that was not the one expected, with the start of its body:
+/// Attic-style errors explain themselves.
+fn unexpected(status: StatusCode, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
+    format!("{status}: {text}")
+}
+
+/// [`fetch`], refusing any status but a success; Nix takes 200, 201 and
+/// 204 alike.
+async fn fetch_ok(request: reqwest::RequestBuilder) -> Result<Bytes, String> {
+    match fetch(request).await? {
+        (status, body) if status.is_success() => Ok(body),
+        (status, body) => Err(unexpected(status, &body)),
+    }
+}
+
+/// [`fetch`], refusing any status but 404: "not there", for a miss.
+async fn fetch_missing(request: reqwest::RequestBuilder) -> Result<(), String> {
+    match fetch(request).await? {
+        (StatusCode::NOT_FOUND, _) => Ok(()),
+        (status, body) => Err(unexpected(status, &body)),
+    }
+}
+
+fn json_of(body: &[u8]) -> Result<serde_json::Value, String> {
+    serde_json::from_slice(body).map_err(|e| format!("reply is not JSON ({e})"))
+}
+
+/// Where a cache's Attic config sends clients.
+#[derive(Debug, Clone)]
+struct NixApi {
+    /// `api_endpoint`: the `attic` client resolves `_api/v1/...` against
+    /// it (RFC 3986), so it is used as given.
+    api: Url,
+    /// `substituter_endpoint` with a trailing slash, so `<hash>.narinfo`
+    /// and a narinfo's `URL` land inside it, as Nix appends them.
+    substituter: Url,
+}
+
+impl NixApi {
+    fn api(&self, path: &str) -> Result<Url, String> {
+        self.api.join(path).map_err(|e| format!("{path}: {e}"))
+    }
+
+    fn cache_file(&self, file: &str) -> Result<Url, String> {
+        self.substituter
+            .join(file)
+            .map_err(|e| format!("{file}: {e}"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Nix store paths.
+
+/// The file inside a pushed path's NAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// Build-output-like, about 3:1 with zstd-3: what caches mostly hold.
+    Compressible,
+    /// Pseudo-random: the codec gains nothing, so the rest of the path shows.
+    Incompressible,
+}
+
+impl Content {
+    const ALL: [Self; 2] = [Self::Compressible, Self::Incompressible];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Compressible => "compressible",
+            Self::Incompressible => "incompressible",
+        }
+    }
+
+    fn generate(self, len: usize, seed: u64) -> Bytes {
+        match self {
+            Self::Compressible => build_output_like(len, seed).into(),
+            Self::Incompressible => pseudo_random(len, seed),
+        }
+    }
+}
+
+/// An invented store path and what its narinfo must say.
+#[derive(Debug, Clone)]
+struct NixPath {
+    hash: StorePathHash,
+    name: String,
+    nar_hash: Sha256Hash,
+    nar_size: u64,
+}
+
+/// A path about to be pushed, with its NAR.
+#[derive(Debug, Clone)]
+struct PathNar {
+    path: NixPath,
+    nar: Bytes,
+}
+
+/// A valid store path hash (20 bytes, 32 nix32 characters) derived from
+/// `key`.
+fn path_hash(key: &[u8]) -> StorePathHash {
+    let digest = Sha256Hash::of(key);
+    StorePathHash::from_bytes(digest.as_bytes()[..20].try_into().expect("20 of 32 bytes"))
+}
+
+/// The NAR of a single regular file holding `contents`.
+fn nar_of_file(contents: &[u8]) -> Result<Bytes, String> {
+    let fail = |e: std::io::Error| format!("writing a NAR: {e}");
+    let mut writer = NarWriter::new(Vec::with_capacity(contents.len() + 256)).map_err(fail)?;
+    writer
+        .file(false, contents.len() as u64, contents)
+        .map_err(fail)?;
+    Ok(writer.finish().map_err(fail)?.into())
+}
+
+impl NixPath {
+    /// The path called `name` (its hash is derived from the name, so a new
+    /// name is a new path) with `nar` as its NAR.
+    fn with_nar(name: String, nar: Bytes) -> PathNar {
+        let path = Self {
+            hash: path_hash(name.as_bytes()),
+            name,
+            nar_hash: Sha256Hash::of(&nar),
+            nar_size: nar.len() as u64,
+        };
+        PathNar { path, nar }
+    }
+
+    fn store_path(&self) -> String {
+        format!("{STORE_DIR}/{}-{}", self.hash, self.name)
+    }
+
+    fn narinfo_file(&self) -> String {
+        format!("{}.narinfo", self.hash)
+    }
+}
+
+/// `--paths` new paths of `size` bytes of `content` for run `run` of
+/// scenario `scenario`, generated before any timing.
+fn new_paths(
+    ctx: &Ctx,
+    scenario: u64,
+    run: usize,
+    content: Content,
+    size: usize,
+    count: usize,
+) -> Result<Vec<PathNar>, String> {
+    let base = ctx.seed(scenario * 10 + content as u64, run);
+    (0..count)
+        .map(|i| {
+            let seed = base.wrapping_add(i as u64 * 2 + 1);
+            let nar = nar_of_file(&content.generate(size, seed))?;
+            let name = format!("garret-bench-{}-{seed:016x}", content.name());
+            Ok(NixPath::with_nar(name, nar))
+        })
+        .collect()
+}
+
+/// A scenario's rows: one per content variant, or one unnamed.
+type Rows = Vec<(Option<&'static str>, Vec<Run>)>;
+
+/// A timed push or download of the NARs of `paths`, counted in NAR bytes.
+fn nar_run(paths: &[NixPath], wire_bytes: u64, timed: Timed<()>) -> Run {
+    let ((), wall, client_cpu, server_cpu) = timed;
+    Run {
+        ops: paths.len() as u64,
+        bytes: paths.iter().map(|p| p.nar_size).sum(),
+        wire_bytes,
+        wall,
+        client_cpu,
+        server_cpu,
+        ..Run::default()
+    }
+}
+
+/// What [`Ctx::timed`] yields: the value, the wall time and the CPU both
+/// sides spent.
+type Timed<T> = (T, Duration, Option<f64>, Option<f64>);
+
+impl Ctx {
+    /// The cache's endpoints from its Attic config; the cache is created
+    /// first (with a new key, as `attic cache create` does) if it does not
+    /// exist.
+    async fn nix_api(&mut self) -> Result<NixApi, String> {
+        if let Some(api) = &self.nix {
+            return Ok(api.clone());
+        }
+        let cache = &self.args.cache;
+        let config_url = Url::parse(&format!("{}/_api/v1/cache-config/{cache}", self.args.url))
+            .map_err(|e| format!("--url, --cache: {e}"))?;
+        let (status, _) = fetch(self.http(Method::GET, config_url.clone()))
+            .await
+            .map_err(|e| format!("cache-config of {cache}: {e}"))?;
+        if status == StatusCode::NOT_FOUND {
+            let create = serde_json::json!({
+                "keypair": "Generate",
+                "is_public": false,
+                "store_dir": STORE_DIR,
+                "priority": 41,
+                "upstream_cache_key_names": [],
+            });
+            fetch_ok(self.http(Method::POST, config_url.clone()).json(&create))
+                .await
+                .map_err(|e| format!("creating the cache {cache}: {e}"))?;
+        }
+        let config = fetch_ok(self.http(Method::GET, config_url))
+            .await
+            .and_then(|body| json_of(&body))
+            .map_err(|e| format!("cache-config of {cache}: {e}"))?;
+        let endpoint = |field: &str, slash: &str| {
+            let text = config[field]
+                .as_str()
+                .ok_or_else(|| format!("cache-config of {cache} has no {field}: {config}"))?;
+            Url::parse(&format!("{text}{slash}")).map_err(|e| format!("{field} {text:?}: {e}"))
+        };
+        let substituter_slash = if config["substituter_endpoint"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('/'))
+        {
+            ""
+        } else {
+            "/"
+        };
+        let api = NixApi {
+            api: endpoint("api_endpoint", "")?,
+            substituter: endpoint("substituter_endpoint", substituter_slash)?,
+        };
+        self.nix = Some(api.clone());
+        Ok(api)
+    }
+
+    /// `attic push` of `paths`: one get-missing-paths for all of them (each
+    /// must be missing), then upload-path, `PARALLEL_UPLOADS` at a time.
+    /// Returns how many the server deduplicated.
+    async fn attic_push(&self, api: &NixApi, paths: &[PathNar]) -> Result<usize, String> {
+        let hashes: Vec<String> = paths.iter().map(|p| p.path.hash.to_string()).collect();
+        let query = serde_json::json!({ "cache": self.args.cache, "store_path_hashes": hashes });
+        let missing = fetch_ok(
+            self.http(Method::POST, api.api("_api/v1/get-missing-paths")?)
+                .json(&query),
+        )
+        .await
+        .and_then(|body| json_of(&body))
+        .map_err(|e| format!("get-missing-paths: {e}"))?;
+        let missing = missing["missing_paths"].as_array().map_or(0, Vec::len);
+        if missing != paths.len() {
+            return Err(format!(
+                "get-missing-paths: {missing} of {} new paths missing",
+                paths.len()
+            ));
+        }
+        let upload = api.api("_api/v1/upload-path")?;
+        let deduplicated: Vec<bool> = stream::iter(paths)
+            .map(|path| self.upload_path(upload.clone(), path))
+            .buffer_unordered(PARALLEL_UPLOADS)
+            .try_collect()
+            .await?;
+        Ok(deduplicated.into_iter().filter(|&d| d).count())
+    }
+
+    /// One upload-path as the `attic` client sends it: the NarInfo JSON in
+    /// `X-Attic-Nar-Info` (its choice under 4 KiB), the NAR streamed in
+    /// 1 MiB pieces without a Content-Length. True if the server answered
+    /// `Deduplicated`.
+    async fn upload_path(&self, url: Url, path: &PathNar) -> Result<bool, String> {
+        let PathNar { path, nar } = path;
+        let info = serde_json::json!({
+            "cache": self.args.cache,
+            "store_path_hash": path.hash.to_string(),
+            "store_path": path.store_path(),
+            "references": [],
+            "system": null,
+            "deriver": null,
+            "sigs": [],
+            "ca": null,
+            "nar_hash": format!("sha256:{}", path.nar_hash.to_hex()),
+            "nar_size": path.nar_size,
+        });
+        let pieces: Vec<Result<Bytes, std::io::Error>> = (0..nar.len())
+            .step_by(MIB)
+            .map(|start| Ok(nar.slice(start..(start + MIB).min(nar.len()))))
+            .collect();
+        let reply = fetch_ok(
+            self.http(Method::PUT, url)
+                .header("x-attic-nar-info", info.to_string())
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(reqwest::Body::wrap_stream(stream::iter(pieces))),
+        )
+        .await
+        .and_then(|body| json_of(&body))
+        .map_err(|e| format!("upload-path of {}: {e}", path.store_path()))?;
+        match reply["kind"].as_str() {
+            Some("Uploaded") => Ok(false),
+            Some("Deduplicated") => Ok(true),
+            _ => Err(format!(
+                "upload-path of {}: reply {reply}",
+                path.store_path()
+            )),
+        }
+    }
+
+    /// What `nix copy --to` sends for one path whose NAR was compressed to
+    /// `file`: GET of the narinfo (404: missing), HEAD of the NAR file (404:
+    /// not there yet), PUT of the file (in one body with a Content-Length,
+    /// as Nix sends it), PUT of the narinfo.
+    async fn nix_copy(&self, api: &NixApi, path: &NixPath, file: Bytes) -> Result<(), String> {
+        let narinfo_url = api.cache_file(&path.narinfo_file())?;
+        let file_hash = Sha256Hash::of(&file);
+        let file_name = format!("nar/{}.nar.zst", file_hash.to_nix32());
+        let file_url = api.cache_file(&file_name)?;
+        let narinfo = NarInfo {
+            store_path: StorePath::new(path.hash, &path.name)
+                .map_err(|e| format!("{}: {e}", path.name))?,
+            url: file_name,
+            compression: "zstd".into(),
+            file_hash: Some(file_hash),
+            file_size: Some(file.len() as u64),
+            nar_hash: path.nar_hash,
+            nar_size: path.nar_size,
+            references: Vec::new(),
+            deriver: None,
+            system: None,
+            signatures: Vec::new(),
+            ca: None,
+        };
+        fetch_missing(self.http(Method::GET, narinfo_url.clone()))
+            .await
+            .map_err(|e| format!("GET {narinfo_url}: {e}"))?;
+        fetch_missing(self.http(Method::HEAD, file_url.clone()))
+            .await
+            .map_err(|e| format!("HEAD {file_url}: {e}"))?;
+        fetch_ok(
+            self.http(Method::PUT, file_url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/x-nix-nar")
+                .body(file),
+        )
+        .await
+        .map_err(|e| format!("PUT {file_url}: {e}"))?;
+        fetch_ok(
+            self.http(Method::PUT, narinfo_url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "text/x-nix-narinfo")
+                .body(narinfo.render(STORE_DIR)),
+        )
+        .await
+        .map_err(|e| format!("PUT {narinfo_url}: {e}"))?;
+        Ok(())
+    }
+}
+
+/// `attic-push`: per run, new paths of each content variant pushed as
+/// `attic push` does, then the incompressible ones' NARs again under new
+/// paths: a server that deduplicates by NAR hash stores nothing new, but
+/// still reads and hashes every byte (proof of possession).
+async fn attic_push(ctx: &mut Ctx) -> Result<Rows, String> {
+    let api = ctx.nix_api().await?;
+    let mut rows: Rows = Content::ALL
+        .iter()
+        .map(|c| Some(c.name()))
+        .chain([Some("dedup")])
+        .map(|variant| (variant, Vec::new()))
+        .collect();
+    for run in 0..ctx.args.runs {
+        let mut pushed = Vec::new();
+        let mut last = Vec::new();
+        for (i, content) in Content::ALL.into_iter().enumerate() {
+            let paths = new_paths(ctx, 7, run, content, ctx.args.nar_size, ctx.args.paths)?;
+            let result = timed_attic_push(ctx, &api, &paths).await?;
+            ctx.progress(&format!("attic-push {}", content.name()), run, &result);
+            rows[i].1.push(result);
+            pushed.push((content, paths.iter().map(|p| p.path.clone()).collect()));
+            last = paths;
+        }
+        let again: Vec<PathNar> = last
+            .into_iter()
+            .map(|p| NixPath::with_nar(format!("{}-again", p.path.name), p.nar))
+            .collect();
+        let result = timed_attic_push(ctx, &api, &again).await?;
+        if !result.already_stored {
+            return Err("the same NARs under new paths were not deduplicated".into());
+        }
+        ctx.progress("attic-push dedup", run, &result);
+        rows[Content::ALL.len()].1.push(result);
+        ctx.pushed = pushed;
+    }
+    Ok(rows)
+}
+
+/// One timed `attic push` of `paths`; `already_stored` if the server
+/// deduplicated every one.
+async fn timed_attic_push(ctx: &Ctx, api: &NixApi, paths: &[PathNar]) -> Result<Run, String> {
+    let (deduplicated, wall, client_cpu, server_cpu) =
+        ctx.timed(ctx.attic_push(api, paths)).await?;
+    let stored: Vec<NixPath> = paths.iter().map(|p| p.path.clone()).collect();
+    let bytes = stored.iter().map(|p| p.nar_size).sum();
+    Ok(Run {
+        already_stored: deduplicated == paths.len(),
+        ..nar_run(&stored, bytes, ((), wall, client_cpu, server_cpu))
+    })
+}
+
+/// `nix-copy-put`: per run, new paths of each content variant uploaded as
+/// `nix copy --to 'http://…?compression=zstd'` does, `PARALLEL_UPLOADS` at
+/// a time; the zstd compression (level 3) happens before the timing.
+async fn nix_copy_put(ctx: &mut Ctx) -> Result<Rows, String> {
+    let api = ctx.nix_api().await?;
+    let mut rows: Rows = Content::ALL
+        .iter()
+        .map(|c| (Some(c.name()), Vec::new()))
+        .collect();
+    for run in 0..ctx.args.runs {
+        for (i, content) in Content::ALL.into_iter().enumerate() {
+            let mut uploads = Vec::new();
+            for PathNar { path, nar } in
+                new_paths(ctx, 8, run, content, ctx.args.nar_size, ctx.args.paths)?
+            {
+                let file = zstd::bulk::compress(&nar, ZSTD_LEVEL)
+                    .map_err(|e| format!("zstd compress: {e}"))?;
+                uploads.push((path, Bytes::from(file)));
+            }
+            let wire = uploads.iter().map(|(_, file)| file.len() as u64).sum();
+            let timed = ctx
+                .timed(
+                    stream::iter(&uploads)
+                        .map(|(path, file)| ctx.nix_copy(&api, path, file.clone()))
+                        .buffer_unordered(PARALLEL_UPLOADS)
+                        .try_collect::<()>(),
+                )
+                .await?;
+            let paths: Vec<NixPath> = uploads.into_iter().map(|(path, _)| path).collect();
+            let result = nar_run(&paths, wire, timed);
+            ctx.progress(&format!("nix-copy-put {}", content.name()), run, &result);
+            rows[i].1.push(result);
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------
+// Request rates.
+
+/// Requests `indices` through `one`, `--concurrency` in flight, as one
+/// timed section that keeps every request's latency.
+async fn load<F, Fut>(ctx: &Ctx, indices: Range<usize>, one: &F) -> Result<Run, String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let count = indices.len();
+    let (latencies, wall, client_cpu, server_cpu) = ctx
+        .timed(
+            stream::iter(indices)
+                .map(|i| async move {
+                    let started = Instant::now();
+                    one(i).await?;
+                    Ok(started.elapsed())
+                })
+                .buffer_unordered(ctx.args.concurrency)
+                .try_collect::<Vec<Duration>>(),
+        )
+        .await?;
+    Ok(Run {
+        ops: count as u64,
+        wall,
+        client_cpu,
+        server_cpu,
+        latency: Latency::of(latencies),
+        ..Run::default()
+    })
+}
+
+/// A request-rate scenario: an untimed round of `--concurrency` requests,
+/// which opens the connections, then `--runs` timed rounds of
+/// `--requests`. No index is used twice, so `one` can make every request
+/// new; returns the runs and how many indices were used.
+async fn request_rounds<F, Fut>(
+    ctx: &Ctx,
+    scenario: &str,
+    one: F,
+) -> Result<(Vec<Run>, usize), String>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut next = ctx.args.concurrency;
+    load(ctx, 0..next, &one).await?;
+    let mut runs = Vec::new();
+    for run in 0..ctx.args.runs {
+        let result = load(ctx, next..next + ctx.args.requests, &one).await?;
+        next += ctx.args.requests;
+        ctx.progress(scenario, run, &result);
+        runs.push(result);
+    }
+    Ok((runs, next))
+}
+
+/// The small paths `narinfo-hit` looks up, pushed (untimed) the first time.
+async fn narinfo_paths(ctx: &mut Ctx, api: &NixApi) -> Result<Vec<NixPath>, String> {
+    if let Some(paths) = &ctx.narinfo_paths {
+        return Ok(paths.clone());
+    }
+    let paths = new_paths(
+        ctx,
+        9,
+        0,
+        Content::Incompressible,
+        NARINFO_FILE_BYTES,
+        NARINFO_PATHS,
+    )?;
+    ctx.attic_push(api, &paths).await?;
+    let paths: Vec<NixPath> = paths.into_iter().map(|p| p.path).collect();
+    ctx.narinfo_paths = Some(paths.clone());
+    Ok(paths)
+}
+
+/// `narinfo-hit`: narinfo GETs of stored paths, round robin; each reply
+/// must be the path's.
+async fn narinfo_hit(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let api = ctx.nix_api().await?;
+    let paths = narinfo_paths(ctx, &api).await?;
+    let targets = paths
+        .iter()
+        .map(|p| {
+            let line = format!("StorePath: {}\n", p.store_path());
+            Ok((api.cache_file(&p.narinfo_file())?, line))
+        })
+        .collect::<Result<Vec<(Url, String)>, String>>()?;
+    let ctx = &*ctx;
+    let (runs, _) = request_rounds(ctx, "narinfo-hit", |i| {
+        let (url, line) = &targets[i % targets.len()];
+        async move {
+            let body = fetch_ok(ctx.http(Method::GET, url.clone()))
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))?;
+            if body.windows(line.len()).any(|w| w == line.as_bytes()) {
+                Ok(())
+            } else {
+                Err(format!("GET {url}: not its narinfo"))
+            }
+        }
+    })
+    .await?;
+    Ok(runs)
+}
+
+/// `narinfo-miss`: narinfo GETs of random (valid) store path hashes, each
+/// of which must be a 404.
+async fn narinfo_miss(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let api = ctx.nix_api().await?;
+    let seed = ctx.seed(10, 0).to_le_bytes();
+    let ctx = &*ctx;
+    let (runs, _) = request_rounds(ctx, "narinfo-miss", |i| {
+        let hash = path_hash(&[&seed[..], &i.to_le_bytes()].concat());
+        let url = api.cache_file(&format!("{hash}.narinfo"));
+        async move {
+            let url = url?;
+            fetch_missing(ctx.http(Method::GET, url.clone()))
+                .await
+                .map_err(|e| format!("GET {url}: {e}"))
+        }
+    })
+    .await?;
+    Ok(runs)
+}
+
+// ---------------------------------------------------------------------------
+// NAR downloads.
+
+/// A NAR to download, as its narinfo describes it.
+#[derive(Debug, Clone)]
+struct NarDownload {
+    url: Url,
+    /// What the throughput counts.
+    nar_size: u64,
+    /// The hash and size the body must have: the file's, or, with
+    /// `decompress`, its NAR's.
+    hash: Sha256Hash,
+    size: u64,
+    /// The narinfo has no FileHash (Attic leaves it out): the body is
+    /// checked as the NAR after zstd decompression.
+    decompress: bool,
+}
+
+/// Hashes a download as it arrives, so a short or altered body fails.
+enum Verifier {
+    File(Sha256Hasher),
+    ZstdNar(Box<zstd::stream::write::Decoder<'static, Sha256Hasher>>),
+}
+
+impl Verifier {
+    fn new(decompress: bool) -> Result<Self, String> {
+        Ok(if decompress {
+            let decoder = zstd::stream::write::Decoder::new(Sha256Hasher::new())
+                .map_err(|e| format!("zstd: {e}"))?;
+            Self::ZstdNar(Box::new(decoder))
+        } else {
+            Self::File(Sha256Hasher::new())
+        })
+    }
+
+    fn update(&mut self, piece: &[u8]) -> Result<(), String> {
+        match self {
+            Self::File(hasher) => hasher.update(piece),
+            Self::ZstdNar(decoder) => {
+                std::io::Write::write_all(decoder, piece).map_err(|e| format!("zstd: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(Sha256Hash, u64), String> {
+        match self {
+            Self::File(hasher) => Ok(hasher.finish()),
+            Self::ZstdNar(mut decoder) => {
+                std::io::Write::flush(&mut decoder).map_err(|e| format!("zstd: {e}"))?;
+                Ok(decoder.into_inner().finish())
+            }
+        }
+    }
+}
+
+/// Where `path`'s NAR is and what it must hash to, from its narinfo, which
+/// must describe the path as it was pushed.
+async fn locate_nar(ctx: &Ctx, api: &NixApi, path: &NixPath) -> Result<NarDownload, String> {
+    let url = api.cache_file(&path.narinfo_file())?;
+    let text = fetch_ok(ctx.http(Method::GET, url.clone()))
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let info = std::str::from_utf8(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|text| NarInfo::parse(text, STORE_DIR).map_err(|e| e.to_string()))
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if info.store_path.hash() != &path.hash
+        || info.nar_hash != path.nar_hash
+        || info.nar_size != path.nar_size
+    {
+        return Err(format!("GET {url}: not the narinfo of the path pushed"));
+    }
+    let (hash, size, decompress) = match (info.file_hash, info.file_size, info.compression.as_str())
+    {
+        (Some(hash), Some(size), _) => (hash, size, false),
+        (_, _, "none") => (info.nar_hash, info.nar_size, false),
+        (_, _, "zstd") => (info.nar_hash, info.nar_size, true),
+        (_, _, other) => {
+            return Err(format!("GET {url}: a {other} NAR without FileHash"));
+        }
+    };
+    Ok(NarDownload {
+        url: api.cache_file(&info.url)?,
+        nar_size: info.nar_size,
+        hash,
+        size,
+        decompress,
+    })
+}
+
+/// Downloads `nar` through `request`, checking it as it arrives; returns
+/// the time to the first body byte and the bytes received. Owned, so it can
+/// run as its own task: the hashing of concurrent streams then spreads
+/// over the cores.
+async fn download(
+    request: reqwest::RequestBuilder,
+    nar: NarDownload,
+) -> Result<(Duration, u64), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("GET {}: {e}", nar.url);
+    let started = Instant::now();
+    let mut response = request.send().await.map_err(|e| fail(&e))?;
+    if response.status() != StatusCode::OK {
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(fail(&unexpected(status, &body)));
+    }
+    let mut verifier = Verifier::new(nar.decompress)?;
+    let mut first_byte = None;
+    let mut received = 0;
+    while let Some(piece) = response.chunk().await.map_err(|e| fail(&e))? {
+        first_byte.get_or_insert_with(|| started.elapsed());
+        received += piece.len() as u64;
+        verifier.update(&piece)?;
+    }
+    let (hash, size) = verifier.finish()?;
+    if (hash, size) != (nar.hash, nar.size) {
+        return Err(fail(&format!(
+            "{size} bytes hashing to {hash}, expected {} bytes hashing to {}",
+            nar.size, nar.hash
+        )));
+    }
+    Ok((first_byte.unwrap_or_else(|| started.elapsed()), received))
+}
+
+/// The paths `attic-push` stored last, or one path of each content variant
+/// pushed now (untimed) if it did not run.
+async fn pushed_paths(ctx: &mut Ctx, api: &NixApi) -> Result<Vec<(Content, Vec<NixPath>)>, String> {
+    if ctx.pushed.is_empty() {
+        for content in Content::ALL {
+            let paths = new_paths(ctx, 11, 0, content, ctx.args.nar_size, ctx.args.paths)?;
+            ctx.attic_push(api, &paths).await?;
+            ctx.pushed
+                .push((content, paths.into_iter().map(|p| p.path).collect()));
+        }
+    }
+    Ok(ctx.pushed.clone())
+}
+
+/// `nar-download` and `nar-download-8`: the NARs of the pushed paths at
+/// their narinfo's URL, `streams` downloads in flight (each path at least
+/// once, each stream busy), each checked against the narinfo. A row per
+/// content variant; the first-byte time is the median over the run's
+/// downloads.
+async fn nar_download(ctx: &mut Ctx, scenario: &str, streams: usize) -> Result<Rows, String> {
+    let api = ctx.nix_api().await?;
+    let mut rows = Rows::new();
+    for (content, paths) in pushed_paths(ctx, &api).await? {
+        let mut nars = Vec::new();
+        for path in &paths {
+            nars.push(locate_nar(ctx, &api, path).await?);
+        }
+        let chosen: Vec<NarDownload> = (0..nars.len().max(streams))
+            .map(|d| nars[d % nars.len()].clone())
+            .collect();
+        let mut runs = Vec::new();
+        for run in 0..ctx.args.runs {
+            let (fetched, wall, client_cpu, server_cpu) = ctx
+                .timed(
+                    stream::iter(&chosen)
+                        .map(|nar| {
+                            let task =
+                                download(ctx.http(Method::GET, nar.url.clone()), nar.clone());
+                            async move { tokio::spawn(task).await.map_err(|e| e.to_string())? }
+                        })
+                        .buffer_unordered(streams)
+                        .try_collect::<Vec<(Duration, u64)>>(),
+                )
+                .await?;
+            let (mut first_bytes, received): (Vec<Duration>, Vec<u64>) =
+                fetched.into_iter().unzip();
+            first_bytes.sort_unstable();
+            let result = Run {
+                ops: chosen.len() as u64,
+                bytes: chosen.iter().map(|n| n.nar_size).sum(),
+                wire_bytes: received.iter().sum(),
+                wall,
+                client_cpu,
+                server_cpu,
+                first_byte: percentile(&first_bytes, 50),
+                ..Run::default()
+            };
+            ctx.progress(&format!("{scenario} {}", content.name()), run, &result);
+            runs.push(result);
+        }
+        rows.push((Some(content.name()), runs));
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------
+// Action cache.
+
+/// The stored blobs every benchmark action result names (two output files
+/// and stdout), stored (untimed) the first time: the server checks them on
+/// every update and every hit.
+async fn ac_outputs(ctx: &mut Ctx) -> Result<Vec<Blob>, String> {
+    if let Some(blobs) = &ctx.ac_outputs {
+        return Ok(blobs.clone());
+    }
+    let blobs: Vec<Blob> = (0..3)
+        .map(|i| Blob::generate(SMALL_BLOB_BYTES, ctx.seed(12, i)))
+        .collect();
+    batch_update(ctx, &blobs).await?;
+    ctx.ac_outputs = Some(blobs.clone());
+    Ok(blobs)
+}
+
+/// A result naming `outputs`: the last as stdout, the others as files.
+fn action_result(outputs: &[Blob]) -> ActionResult {
+    let (stdout, files) = outputs.split_last().expect("at least stdout");
+    ActionResult {
+        output_files: files
+            .iter()
+            .enumerate()
+            .map(|(i, blob)| OutputFile {
+                path: format!("out/file-{i}"),
+                digest: Some(digest_of(blob)),
+                ..Default::default()
+            })
+            .collect(),
+        stdout_digest: Some(digest_of(stdout)),
+        ..Default::default()
+    }
+}
+
+/// Action `i` of those made from `seed`: the digest of an `Action` never
+/// uploaded, which an action cache does not need.
+fn action_digest(seed: u64, i: usize) -> Digest {
+    let key = [seed.to_le_bytes(), (i as u64).to_le_bytes()].concat();
+    Digest {
+        hash: Sha256Hash::of(&key).to_hex(),
+        size_bytes: 140,
+    }
+}
+
+impl Ctx {
+    async fn update_action(&self, action: Digest, result: ActionResult) -> Result<(), String> {
+        let request = self.request(UpdateActionResultRequest {
+            instance_name: self.args.instance.clone(),
+            action_digest: Some(action),
+            action_result: Some(result),
+            ..Default::default()
+        })?;
+        self.ac()
+            .update_action_result(request)
+            .await
+            .map_err(|s| format!("UpdateActionResult: {}", status_text(&s)))?;
+        Ok(())
+    }
+}
+
+/// `ac-update`: a new action per request, all with the same result.
+async fn ac_update(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let result = action_result(&ac_outputs(ctx).await?);
+    let seed = ctx.seed(13, 0);
+    let shared = &*ctx;
+    let (runs, stored) = request_rounds(shared, "ac-update", |i| {
+        shared.update_action(action_digest(seed, i), result.clone())
+    })
+    .await?;
+    ctx.actions = Some((0..stored).map(|i| action_digest(seed, i)).collect());
+    Ok(runs)
+}
+
+/// `ac-get`: GetActionResult of stored actions, round robin; each reply
+/// must name the outputs stored. If `ac-update` did not run, `--requests`
+/// actions are stored first (untimed).
+async fn ac_get(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let expected = action_result(&ac_outputs(ctx).await?);
+    let actions = if let Some(actions) = ctx.actions.clone() {
+        actions
+    } else {
+        let seed = ctx.seed(14, 0);
+        let shared = &*ctx;
+        let store = |i| shared.update_action(action_digest(seed, i), expected.clone());
+        load(shared, 0..ctx.args.requests, &store).await?;
+        let actions: Vec<Digest> = (0..ctx.args.requests)
+            .map(|i| action_digest(seed, i))
+            .collect();
+        ctx.actions = Some(actions.clone());
+        actions
+    };
+    let ctx = &*ctx;
+    let expected = &expected;
+    let (runs, _) = request_rounds(ctx, "ac-get", |i| {
+        let action = actions[i % actions.len()].clone();
+        async move {
+            let request = ctx.request(GetActionResultRequest {
+                instance_name: ctx.args.instance.clone(),
+                action_digest: Some(action),
+                ..Default::default()
+            })?;
+            let result = ctx
+                .ac()
+                .get_action_result(request)
+                .await
+                .map_err(|s| format!("GetActionResult: {}", status_text(&s)))?
+                .into_inner();
+            if result.output_files == expected.output_files {
+                Ok(())
+            } else {
+                Err("GetActionResult: not the result stored".into())
+            }
+        }
+    })
+    .await?;
+    Ok(runs)
+}
+
+/// Runs `scenario`: its rows, or one row with what stopped it.
+async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Vec<Outcome> {
+    fn one(runs: Result<Vec<Run>, String>) -> Result<Rows, String> {
+        runs.map(|runs| vec![(None, runs)])
+    }
     let reset = ctx.server.is_some_and(Probe::reset_peak);
-    let runs = match scenario {
-        "bytestream-write" => bytestream_write(ctx).await,
-        "bytestream-write-zstd" => bytestream_write_zstd(ctx).await,
-        "bytestream-read" => bytestream_read(ctx).await,
-        "batch-update-4k" => batch_update_4k(ctx).await,
-        "batch-read-4k" => batch_read_4k(ctx).await,
-        "find-missing-10k" => find_missing_10k(ctx).await,
+    let rows = match scenario {
+        "bytestream-write" => one(bytestream_write(ctx).await),
+        "bytestream-write-zstd" => one(bytestream_write_zstd(ctx).await),
+        "bytestream-read" => one(bytestream_read(ctx).await),
+        "batch-update-4k" => one(batch_update_4k(ctx).await),
+        "batch-read-4k" => one(batch_read_4k(ctx).await),
+        "find-missing-10k" => one(find_missing_10k(ctx).await),
+        "attic-push" => attic_push(ctx).await,
+        "nix-copy-put" => nix_copy_put(ctx).await,
+        "narinfo-hit" => one(narinfo_hit(ctx).await),
+        "narinfo-miss" => one(narinfo_miss(ctx).await),
+        "nar-download" => nar_download(ctx, scenario, 1).await,
+        "nar-download-8" => nar_download(ctx, scenario, NAR_STREAMS).await,
+        "ac-update" => one(ac_update(ctx).await),
+        "ac-get" => one(ac_get(ctx).await),
         other => Err(format!("no scenario {other}")),
     };
     let server_peak_kib = ctx.server.and_then(Probe::peak_kib).map(|kib| (kib, reset));
-    let (runs, error) = match runs {
-        Ok(runs) => (runs, None),
-        Err(e) => (Vec::new(), Some(e)),
-    };
-    Outcome {
-        scenario,
-        runs,
-        server_peak_kib,
-        error,
+    match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(variant, runs)| Outcome {
+                scenario,
+                variant,
+                runs,
+                server_peak_kib,
+                error: None,
+            })
+            .collect(),
+        Err(e) => vec![Outcome {
+            scenario,
+            variant: None,
+            runs: Vec::new(),
+            server_peak_kib,
+            error: Some(e),
+        }],
     }
 }
 
@@ -812,17 +1916,23 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} MiB per blob in {} KiB messages, {} run(s) per scenario, seed {}\n",
+        "{} MiB per blob in {} KiB messages; {} path(s) of {} MiB per NAR push; {} requests \
+         per run at {} in flight; {} run(s) per scenario, seed {}\n",
         args.size / MIB,
         args.message / 1024,
+        args.paths,
+        args.nar_size / MIB,
+        args.requests,
+        args.concurrency,
         args.runs,
         args.seed
     );
     out.push_str(
         "| scenario | runs | median MB/s | min MB/s | max MB/s | median MiB/s | median ops/s \
-         | median wall | median after last message | server peak RSS | server CPU / run \
-         | client CPU / run |\n\
-         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+         | median wall | median after last message | median p50 | median p99 \
+         | median first byte | server peak RSS | server CPU / run | client CPU / run |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- \
+         | --- |\n",
     );
     let fixed = |v: Option<f64>, unit: &str| v.map_or("—".into(), |v| format!("{v:.1}{unit}"));
     let fixed2 = |v: Option<f64>, unit: &str| v.map_or("—".into(), |v| format!("{v:.2}{unit}"));
@@ -830,8 +1940,8 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
         if let Some(error) = &o.error {
             let _ = writeln!(
                 out,
-                "| {} | failed: {} | | | | | | | | | | |",
-                o.scenario,
+                "| {} | failed: {} | | | | | | | | | | | | | |",
+                o.name(),
                 error.replace('|', "/")
             );
             continue;
@@ -846,49 +1956,27 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
         });
         let _ = writeln!(
             out,
-            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {peak} | {} | {} |",
-            o.scenario,
+            "| {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {} | {} | {} | {peak} | {} | {} |",
+            o.name(),
             o.runs.len(),
-            fixed(o.median_of(|r| Some(r.mb_per_s())), ""),
+            fixed(o.median_of(Run::mb_per_s), ""),
             fixed(min, ""),
             fixed(max, ""),
-            fixed(o.median_of(|r| Some(r.mib_per_s())), ""),
+            fixed(o.median_of(Run::mib_per_s), ""),
             fixed(o.median_of(|r| Some(r.ops_per_s())), ""),
             fixed(o.median_of(|r| Some(r.wall.as_secs_f64())), " s"),
             fixed2(o.median_of(|r| r.after_last.map(|d| d.as_secs_f64())), " s"),
+            fixed2(o.median_of(|r| r.latency.map(|l| ms(l.p50))), " ms"),
+            fixed2(o.median_of(|r| r.latency.map(|l| ms(l.p99))), " ms"),
+            fixed2(o.median_of(|r| r.first_byte.map(ms)), " ms"),
             fixed(o.median_of(|r| r.server_cpu), " s"),
             fixed(o.median_of(|r| r.client_cpu), " s"),
         );
     }
     out.push('\n');
     for o in outcomes.iter().filter(|o| !o.runs.is_empty()) {
-        let runs: Vec<String> = o
-            .runs
-            .iter()
-            .map(|r| {
-                format!(
-                    "{:.3} s = {:.1} MB/s, {:.0} ops/s{}{}{}",
-                    r.wall.as_secs_f64(),
-                    r.mb_per_s(),
-                    r.ops_per_s(),
-                    r.after_last.map_or(String::new(), |d| format!(
-                        " ({:.2} s after the last message)",
-                        d.as_secs_f64()
-                    )),
-                    if r.wire_bytes == r.bytes {
-                        String::new()
-                    } else {
-                        format!(" ({} bytes on the wire)", r.wire_bytes)
-                    },
-                    if r.already_stored {
-                        ", already stored"
-                    } else {
-                        ""
-                    }
-                )
-            })
-            .collect();
-        let _ = writeln!(out, "- {}: {}", o.scenario, runs.join("; "));
+        let runs: Vec<String> = o.runs.iter().map(Run::summary).collect();
+        let _ = writeln!(out, "- {}: {}", o.name(), runs.join("; "));
     }
     out
 }
@@ -913,20 +2001,27 @@ fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
                         "server_cpu_s": r.server_cpu,
                         "client_cpu_s": r.client_cpu,
                         "already_stored": r.already_stored,
+                        "p50_ms": r.latency.map(|l| ms(l.p50)),
+                        "p99_ms": r.latency.map(|l| ms(l.p99)),
+                        "first_byte_ms": r.first_byte.map(ms),
                     })
                 })
                 .collect();
             let (min, max) = o.min_max().unzip();
             serde_json::json!({
                 "scenario": o.scenario,
+                "variant": o.variant,
                 "runs": runs,
-                "median_mb_per_s": o.median_of(|r| Some(r.mb_per_s())),
+                "median_mb_per_s": o.median_of(Run::mb_per_s),
                 "min_mb_per_s": min,
                 "max_mb_per_s": max,
-                "median_mib_per_s": o.median_of(|r| Some(r.mib_per_s())),
+                "median_mib_per_s": o.median_of(Run::mib_per_s),
                 "median_ops_per_s": o.median_of(|r| Some(r.ops_per_s())),
                 "median_after_last_message_s":
                     o.median_of(|r| r.after_last.map(|d| d.as_secs_f64())),
+                "median_p50_ms": o.median_of(|r| r.latency.map(|l| ms(l.p50))),
+                "median_p99_ms": o.median_of(|r| r.latency.map(|l| ms(l.p99))),
+                "median_first_byte_ms": o.median_of(|r| r.first_byte.map(ms)),
                 "server_peak_rss_kib": o.server_peak_kib.map(|(kib, _)| kib),
                 "server_peak_rss_reset": o.server_peak_kib.map(|(_, reset)| reset),
                 "error": o.error,
@@ -938,6 +2033,11 @@ fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
         "instance": args.instance,
         "size_bytes": args.size,
         "message_bytes": args.message,
+        "cache": args.cache,
+        "nar_bytes": args.nar_size,
+        "paths": args.paths,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
         "runs": args.runs,
         "seed": args.seed,
         "scenarios": scenarios,
@@ -957,11 +2057,12 @@ async fn main() -> ExitCode {
     };
     let mut outcomes = Vec::new();
     for scenario in scenarios {
-        let outcome = run_scenario(&mut ctx, scenario).await;
-        if let Some(error) = &outcome.error {
-            eprintln!("garret-bench: {scenario}: {error}");
+        for outcome in run_scenario(&mut ctx, scenario).await {
+            if let Some(error) = &outcome.error {
+                eprintln!("garret-bench: {scenario}: {error}");
+            }
+            outcomes.push(outcome);
         }
-        outcomes.push(outcome);
     }
     print!("{}", markdown(&ctx.args, &outcomes));
     if let Some(path) = &ctx.args.json {
@@ -987,6 +2088,27 @@ mod tests {
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let ms = |n: u64| Duration::from_millis(n);
+        let sorted: Vec<Duration> = (1..=200).map(ms).collect();
+        assert_eq!(percentile(&sorted, 50), Some(ms(100)));
+        assert_eq!(percentile(&sorted, 99), Some(ms(198)));
+        assert_eq!(percentile(&[ms(7)], 99), Some(ms(7)));
+        assert_eq!(percentile(&[], 50), None);
+    }
+
+    #[test]
+    fn a_nar_of_one_file_decodes() {
+        let nar = nar_of_file(b"hello").unwrap();
+        let mut verifier = garret_nix::nar::Verifier::new();
+        verifier.update(&nar).unwrap();
+        assert_eq!(
+            verifier.finish().unwrap(),
+            (Sha256Hash::of(&nar), nar.len() as u64)
+        );
     }
 
     #[test]

@@ -162,6 +162,10 @@ const NARINFO_FILE_BYTES: usize = 4096;
 /// Download streams of `nar-download-8`.
 const NAR_STREAMS: usize = 8;
 
+/// Actions `ac-get` stores for itself (untimed) when `ac-update` did not
+/// run: distinct keys to read round robin, few enough to store quickly.
+const AC_GET_ACTIONS: usize = 1000;
+
 // ---------------------------------------------------------------------------
 // Arguments.
 
@@ -382,7 +386,7 @@ impl Run {
         if let Some(rate) = self.mb_per_s() {
             let _ = write!(line, " {rate:.1} MB/s,");
         }
-        let _ = write!(line, " {:.0} ops/s", self.ops_per_s());
+        let _ = write!(line, " {:.1} ops/s", self.ops_per_s());
         if let Some(l) = self.latency {
             let _ = write!(line, " (p50 {:.2} ms, p99 {:.2} ms)", ms(l.p50), ms(l.p99));
         }
@@ -1820,8 +1824,8 @@ async fn ac_update(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
 }
 
 /// `ac-get`: GetActionResult of stored actions, round robin; each reply
-/// must name the outputs stored. If `ac-update` did not run, `--requests`
-/// actions are stored first (untimed).
+/// must name the outputs stored. If `ac-update` did not run,
+/// `AC_GET_ACTIONS` actions are stored first (untimed).
 async fn ac_get(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
     let expected = action_result(&ac_outputs(ctx).await?);
     let actions = if let Some(actions) = ctx.actions.clone() {
@@ -1830,8 +1834,8 @@ async fn ac_get(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
         let seed = ctx.seed(14, 0);
         let shared = &*ctx;
         let store = |i| shared.update_action(action_digest(seed, i), expected.clone());
-        load(shared, 0..ctx.args.requests, &store).await?;
-        let actions: Vec<Digest> = (0..ctx.args.requests)
+        load(shared, 0..AC_GET_ACTIONS, &store).await?;
+        let actions: Vec<Digest> = (0..AC_GET_ACTIONS)
             .map(|i| action_digest(seed, i))
             .collect();
         ctx.actions = Some(actions.clone());

@@ -35,7 +35,7 @@
 //! cache-config API if it does not exist, and reach it where its config says
 //! (`api_endpoint`, `substituter_endpoint`), as the `attic` client does.
 //! Their store paths hold a NAR of one regular file, either compressible
-//! (build-output-like, about 3:1) or incompressible. The request-rate
+//! (build-output-like, about 2.4:1 with zstd-3) or incompressible. The request-rate
 //! scenarios (`narinfo-*`, `ac-*`) send `--requests` requests with
 //! `--concurrency` in flight, after an untimed round that opens the
 //! connections, and report p50/p99 of the per-request latencies.
@@ -1052,7 +1052,7 @@ impl NixApi {
 /// The file inside a pushed path's NAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Content {
-    /// Build-output-like, about 3:1 with zstd-3: what caches mostly hold.
+    /// Build-output-like, about 2.4:1 with zstd-3: what caches mostly hold.
     Compressible,
     /// Pseudo-random: the codec gains nothing, so the rest of the path shows.
     Incompressible,

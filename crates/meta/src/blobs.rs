@@ -17,6 +17,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
+use crate::packs::{LiveBytes, NewPack, PackPlace, add_live_bytes, insert_packs, place_from_row};
 use crate::sql::{self, READ_BATCH, WRITE_BATCH};
 use crate::{BeginWrite as _, BlobId, ChunkId, Meta, MetaError, Result, on_reader, on_writer};
 
@@ -70,6 +71,10 @@ pub struct NewChunkRef {
     /// grace period and GC took the chunk) the commit fails with
     /// [`MetaError::ChunkGone`] rather than recording a chunk with no object.
     pub uploaded: bool,
+    /// Where the writer stored the frame, for a chunk it uploaded: a pack
+    /// listed with the chunks ([`NewBlob::packs`]). The row records it if
+    /// this commit is the first to record the chunk.
+    pub pack: Option<PackPlace>,
 }
 
 /// A blob to record: the whole content's digest and its chunks.
@@ -83,6 +88,8 @@ pub struct NewBlob {
     pub file_hash: [u8; 32],
     pub file_size: u64,
     pub chunks: Vec<NewChunkRef>,
+    /// The packs the uploaded chunks are in.
+    pub packs: Vec<NewPack>,
 }
 
 /// What [`Meta::commit_blob`] did.
@@ -125,6 +132,18 @@ pub struct Chunk {
     /// SHA-256 of the stored object.
     pub frame_hash: [u8; 32],
     pub compression: ChunkCompression,
+    /// The chunk's place in a pack; `None` for a chunk stored as an object
+    /// of its own (before packs).
+    pub pack: Option<PackPlace>,
+}
+
+/// A chunk [`Meta::present_chunks`] found: what a writer needs to fetch and
+/// check its stored frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PresentChunk {
+    pub frame_hash: [u8; 32],
+    pub stored_size: u64,
+    pub pack: Option<PackPlace>,
 }
 
 /// A chunk's place in a blob.
@@ -166,14 +185,29 @@ pub(crate) fn blob_from_row(row: BlobRow) -> Result<Blob> {
     })
 }
 
-/// `id, hash, size, stored_size, frame_hash, compression` of a chunk.
-pub(crate) type ChunkRow = (i64, Vec<u8>, i64, i64, Vec<u8>, String);
+/// The columns of a [`ChunkRow`], of chunks `c` joined to their packs `p`
+/// (see [`PACK_JOIN`]).
+pub(crate) const CHUNK_COLUMNS: &str =
+    "c.id, c.hash, c.size, c.stored_size, c.frame_hash, c.compression, p.key, c.pack_offset";
 
-/// `seq, byte_offset, file_offset` and then a [`ChunkRow`].
-type BlobChunkRow = (i64, i64, i64, i64, Vec<u8>, i64, i64, Vec<u8>, String);
+/// Joins chunks `c` to the packs `p` holding them, if any.
+pub(crate) const PACK_JOIN: &str = "LEFT JOIN packs p ON p.id = c.pack_id";
+
+/// `id, hash, size, stored_size, frame_hash, compression`, pack key and
+/// pack offset of a chunk.
+pub(crate) type ChunkRow = (
+    i64,
+    Vec<u8>,
+    i64,
+    i64,
+    Vec<u8>,
+    String,
+    Option<Vec<u8>>,
+    Option<i64>,
+);
 
 pub(crate) fn chunk_from_row(row: ChunkRow) -> Result<Chunk> {
-    let (id, hash, size, stored_size, frame_hash, compression) = row;
+    let (id, hash, size, stored_size, frame_hash, compression, pack, offset) = row;
     Ok(Chunk {
         id: ChunkId(id),
         hash: sql::digest(hash, "chunk hash")?,
@@ -181,11 +215,22 @@ pub(crate) fn chunk_from_row(row: ChunkRow) -> Result<Chunk> {
         stored_size: sql::from_db(stored_size, "chunk stored_size")?,
         frame_hash: sql::digest(frame_hash, "chunk frame_hash")?,
         compression: ChunkCompression::parse(&compression)?,
+        pack: place_from_row(pack, offset)?,
     })
 }
 
-/// `hash, frame_hash, refcount, deletable_at, state` of a chunk.
-type ChunkLookupRow = (Vec<u8>, Vec<u8>, i64, Option<i64>, String);
+/// `hash, frame_hash, stored_size, refcount, deletable_at, state`, pack key
+/// and pack offset of a chunk.
+type ChunkLookupRow = (
+    Vec<u8>,
+    Vec<u8>,
+    i64,
+    i64,
+    Option<i64>,
+    String,
+    Option<Vec<u8>>,
+    Option<i64>,
+);
 
 /// All uses of one chunk within a blob being committed (or a stretch of an
 /// upload being checkpointed).
@@ -305,21 +350,96 @@ fn add_uses_sql(n: usize) -> String {
     )
 }
 
-/// Inserts `n` chunks created at `$1`. A conflict means a concurrent writer
-/// inserted the row meanwhile (fine: add our uses) or the row is `deleting`
-/// (the WHERE skips it and RETURNING omits it).
-fn insert_chunks_sql(n: usize) -> String {
+/// Inserts `n` chunks created at `$1`, each with its refcount, deletable_at,
+/// pack id and offset. A chunk that has a row already (a concurrent writer
+/// recorded it first, or it is `deleting`) is skipped and not returned: the
+/// caller adds its uses to the existing row instead, and counts live bytes
+/// only for the rows returned here.
+pub(crate) fn insert_chunks_sql(n: usize) -> String {
     format!(
-        "INSERT INTO chunks \
-           (hash, size, stored_size, frame_hash, compression, refcount, state, created_at) \
+        "INSERT INTO chunks (hash, size, stored_size, frame_hash, compression, refcount, \
+           deletable_at, pack_id, pack_offset, state, created_at) \
          VALUES {} \
-         ON CONFLICT (hash) DO UPDATE \
-           SET refcount = chunks.refcount + excluded.refcount, deletable_at = NULL \
-           WHERE chunks.state = 'valid' \
+         ON CONFLICT (hash) DO NOTHING \
          RETURNING id, hash, stored_size, frame_hash",
-        sql::rows(2, n, 6, "", ", 'valid', $1")
+        sql::rows(2, n, 9, "", ", 'valid', $1")
     )
 }
+
+/// A chunk a writer uploaded, with the row values an insert binds.
+pub(crate) struct ChunkInsert<'a> {
+    pub(crate) chunk: &'a NewChunkRef,
+    pub(crate) refcount: i64,
+    pub(crate) pack_id: i64,
+    pub(crate) pack_offset: i64,
+}
+
+/// Pairs each uploaded chunk with its pack's row id; a chunk naming a pack
+/// the writer did not list is refused.
+pub(crate) fn chunk_inserts<'a>(
+    uploaded: impl IntoIterator<Item = (&'a NewChunkRef, i64)>,
+    packs: &HashMap<[u8; 16], i64>,
+) -> Result<Vec<ChunkInsert<'a>>> {
+    uploaded
+        .into_iter()
+        .map(|(chunk, refcount)| {
+            let place = chunk
+                .pack
+                .ok_or_else(|| MetaError::Invalid("an uploaded chunk names no pack".into()))?;
+            let pack_id = *packs.get(&place.pack).ok_or_else(|| {
+                MetaError::Invalid("an uploaded chunk names a pack the upload did not list".into())
+            })?;
+            Ok(ChunkInsert {
+                chunk,
+                refcount,
+                pack_id,
+                pack_offset: sql::to_db(place.offset, "chunk pack offset")?,
+            })
+        })
+        .collect()
+}
+
+/// Inserts `$inserts` (a `&[ChunkInsert]`) created at `$now`, unreferenced
+/// until `$deletable_at` (an `Option<i64>`), in transaction `$tx`. Records
+/// every inserted row in `$ids` (checking its frame against `$uses`) and its
+/// stored size in `$live`. A macro so that it expands once per database.
+macro_rules! insert_chunks {
+    ($tx:expr, $inserts:expr, $now:expr, $deletable_at:expr, $uses:expr, $ids:expr, $live:expr) => {{
+        let inserts: &[$crate::blobs::ChunkInsert<'_>] = $inserts;
+        let deletable_at: Option<i64> = $deletable_at;
+        for batch in inserts.chunks($crate::sql::WRITE_BATCH) {
+            let insert = $crate::blobs::insert_chunks_sql(batch.len());
+            let mut query = sqlx::query_as(&insert).bind($now);
+            for i in batch {
+                query = query
+                    .bind(&i.chunk.hash[..])
+                    .bind($crate::sql::to_db(i.chunk.size, "chunk size")?)
+                    .bind($crate::sql::to_db(
+                        i.chunk.stored_size,
+                        "chunk stored size",
+                    )?)
+                    .bind(&i.chunk.frame_hash[..])
+                    .bind(i.chunk.compression.as_str())
+                    .bind(i.refcount)
+                    .bind(deletable_at)
+                    .bind(i.pack_id)
+                    .bind(i.pack_offset);
+            }
+            let rows: Vec<$crate::blobs::UsedChunkRow> = query.fetch_all(&mut *$tx).await?;
+            let inserted: std::collections::HashSet<&[u8]> =
+                rows.iter().map(|r| &r.1[..]).collect();
+            for i in batch
+                .iter()
+                .filter(|i| inserted.contains(&i.chunk.hash[..]))
+            {
+                *$live.entry(i.pack_id).or_default() +=
+                    i64::try_from(i.chunk.stored_size).expect("stored sizes fit the database");
+            }
+            $crate::blobs::record_used(rows, $uses, $ids)?;
+        }
+    }};
+}
+pub(crate) use insert_chunks;
 
 /// `id, hash, stored_size, frame_hash` of a chunk row a commit added uses to.
 pub(crate) type UsedChunkRow = (i64, Vec<u8>, i64, Vec<u8>);
@@ -369,15 +489,16 @@ impl Meta {
         &self,
         hashes: &[[u8; 32]],
         now: i64,
-    ) -> Result<HashMap<[u8; 32], [u8; 32]>> {
+    ) -> Result<HashMap<[u8; 32], PresentChunk>> {
         let lease = self.lease(now);
         let hashes = sql::dedup(hashes);
         let mut present = HashMap::new();
         for batch in hashes.chunks(READ_BATCH) {
             let n = sql::in_list_len(batch.len());
             let lookup = format!(
-                "SELECT hash, frame_hash, refcount, deletable_at, state FROM chunks \
-                 WHERE hash IN ({})",
+                "SELECT c.hash, c.frame_hash, c.stored_size, c.refcount, c.deletable_at, \
+                   c.state, p.key, c.pack_offset FROM chunks c {PACK_JOIN} \
+                 WHERE c.hash IN ({})",
                 sql::params(1, n)
             );
             let rows: Vec<ChunkLookupRow> = on_reader!(self, |pool| async {
@@ -388,7 +509,8 @@ impl Meta {
                 query.fetch_all(pool).await
             })?;
             let mut to_lease = Vec::new();
-            for (hash, frame_hash, refcount, deletable_at, state) in rows {
+            for (hash, frame_hash, stored_size, refcount, deletable_at, state, pack, offset) in rows
+            {
                 let hash = sql::digest(hash, "chunk hash")?;
                 if state != "valid" {
                     return Err(MetaError::ChunkGone(hash));
@@ -398,7 +520,14 @@ impl Meta {
                 if refcount == 0 && deletable_at.is_none_or(|t| t < lease) {
                     to_lease.push(hash);
                 }
-                present.insert(hash, sql::digest(frame_hash, "chunk frame_hash")?);
+                present.insert(
+                    hash,
+                    PresentChunk {
+                        frame_hash: sql::digest(frame_hash, "chunk frame_hash")?,
+                        stored_size: sql::from_db(stored_size, "chunk stored_size")?,
+                        pack: place_from_row(pack, offset)?,
+                    },
+                );
             }
             if !to_lease.is_empty() {
                 self.lease_chunks(&to_lease, lease).await?;
@@ -535,36 +664,42 @@ impl Meta {
                 }
             }
 
-            // The rest must be chunks this writer uploaded: insert them.
+            // The rest must be chunks this writer uploaded: insert them, in
+            // the packs it wrote.
             let mut new = Vec::new();
             for (hash, u) in &uses {
                 if !ids.contains_key(hash) {
                     if !u.uploaded {
                         return Err(MetaError::ChunkGone(*hash));
                     }
-                    new.push(u);
+                    new.push((u.chunk, u.uses));
                 }
             }
-            for batch in new.chunks(WRITE_BATCH) {
-                let insert = insert_chunks_sql(batch.len());
-                let mut query = sqlx::query_as(&insert).bind(now);
-                for u in batch {
-                    query = query
-                        .bind(&u.chunk.hash[..])
-                        .bind(sql::to_db(u.chunk.size, "chunk size")?)
-                        .bind(sql::to_db(u.chunk.stored_size, "chunk stored size")?)
-                        .bind(&u.chunk.frame_hash[..])
-                        .bind(u.chunk.compression.as_str())
-                        .bind(u.uses);
+            let mut live = LiveBytes::new();
+            if !new.is_empty() {
+                let pack_ids = insert_packs!(tx, &blob.packs, now);
+                let inserts = chunk_inserts(new, &pack_ids)?;
+                insert_chunks!(tx, &inserts, now, None, &uses, &mut ids, live);
+                // A row a concurrent writer inserted meanwhile gains our uses
+                // like the existing ones above.
+                let raced: Vec<&ChunkInsert<'_>> = inserts
+                    .iter()
+                    .filter(|i| !ids.contains_key(&i.chunk.hash))
+                    .collect();
+                for i in raced {
+                    let update = add_uses_sql(1);
+                    let rows: Vec<UsedChunkRow> = sqlx::query_as(&update)
+                        .bind(i.refcount)
+                        .bind(&i.chunk.hash[..])
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    record_used(rows, &uses, &mut ids)?;
                 }
-                // A row a concurrent writer inserted meanwhile comes back as
-                // it stands, so it is checked like the existing ones above.
-                let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
-                record_used(rows, &uses, &mut ids)?;
             }
             if let Some(gone) = uses.keys().find(|h| !ids.contains_key(*h)) {
                 return Err(MetaError::ChunkGone(*gone));
             }
+            add_live_bytes!(tx, &live);
 
             for (start, batch) in (0u64..)
                 .step_by(WRITE_BATCH)
@@ -651,13 +786,14 @@ impl Meta {
         blob: BlobId,
         range: Option<ChunkRange>,
     ) -> Result<Vec<BlobChunk>> {
-        const SELECT: &str = "SELECT bc.seq, bc.byte_offset, bc.file_offset, \
-               c.id, c.hash, c.size, c.stored_size, c.frame_hash, c.compression \
-             FROM blob_chunks bc JOIN chunks c ON c.id = bc.chunk_id \
-             WHERE bc.blob_id = $1";
+        let select = format!(
+            "SELECT bc.seq, bc.byte_offset, bc.file_offset, {CHUNK_COLUMNS} \
+             FROM blob_chunks bc JOIN chunks c ON c.id = bc.chunk_id {PACK_JOIN} \
+             WHERE bc.blob_id = $1"
+        );
         let (offset, size, range) = match range {
             None => {
-                let sql = format!("{SELECT} ORDER BY bc.seq");
+                let sql = format!("{select} ORDER BY bc.seq");
                 let rows: Vec<BlobChunkRow> = on_reader!(self, |pool| async {
                     sqlx::query_as(&sql).bind(blob.0).fetch_all(pool).await
                 })?;
@@ -673,7 +809,7 @@ impl Meta {
         // (one probe of the offset's index); the size test drops it when the
         // range starts past the end of the blob.
         let sql = format!(
-            "{SELECT} AND bc.{offset} < $3 AND bc.{offset} + {size} > $2 \
+            "{select} AND bc.{offset} < $3 AND bc.{offset} + {size} > $2 \
                AND bc.{offset} >= COALESCE((SELECT {offset} FROM blob_chunks \
                  WHERE blob_id = $1 AND {offset} <= $2 \
                  ORDER BY {offset} DESC LIMIT 1), 0) \
@@ -693,12 +829,37 @@ impl Meta {
     }
 }
 
+/// `seq, byte_offset, file_offset` and then a [`ChunkRow`].
+type BlobChunkRow = (
+    i64,
+    i64,
+    i64,
+    i64,
+    Vec<u8>,
+    i64,
+    i64,
+    Vec<u8>,
+    String,
+    Option<Vec<u8>>,
+    Option<i64>,
+);
+
 fn blob_chunk_from_row(row: BlobChunkRow) -> Result<BlobChunk> {
-    let (seq, offset, file_offset, id, hash, size, stored_size, frame_hash, compression) = row;
+    let (seq, offset, file_offset, id, hash, size, stored_size, frame_hash, compression, pack, at) =
+        row;
     Ok(BlobChunk {
         seq: sql::from_db(seq, "chunk seq")?,
         offset: sql::from_db(offset, "chunk offset")?,
         file_offset: sql::from_db(file_offset, "chunk file_offset")?,
-        chunk: chunk_from_row((id, hash, size, stored_size, frame_hash, compression))?,
+        chunk: chunk_from_row((
+            id,
+            hash,
+            size,
+            stored_size,
+            frame_hash,
+            compression,
+            pack,
+            at,
+        ))?,
     })
 }

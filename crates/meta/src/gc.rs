@@ -8,8 +8,11 @@
 //!    period, which releases their chunks;
 //! 4. [`Meta::gc_mark_chunks`] claims unreferenced chunks past their grace
 //!    period that no upload session holds;
-//! 5. the worker deletes those chunks' objects from the blob backend;
-//! 6. [`Meta::gc_forget_chunks`] deletes their rows.
+//! 5. the worker deletes the objects of those stored as objects of their own
+//!    (chunks in packs need nothing here);
+//! 6. [`Meta::gc_forget_chunks`] deletes their rows, and takes their stored
+//!    bytes off their packs' `live_bytes`: a pack left with none is dead
+//!    whole, one left with few is worth rewriting.
 //!
 //! Unlike Attic, a crash between 4 and 6 loses nothing and leaks nothing: the
 //! rows stay `deleting`, writers treat them as gone (see
@@ -19,6 +22,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::blobs::{Chunk, ChunkRow, chunk_from_row};
+use crate::packs::{LiveBytes, add_live_bytes};
 use crate::sql::{self, READ_BATCH};
 use crate::{BeginWrite as _, CacheId, ChunkId, Meta, Pools, Result, on_writer};
 
@@ -59,7 +63,8 @@ const MARK_CHUNKS: (&str, &str) = claim_sql!(
      ORDER BY deletable_at LIMIT $3",
     "UPDATE chunks SET state = 'deleting', deletable_at = $2 \
      WHERE id IN (SELECT id FROM claimed) AND refcount = 0 AND deletable_at <= $1 \
-     RETURNING id, hash, size, stored_size, frame_hash, compression"
+     RETURNING id, hash, size, stored_size, frame_hash, compression, \
+       (SELECT key FROM packs WHERE packs.id = chunks.pack_id), pack_offset"
 );
 
 const CLAIM_BLOBS: (&str, &str) = claim_sql!(
@@ -159,64 +164,36 @@ impl Meta {
         rows.into_iter().map(chunk_from_row).collect()
     }
 
-    /// Claims, for deletion, those of `hashes` that have no chunk row: the
-    /// objects a failed upload wrote before it failed. Each gets a row already
-    /// `deleting` (with placeholder sizes), so from here on a concurrent writer
-    /// that reaches for the same chunk waits and uploads it anew instead of
-    /// relying on an object about to vanish, and a crash before
-    /// [`Meta::gc_forget_chunks`] leaves a mark that GC reclaims after the
-    /// grace period. Chunks that gained a row meanwhile are left alone: some
-    /// blob relies on them. Returns the claimed ids with their hashes.
-    pub async fn claim_unrecorded_chunks(
-        &self,
-        hashes: &[[u8; 32]],
-        now: i64,
-    ) -> Result<Vec<(ChunkId, [u8; 32])>> {
-        const INSERT: &str = "INSERT INTO chunks \
-               (hash, size, stored_size, frame_hash, compression, refcount, deletable_at, state, created_at) \
-             VALUES ($1, 1, 1, $2, 'zstd', 0, $3, 'deleting', $4) \
-             ON CONFLICT (hash) DO NOTHING RETURNING id";
-        let lease = self.lease(now);
-        let mut claimed = Vec::new();
-        for batch in hashes.chunks(READ_BATCH) {
-            let ids: Vec<(ChunkId, [u8; 32])> = on_writer!(self, |pool| async {
-                let mut tx = pool.begin_write().await?;
-                let mut ids = Vec::with_capacity(batch.len());
-                for hash in batch {
-                    let id: Option<(i64,)> = sqlx::query_as(INSERT)
-                        .bind(&hash[..])
-                        .bind(&[0u8; 32][..])
-                        .bind(lease)
-                        .bind(now)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    ids.extend(id.map(|(id,)| (ChunkId(id), *hash)));
-                }
-                tx.commit().await?;
-                Ok(ids)
-            })?;
-            claimed.extend(ids);
-        }
-        Ok(claimed)
-    }
-
-    /// Deletes the rows of marked chunks whose objects the caller has deleted.
-    /// Ids that are already gone, or not marked, are skipped, so repeating a
-    /// call after a crash is harmless. Returns how many rows went.
+    /// Deletes the rows of marked chunks whose objects the caller has deleted
+    /// (if they had objects of their own), and takes their bytes off their
+    /// packs' live bytes in the same transaction. Ids that are already gone,
+    /// or not marked, are skipped, so repeating a call after a crash is
+    /// harmless. Returns how many rows went.
     pub async fn gc_forget_chunks(&self, ids: &[ChunkId]) -> Result<u64> {
         let mut forgotten = 0;
         for batch in ids.chunks(READ_BATCH) {
             let n = sql::in_list_len(batch.len());
             let delete = format!(
-                "DELETE FROM chunks WHERE state = 'deleting' AND id IN ({})",
+                "DELETE FROM chunks WHERE state = 'deleting' AND id IN ({}) \
+                 RETURNING pack_id, stored_size",
                 sql::params(1, n)
             );
             forgotten += on_writer!(self, |pool| async {
-                let mut query = sqlx::query(&delete);
+                let mut tx = pool.begin_write().await?;
+                let mut query = sqlx::query_as(&delete);
                 for i in 0..n {
                     query = query.bind(sql::padded(batch, i).0);
                 }
-                Ok(query.execute(pool).await?.rows_affected())
+                let rows: Vec<(Option<i64>, i64)> = query.fetch_all(&mut *tx).await?;
+                let mut dead = LiveBytes::new();
+                for (pack, stored_size) in &rows {
+                    if let Some(pack) = pack {
+                        *dead.entry(*pack).or_default() -= stored_size;
+                    }
+                }
+                add_live_bytes!(tx, &dead);
+                tx.commit().await?;
+                Ok(rows.len() as u64)
             })?;
         }
         Ok(forgotten)

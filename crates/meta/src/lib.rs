@@ -44,6 +44,7 @@ mod error;
 mod gc;
 mod migrations;
 mod nix;
+mod packs;
 mod redact;
 mod sql;
 #[cfg(feature = "testing")]
@@ -61,12 +62,13 @@ use sqlx::{Postgres, Sqlite, Transaction};
 
 pub use blobs::{
     Blob, BlobChunk, BlobCommit, Chunk, ChunkCompression, ChunkRange, ChunkStats, NewBlob,
-    NewChunkRef,
+    NewChunkRef, PresentChunk,
 };
 pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
 pub use gc::Expired;
 pub use nix::{NixObject, NixObjectRow};
+pub use packs::{NewPack, Pack, PackPlace};
 pub use redact::{Redacted, redact};
 pub use uploads::UploadSession;
 

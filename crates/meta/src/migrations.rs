@@ -31,6 +31,10 @@ const POSTGRES: Embedded = Embedded(&[
         "0003_upload_sessions.sql",
         include_str!("../../../migrations/postgres/0003_upload_sessions.sql"),
     ),
+    (
+        "0004_packs.sql",
+        include_str!("../../../migrations/postgres/0004_packs.sql"),
+    ),
 ]);
 
 const SQLITE: Embedded = Embedded(&[
@@ -45,6 +49,10 @@ const SQLITE: Embedded = Embedded(&[
     (
         "0003_upload_sessions.sql",
         include_str!("../../../migrations/sqlite/0003_upload_sessions.sql"),
+    ),
+    (
+        "0004_packs.sql",
+        include_str!("../../../migrations/sqlite/0004_packs.sql"),
     ),
 ]);
 

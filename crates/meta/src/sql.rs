@@ -16,10 +16,10 @@ pub(crate) const READ_BATCH: usize = 64;
 /// stay far below either database's parameter limit.
 pub(crate) const WIDE_READ_BATCH: usize = 1024;
 
-/// Rows per multi-row `INSERT`. The widest one binds 6 values a row plus 1,
+/// Rows per multi-row `INSERT`. The widest one binds 9 values a row plus 1,
 /// far below SQLite's limit of 32766 bound parameters (Postgres allows 65535).
 pub(crate) const WRITE_BATCH: usize = 1000;
-const _: () = assert!(WRITE_BATCH * 6 + 1 < 32766);
+const _: () = assert!(WRITE_BATCH * 9 + 1 < 32766);
 
 /// `$first, $first+1, …` for `n` parameters.
 pub(crate) fn params(first: usize, n: usize) -> String {

@@ -28,8 +28,12 @@
 
 use std::collections::HashMap;
 
-use crate::blobs::{BlobChunk, NewChunkRef, UsedChunkRow, chunk_from_row, record_used, tile};
+use crate::blobs::{
+    BlobChunk, CHUNK_COLUMNS, NewChunkRef, PACK_JOIN, UsedChunkRow, chunk_from_row, chunk_inserts,
+    insert_chunks, record_used, tile,
+};
 use crate::gc::claim_sql;
+use crate::packs::{LiveBytes, NewPack, add_live_bytes, insert_packs};
 use crate::sql::{self, READ_BATCH, WRITE_BATCH};
 use crate::{
     BeginWrite as _, CacheId, Meta, MetaError, Result, UploadSessionId, on_reader, on_writer,
@@ -68,10 +72,13 @@ const CLAIM: &str = "INSERT INTO upload_sessions \
      RETURNING id, generation, committed_size, file_size";
 
 /// The chunk list of session `$1` in order, each with its chunk row's state.
-const SESSION_CHUNKS: &str = "SELECT sc.seq, sc.byte_offset, sc.file_offset, \
-       c.id, c.hash, c.size, c.stored_size, c.frame_hash, c.compression, c.state \
-     FROM upload_session_chunks sc JOIN chunks c ON c.id = sc.chunk_id \
-     WHERE sc.session_id = $1 ORDER BY sc.seq";
+fn session_chunks_sql() -> String {
+    format!(
+        "SELECT sc.seq, sc.byte_offset, sc.file_offset, {CHUNK_COLUMNS}, c.state \
+         FROM upload_session_chunks sc JOIN chunks c ON c.id = sc.chunk_id {PACK_JOIN} \
+         WHERE sc.session_id = $1 ORDER BY sc.seq"
+    )
+}
 
 /// `seq, byte_offset, file_offset`, a [`crate::blobs::ChunkRow`], and the
 /// chunk's state.
@@ -85,6 +92,8 @@ type SessionChunkRow = (
     i64,
     Vec<u8>,
     String,
+    Option<Vec<u8>>,
+    Option<i64>,
     String,
 );
 
@@ -119,24 +128,6 @@ fn lease_chunks_sql(n: usize) -> String {
     )
 }
 
-/// Inserts `n` chunks the writer uploaded, created at `$1` and unreferenced
-/// until `$2`. A row that exists (a concurrent writer's, or one a blob uses)
-/// gets the same lease unless it is `deleting`, which the WHERE skips and
-/// RETURNING omits.
-fn insert_chunks_sql(n: usize) -> String {
-    format!(
-        "INSERT INTO chunks (hash, size, stored_size, frame_hash, compression, refcount, \
-           deletable_at, state, created_at) \
-         VALUES {} \
-         ON CONFLICT (hash) DO UPDATE SET deletable_at = \
-           CASE WHEN chunks.refcount = 0 AND chunks.deletable_at < excluded.deletable_at \
-             THEN excluded.deletable_at ELSE chunks.deletable_at END \
-           WHERE chunks.state = 'valid' \
-         RETURNING id, hash, stored_size, frame_hash",
-        sql::rows(3, n, 5, "", ", 0, $2, 'valid', $1")
-    )
-}
-
 /// Appends `n` chunk positions to session `$1`.
 fn insert_session_chunks_sql(n: usize) -> String {
     format!(
@@ -164,13 +155,34 @@ fn session_chunks(
     let mut chunks = Vec::with_capacity(rows.len());
     let (mut end, mut file_end) = (0u64, 0u64);
     for (expected_seq, row) in (0u64..).zip(rows) {
-        let (seq, offset, file_offset, id, hash, size, stored_size, frame_hash, compression, state) =
-            row;
+        let (
+            seq,
+            offset,
+            file_offset,
+            id,
+            hash,
+            size,
+            stored_size,
+            frame_hash,
+            compression,
+            pack,
+            at,
+            state,
+        ) = row;
         let chunk = BlobChunk {
             seq: sql::from_db(seq, "session chunk seq")?,
             offset: sql::from_db(offset, "session chunk offset")?,
             file_offset: sql::from_db(file_offset, "session chunk file_offset")?,
-            chunk: chunk_from_row((id, hash, size, stored_size, frame_hash, compression))?,
+            chunk: chunk_from_row((
+                id,
+                hash,
+                size,
+                stored_size,
+                frame_hash,
+                compression,
+                pack,
+                at,
+            ))?,
         };
         if state != "valid"
             || chunk.seq != expected_seq
@@ -243,7 +255,7 @@ impl Meta {
             let kept = if committed_size == 0 {
                 None
             } else {
-                let rows: Vec<SessionChunkRow> = sqlx::query_as(SESSION_CHUNKS)
+                let rows: Vec<SessionChunkRow> = sqlx::query_as(&session_chunks_sql())
                     .bind(id)
                     .fetch_all(&mut *tx)
                     .await?;
@@ -280,9 +292,9 @@ impl Meta {
     /// The chunks must continue the session exactly: the first starts at its
     /// `committed_size` and `file_size`, each of the others where the one
     /// before ends ([`MetaError::Invalid`] otherwise). Those the writer
-    /// `uploaded` get a row if they have none, unreferenced and leased until
-    /// `expires_at`; the others must have a valid row, and are leased as
-    /// well. Fails with [`MetaError::ChunkGone`] if a chunk is being
+    /// `uploaded` (into `packs`) get a row if they have none, unreferenced
+    /// and leased until `expires_at`; the others must have a valid row, and
+    /// are leased as well. Fails with [`MetaError::ChunkGone`] if a chunk is being
     /// garbage-collected or has no row though the writer did not upload it,
     /// with [`MetaError::FrameMismatch`] if a row records a different stored
     /// frame, and with [`MetaError::UploadSuperseded`] if the session is gone,
@@ -292,6 +304,7 @@ impl Meta {
         session: UploadSessionId,
         generation: i64,
         chunks: &[NewChunkRef],
+        packs: &[NewPack],
         now: i64,
         expires_at: i64,
     ) -> Result<()> {
@@ -302,6 +315,8 @@ impl Meta {
         let file_end = sql::to_db(file_end, "upload file size")?;
         let (uploaded, leased): (Vec<_>, Vec<_>) = uses.values().partition(|u| u.uploaded);
         let leased: Vec<[u8; 32]> = leased.into_iter().map(|u| u.chunk.hash).collect();
+        let uploaded: Vec<(&NewChunkRef, i64)> =
+            uploaded.into_iter().map(|u| (u.chunk, 0)).collect();
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
             let held: Option<(i64, i64)> = sqlx::query_as(HOLD_SESSION)
@@ -330,6 +345,21 @@ impl Meta {
             }
 
             let mut ids = HashMap::with_capacity(uses.len());
+            let mut live = LiveBytes::new();
+            if !uploaded.is_empty() {
+                let pack_ids = insert_packs!(tx, packs, now);
+                let inserts = chunk_inserts(uploaded.iter().copied(), &pack_ids)?;
+                insert_chunks!(tx, &inserts, now, Some(expires_at), &uses, &mut ids, live);
+            }
+            // The chunks the writer did not upload, and those it did that
+            // have a row already (a concurrent writer's, or one an earlier
+            // record or a blob holds), must be valid: lease them.
+            let leased: Vec<[u8; 32]> = leased
+                .iter()
+                .copied()
+                .chain(uploaded.iter().map(|(c, _)| c.hash))
+                .filter(|h| !ids.contains_key(h))
+                .collect();
             for batch in leased.chunks(READ_BATCH) {
                 let n = sql::in_list_len(batch.len());
                 let update = lease_chunks_sql(n);
@@ -340,23 +370,10 @@ impl Meta {
                 let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
                 record_used(rows, &uses, &mut ids)?;
             }
-            for batch in uploaded.chunks(WRITE_BATCH) {
-                let insert = insert_chunks_sql(batch.len());
-                let mut query = sqlx::query_as(&insert).bind(now).bind(expires_at);
-                for u in batch {
-                    query = query
-                        .bind(&u.chunk.hash[..])
-                        .bind(sql::to_db(u.chunk.size, "chunk size")?)
-                        .bind(sql::to_db(u.chunk.stored_size, "chunk stored size")?)
-                        .bind(&u.chunk.frame_hash[..])
-                        .bind(u.chunk.compression.as_str());
-                }
-                let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
-                record_used(rows, &uses, &mut ids)?;
-            }
             if let Some(gone) = uses.keys().find(|h| !ids.contains_key(*h)) {
                 return Err(MetaError::ChunkGone(*gone));
             }
+            add_live_bytes!(tx, &live);
 
             let (next,): (i64,) = sqlx::query_as(NEXT_SEQ)
                 .bind(session.0)

@@ -7,7 +7,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::BoxError;
@@ -15,13 +14,14 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use garret_meta::{
     Blob, BlobChunk, BlobId, ChunkCompression, ChunkRange, Meta, MetaError, NewBlob, NewChunkRef,
+    NewPack, PackPlace,
 };
 use garret_nix::Sha256Hash;
 
 use crate::clock::unix_now;
 use garret_store::{
-    Backend, Checkpoint, ChunkHash, ChunkIndex, ChunkRef, ChunkStore, Ingested, Manifest,
-    StoreError,
+    Backend, Checkpoint, ChunkHash, ChunkIndex, ChunkPlace, ChunkRef, ChunkStore, Ingested, PackId,
+    PackInfo, StoreError, StoredFrame,
 };
 
 /// How often, and how long apart, a writer re-asks about chunks that garbage
@@ -74,50 +74,16 @@ pub struct StoredBlob {
 pub struct Blobs {
     store: ChunkStore<Backend>,
     meta: Meta,
-    in_flight: Arc<Mutex<InFlight>>,
-}
-
-/// New chunks that live uploads in this process are writing. A failed
-/// upload removes only the chunks no other live upload is also writing, and
-/// while it removes them no upload may start writing them, so a concurrent
-/// writer of the same content never loses its object to someone else's
-/// cleanup. (Across replicas the metadata's `deleting` mark makes that
-/// writer fail with a retryable error instead.)
-#[derive(Debug, Default)]
-struct InFlight {
-    writers: HashMap<[u8; 32], usize>,
-    discarding: HashSet<[u8; 32]>,
 }
 
 /// The metadata seen as the store's chunk index, at one point in time.
-/// Registers the chunks it reports missing in [`InFlight`] and unregisters
-/// them when dropped, however the upload ends.
 struct MetaIndex<'a> {
     meta: &'a Meta,
     now: i64,
-    in_flight: &'a Mutex<InFlight>,
-    /// Every chunk reported missing: this ingest writes those objects, and
-    /// must clean them up if it fails.
-    missing: Mutex<Vec<[u8; 32]>>,
-}
-
-impl Drop for MetaIndex<'_> {
-    fn drop(&mut self) {
-        let missing = self.missing.get_mut().expect("no panics while locked");
-        let mut in_flight = self.in_flight.lock().expect("no panics while locked");
-        for hash in missing.iter() {
-            if let Some(n) = in_flight.writers.get_mut(hash) {
-                *n -= 1;
-                if *n == 0 {
-                    in_flight.writers.remove(hash);
-                }
-            }
-        }
-    }
 }
 
 impl ChunkIndex for MetaIndex<'_> {
-    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, Sha256Hash>, BoxError> {
+    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, StoredFrame>, BoxError> {
         let hashes: Vec<[u8; 32]> = ids.iter().map(|id| *id.as_bytes()).collect();
         let mut attempt = 0;
         let present = loop {
@@ -130,42 +96,35 @@ impl ChunkIndex for MetaIndex<'_> {
                 other => break other?,
             }
         };
-        let missing: Vec<[u8; 32]> = hashes
-            .iter()
-            .filter(|h| !present.contains_key(*h))
-            .copied()
-            .collect();
-        // Wait out a failed upload that is removing some of these objects:
-        // once it is done they are gone, and this upload writes them anew.
-        loop {
-            {
-                let mut in_flight = self.in_flight.lock().expect("no panics while locked");
-                if !missing.iter().any(|h| in_flight.discarding.contains(h)) {
-                    for hash in &missing {
-                        *in_flight.writers.entry(*hash).or_default() += 1;
-                    }
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.missing
-            .lock()
-            .expect("no panics while locked")
-            .extend(missing);
-        Ok(present
+        present
             .into_iter()
-            .map(|(id, frame)| {
-                (
-                    ChunkHash(Sha256Hash::from_bytes(id)),
-                    Sha256Hash::from_bytes(frame),
-                )
+            .map(|(hash, chunk)| {
+                let id = ChunkHash(Sha256Hash::from_bytes(hash));
+                let stored = StoredFrame {
+                    hash: Sha256Hash::from_bytes(chunk.frame_hash),
+                    size: small(id, "stored size", chunk.stored_size)?,
+                    place: place(chunk.pack),
+                };
+                Ok((id, stored))
             })
-            .collect())
+            .collect()
     }
 }
 
-fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkHash) -> bool) -> NewBlob {
+/// A chunk's place as the store names it.
+fn place(pack: Option<PackPlace>) -> ChunkPlace {
+    match pack {
+        None => ChunkPlace::Object,
+        Some(p) => ChunkPlace::Pack {
+            pack: PackId(p.pack),
+            offset: p.offset,
+        },
+    }
+}
+
+/// A blob's manifest as the metadata records it.
+fn new_blob(ingested: &Ingested) -> NewBlob {
+    let manifest = &ingested.manifest;
     NewBlob {
         hash: *manifest.hash.as_bytes(),
         size: manifest.size,
@@ -174,9 +133,21 @@ fn new_blob(manifest: &Manifest, uploaded: &dyn Fn(ChunkHash) -> bool) -> NewBlo
         chunks: manifest
             .chunks
             .iter()
-            .map(|c| new_chunk_ref(c, uploaded(c.id)))
+            .map(|c| new_chunk_ref(c, ingested.uploaded.contains(&c.id)))
             .collect(),
+        packs: new_packs(&ingested.packs),
     }
+}
+
+/// Packs as the metadata records them.
+pub fn new_packs(packs: &[PackInfo]) -> Vec<NewPack> {
+    packs
+        .iter()
+        .map(|p| NewPack {
+            key: p.id.0,
+            size: p.size,
+        })
+        .collect()
 }
 
 /// A chunk of the store's manifest as the metadata records it.
@@ -190,6 +161,13 @@ pub fn new_chunk_ref(c: &ChunkRef, uploaded: bool) -> NewChunkRef {
         file_offset: c.file_offset,
         frame_hash: *c.frame_hash.as_bytes(),
         uploaded,
+        pack: match c.place {
+            ChunkPlace::Object => None,
+            ChunkPlace::Pack { pack, offset } => Some(PackPlace {
+                pack: pack.0,
+                offset,
+            }),
+        },
     }
 }
 
@@ -241,36 +219,35 @@ where
     })
 }
 
-/// A chunk row as the store wants it. Chunks and their frames are far below
-/// 4 GiB, so a size that does not fit a `u32` is a corrupt row: the request
-/// fails with an error (and the row can be repaired), it does not panic.
+/// A chunk size from a row. Chunks and their frames are far below 4 GiB, so
+/// a size that does not fit a `u32` is a corrupt row: the request fails with
+/// an error (and the row can be repaired), it does not panic.
+fn small(id: ChunkHash, what: &str, value: u64) -> Result<u32, MetaError> {
+    u32::try_from(value).map_err(|_| {
+        MetaError::Corrupt(format!(
+            "chunk {} has a {what} of {value} bytes",
+            id.0.to_hex()
+        ))
+    })
+}
+
+/// A chunk row as the store wants it.
 pub fn chunk_ref(c: &BlobChunk) -> Result<ChunkRef, BlobError> {
     let id = ChunkHash(Sha256Hash::from_bytes(c.chunk.hash));
-    let small = |what: &str, value: u64| {
-        u32::try_from(value).map_err(|_| {
-            BlobError::Meta(MetaError::Corrupt(format!(
-                "chunk {} has a {what} of {value} bytes",
-                id.0.to_hex()
-            )))
-        })
-    };
     Ok(ChunkRef {
         id,
         offset: c.offset,
-        size: small("size", c.chunk.size)?,
+        size: small(id, "size", c.chunk.size)?,
         file_offset: c.file_offset,
-        stored_size: small("stored size", c.chunk.stored_size)?,
+        stored_size: small(id, "stored size", c.chunk.stored_size)?,
         frame_hash: Sha256Hash::from_bytes(c.chunk.frame_hash),
+        place: place(c.chunk.pack),
     })
 }
 
 impl Blobs {
     pub fn new(store: ChunkStore<Backend>, meta: Meta) -> Self {
-        Self {
-            store,
-            meta,
-            in_flight: Arc::default(),
-        }
+        Self { store, meta }
     }
 
     pub fn meta(&self) -> &Meta {
@@ -288,8 +265,8 @@ impl Blobs {
     ///
     /// When `expect.hash` names a blob that exists already, the input is only
     /// hashed (proof of possession) and nothing is written. When the upload
-    /// fails, the chunk objects it wrote that no blob uses are deleted again,
-    /// so a refused upload leaves no trace in storage either.
+    /// fails, the packs it wrote are deleted again, so a refused upload
+    /// leaves no trace in storage either.
     pub async fn put<S, E>(&self, input: S, expect: Expect) -> Result<StoredBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send,
@@ -305,8 +282,8 @@ impl Blobs {
 
     /// [`Blobs::put`] of an upload whose first chunks, `prefix`, an earlier
     /// attempt stored; `checkpoint` records durable progress so that this
-    /// attempt can be resumed in turn. Chunks a record covers are no longer
-    /// this upload's to clean up when it fails: they have a row.
+    /// attempt can be resumed in turn. Packs a record covers are no longer
+    /// this upload's to clean up when it fails: the metadata names them.
     pub async fn put_after<S, E>(
         &self,
         prefix: Vec<ChunkRef>,
@@ -322,48 +299,45 @@ impl Blobs {
         let index = MetaIndex {
             meta: &self.meta,
             now,
-            in_flight: &self.in_flight,
-            missing: Mutex::default(),
         };
-        let result = self.ingest(prefix, input, expect, &index, checkpoint).await;
-        if let Err(error) = &result {
-            let missing = index
-                .missing
-                .lock()
-                .expect("no panics while locked")
-                .clone();
-            tracing::debug!(%error, chunks = missing.len(), "upload failed; removing its unrecorded chunks");
-            if let Err(cleanup) = self.discard(missing, now).await {
-                tracing::warn!(%cleanup, "could not remove the chunks of a failed upload; GC will");
-            }
+        // A failed ingest removes what it wrote itself. Boxed: the ingest's
+        // state machine is large and deep, and callers nest it further.
+        let ingested =
+            Box::pin(
+                self.store
+                    .ingest_after(prefix, input, &index, expect.max_size, checkpoint),
+            )
+            .await?;
+        let result = self.commit(&ingested, expect, now).await;
+        let unused = match &result {
+            Ok(stored) => stored.deduplicated,
+            // A database error may have come after the commit took effect
+            // (a connection lost on COMMIT): the packs may be named, so they
+            // are left to GC, which checks.
+            Err(BlobError::Meta(MetaError::Database(_))) => false,
+            Err(_) => true,
+        };
+        if unused {
+            self.store.discard(&ingested.packs).await;
         }
         result
     }
 
-    async fn ingest<S, E>(
+    /// Checks an ingested upload against `expect` and records it.
+    async fn commit(
         &self,
-        prefix: Vec<ChunkRef>,
-        input: S,
+        ingested: &Ingested,
         expect: Expect,
-        index: &MetaIndex<'_>,
-        checkpoint: &impl Checkpoint,
-    ) -> Result<StoredBlob, BlobError>
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send,
-        E: Into<BoxError>,
-    {
-        let Ingested { manifest, uploaded } = self
-            .store
-            .ingest_after(prefix, input, index, expect.max_size, checkpoint)
-            .await?;
+        now: i64,
+    ) -> Result<StoredBlob, BlobError> {
+        let manifest = &ingested.manifest;
         check(expect, manifest.hash, manifest.size)?;
-        let blob = new_blob(&manifest, &|id| uploaded.contains(&id));
-        let commit = self.meta.commit_blob(&blob, index.now).await?;
+        let commit = self.meta.commit_blob(&new_blob(ingested), now).await?;
         let mut counted = HashSet::new();
         let new_bytes = manifest
             .chunks
             .iter()
-            .filter(|c| uploaded.contains(&c.id) && counted.insert(c.id))
+            .filter(|c| ingested.uploaded.contains(&c.id) && counted.insert(c.id))
             .map(|c| u64::from(c.size))
             .sum();
         Ok(StoredBlob {
@@ -375,43 +349,6 @@ impl Blobs {
             deduplicated: commit.already_existed,
             new_bytes: if commit.already_existed { 0 } else { new_bytes },
         })
-    }
-
-    /// Deletes the objects of chunks a failed upload wrote, unless some blob
-    /// was committed with them meanwhile (see
-    /// [`Meta::claim_unrecorded_chunks`] for why this is safe against
-    /// concurrent writers).
-    async fn discard(&self, mut missing: Vec<[u8; 32]>, now: i64) -> Result<(), BlobError> {
-        missing.sort_unstable();
-        missing.dedup();
-        {
-            // Only chunks no other live upload writes (this one counts once).
-            let mut in_flight = self.in_flight.lock().expect("no panics while locked");
-            missing.retain(|h| in_flight.writers.get(h) == Some(&1));
-            in_flight.discarding.extend(missing.iter().copied());
-        }
-        let result = self.remove_unrecorded(&missing, now).await;
-        let mut in_flight = self.in_flight.lock().expect("no panics while locked");
-        for hash in &missing {
-            in_flight.discarding.remove(hash);
-        }
-        result
-    }
-
-    async fn remove_unrecorded(&self, hashes: &[[u8; 32]], now: i64) -> Result<(), BlobError> {
-        use garret_store::ObjectStore as _;
-        let claimed = self.meta.claim_unrecorded_chunks(hashes, now).await?;
-        for (_, hash) in &claimed {
-            let key = ChunkHash(Sha256Hash::from_bytes(*hash)).object_key();
-            self.store
-                .backend()
-                .delete(&key)
-                .await
-                .map_err(StoreError::Backend)?;
-        }
-        let ids: Vec<_> = claimed.into_iter().map(|(id, _)| id).collect();
-        self.meta.gc_forget_chunks(&ids).await?;
-        Ok(())
     }
 
     /// Streams `range` of a blob's content. A chunk missing from the backend
@@ -460,6 +397,7 @@ mod tests {
                 stored_size,
                 frame_hash: [8; 32],
                 compression: ChunkCompression::Zstd,
+                pack: None,
             },
         }
     }

@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use garret_nix::Sha256Hash;
-use garret_server::blobs::{BlobError, Blobs, Expect, StoredBlob};
+use garret_server::blobs::{BlobError, Blobs, Expect, StoredBlob, chunk_ref};
 use garret_store::testing::{S3TestServer, body, text};
 use garret_store::{ObjectStore, StoreError};
 
@@ -194,16 +194,22 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
     let content = text(1 << 20, 9);
     let b = put(&f.blobs, &content).await;
     let chunks = f.blobs.meta().blob_chunks(b.id, None).await.unwrap();
-    let victim =
-        garret_store::ChunkHash(Sha256Hash::from_bytes(chunks[chunks.len() / 2].chunk.hash));
+    let chunks: Vec<_> = chunks.iter().map(|c| chunk_ref(c).unwrap()).collect();
+    let victim = chunks[chunks.len() / 2];
     f.blobs
         .store()
         .backend()
         .delete(&victim.object_key())
         .await
         .unwrap();
+    // The read fails at the first chunk of the pack that is gone.
+    let first_lost = chunks
+        .iter()
+        .find(|c| c.pack() == victim.pack())
+        .unwrap()
+        .id;
     assert!(
-        matches!(read_all(&f.blobs, &b, 0..b.size).await, Err(StoreError::MissingChunk(id)) if id == victim)
+        matches!(read_all(&f.blobs, &b, 0..b.size).await, Err(StoreError::MissingChunk(id)) if id == first_lost)
     );
     let frames: Result<Vec<Bytes>, _> = f
         .blobs

@@ -329,7 +329,7 @@ async fn missing_chunk_is_a_503() {
         .blob_chunks(row.blob.id, None)
         .await
         .unwrap();
-    let first = garret_store::ChunkHash(Sha256Hash::from_bytes(chunks[0].chunk.hash));
+    let first = garret_server::blobs::chunk_ref(&chunks[0]).unwrap();
     server
         .state
         .blobs

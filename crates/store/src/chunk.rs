@@ -18,8 +18,9 @@ impl ChunkHash {
         self.0.as_bytes()
     }
 
-    /// Key of the chunk's object in the blob backend: a format version, then a
-    /// two-hex-digit fan-out so no directory or S3 prefix grows unbounded.
+    /// Key of the chunk's own object (stores written before packs): a format
+    /// version, then a two-hex-digit fan-out so no directory or S3 prefix
+    /// grows unbounded.
     pub fn object_key(&self) -> String {
         let hex = self.0.to_hex();
         format!("chunks/v1/{}/{hex}", &hex[..2])
@@ -36,6 +37,70 @@ impl fmt::Debug for ChunkHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ChunkHash({self})")
     }
+}
+
+/// A pack: one object holding the stored frames of many chunks, written
+/// once by one upload (or one batch of small uploads) and never appended to
+/// afterwards.
+///
+/// Packs exist because an object per chunk costs a file create and an
+/// `fdatasync` (or a PUT) per 64 KiB; a pack costs one per several MiB. A
+/// pack is named by a random id rather than by its content: its content is
+/// only known once it is full, and which chunks it holds is recorded in the
+/// metadata, each chunk's frame still checked against its own hash on every
+/// read.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub [u8; 16]);
+
+impl PackId {
+    /// A fresh id from the operating system's random source: 128 bits make
+    /// a collision between any two writers, on any replica, negligible.
+    pub fn random() -> Self {
+        let mut id = [0; 16];
+        getrandom::fill(&mut id).expect("the OS random source works");
+        Self(id)
+    }
+
+    /// Key of the pack's object: a format version and the same two-hex-digit
+    /// fan-out as chunk objects.
+    pub fn object_key(&self) -> String {
+        let hex = self.to_string();
+        format!("packs/v1/{}/{hex}", &hex[..2])
+    }
+}
+
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackId({self})")
+    }
+}
+
+/// A pack as written: what the metadata records next to its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackInfo {
+    pub id: PackId,
+    /// Bytes in the object: every frame written to it, including frames a
+    /// concurrent writer's commit made redundant.
+    pub size: u64,
+}
+
+/// Where a chunk's stored frame lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChunkPlace {
+    /// An object of its own, named by the chunk's hash: how chunks were
+    /// stored before packs, still read.
+    Object,
+    /// `stored_size` bytes at `offset` in a pack.
+    Pack { pack: PackId, offset: u64 },
 }
 
 /// One chunk's place in a blob.
@@ -55,9 +120,36 @@ pub struct ChunkRef {
     /// SHA-256 of the stored frame: lets a writer that dedups a chunk prove the
     /// stored frame equals the one it produced, so the blob's file hash is right.
     pub frame_hash: Sha256Hash,
+    /// Where the frame is stored.
+    pub place: ChunkPlace,
 }
 
 impl ChunkRef {
+    /// Key of the object holding the chunk's frame.
+    pub fn object_key(&self) -> String {
+        match self.place {
+            ChunkPlace::Object => self.id.object_key(),
+            ChunkPlace::Pack { pack, .. } => pack.object_key(),
+        }
+    }
+
+    /// The pack holding the chunk, if it is in one.
+    pub fn pack(&self) -> Option<PackId> {
+        match self.place {
+            ChunkPlace::Object => None,
+            ChunkPlace::Pack { pack, .. } => Some(pack),
+        }
+    }
+
+    /// The frame's bytes within that object.
+    pub fn object_range(&self) -> std::ops::Range<u64> {
+        let start = match self.place {
+            ChunkPlace::Object => 0,
+            ChunkPlace::Pack { offset, .. } => offset,
+        };
+        start..start + u64::from(self.stored_size)
+    }
+
     pub fn end(&self) -> u64 {
         self.offset + u64::from(self.size)
     }

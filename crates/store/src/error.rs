@@ -32,6 +32,10 @@ impl StoreError {
     pub(crate) fn from_backend(id: ChunkHash, err: BackendError) -> Self {
         match err {
             BackendError::NotFound(_) => Self::MissingChunk(id),
+            short @ BackendError::Short { .. } => Self::Corrupt {
+                id,
+                reason: short.to_string(),
+            },
             other => Self::Backend(other),
         }
     }

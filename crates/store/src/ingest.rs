@@ -1,18 +1,29 @@
-//! The write path: stream in, cut, hash, then compress and upload what is
-//! missing while fetching the stored frames of what is present.
+//! The write path: stream in, cut, hash, then compress what is missing and
+//! append it to packs, while fetching the stored frames of what is present.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::pin;
 
 use bytes::{Bytes, BytesMut};
-use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 use garret_nix::{Sha256Hash, Sha256Hasher};
 use tokio::task::JoinHandle;
 
 use crate::error::BoxError;
-use crate::{ChunkHash, ChunkRef, ChunkStore, Manifest, ObjectStore, StoreError, codec};
+use crate::pack::Packer;
+use crate::{
+    ChunkHash, ChunkPlace, ChunkRef, ChunkStore, Manifest, ObjectStore, PackInfo, StoreError, codec,
+};
+
+/// A chunk the index holds: where its stored frame is and how to check it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredFrame {
+    pub hash: Sha256Hash,
+    pub size: u32,
+    pub place: ChunkPlace,
+}
 
 /// Which chunks the metadata already holds.
 ///
@@ -20,11 +31,11 @@ use crate::{ChunkHash, ChunkRef, ChunkStore, Manifest, ObjectStore, StoreError, 
 /// present until the writer that asked has committed (the metadata layer
 /// leases it for a grace period), because that writer will not upload it.
 pub trait ChunkIndex: Send + Sync {
-    /// Returns the stored frame hash of every chunk in `ids` that is present.
+    /// Returns the stored frame of every chunk in `ids` that is present.
     fn lookup(
         &self,
         ids: &[ChunkHash],
-    ) -> impl Future<Output = Result<HashMap<ChunkHash, Sha256Hash>, BoxError>> + Send;
+    ) -> impl Future<Output = Result<HashMap<ChunkHash, StoredFrame>, BoxError>> + Send;
 }
 
 /// Told each time more of an ingest is durable, so that an interrupted
@@ -41,11 +52,13 @@ pub trait Checkpoint: Send + Sync {
 
     /// `chunks` continue the blob where the last record (or the resumed
     /// prefix) ended, and are durable in the backend. `uploaded` names the
-    /// chunks this ingest wrote itself; the others were already stored.
+    /// chunks this ingest wrote since the last record, into `packs`; the
+    /// others were stored already (by others, or recorded before).
     fn record(
         &self,
         chunks: &[ChunkRef],
         uploaded: &HashSet<ChunkHash>,
+        packs: &[PackInfo],
     ) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
 
@@ -55,18 +68,27 @@ impl Checkpoint for () {
         u64::MAX
     }
 
-    async fn record(&self, _: &[ChunkRef], _: &HashSet<ChunkHash>) -> Result<(), BoxError> {
+    async fn record(
+        &self,
+        _: &[ChunkRef],
+        _: &HashSet<ChunkHash>,
+        _: &[PackInfo],
+    ) -> Result<(), BoxError> {
         Ok(())
     }
 }
 
-/// The result of an ingest: the blob's manifest, and which of its chunks this
+/// The result of an ingest: the blob's manifest, which of its chunks this
 /// ingest uploaded (the rest were already present), which the metadata commit
-/// needs to tell a chunk it may insert from one that must already exist.
+/// needs to tell a chunk it may insert from one that must already exist, and
+/// the packs it wrote them to since its last checkpoint record. Those packs
+/// are durable but named by no metadata yet: the caller commits them with
+/// the blob, or hands them to [`ChunkStore::discard`].
 #[derive(Debug)]
 pub struct Ingested {
     pub manifest: Manifest,
     pub uploaded: HashSet<ChunkHash>,
+    pub packs: Vec<PackInfo>,
 }
 
 /// A chunk cut and hashed. Whether it is compressed depends on whether the
@@ -83,8 +105,9 @@ struct Framed {
     size: u32,
     frame: Bytes,
     frame_hash: Sha256Hash,
-    /// This ingest must upload the frame (first sight of a missing chunk).
-    upload: bool,
+    /// Where the frame is stored already; `None` for a frame this ingest
+    /// compressed, which goes to a pack (the first time it appears).
+    place: Option<ChunkPlace>,
 }
 
 fn hash_chunk(data: Bytes) -> Hashed {
@@ -94,14 +117,14 @@ fn hash_chunk(data: Bytes) -> Hashed {
     }
 }
 
-fn compress_chunk(chunk: &Hashed, level: i32, upload: bool) -> Result<Framed, StoreError> {
+fn compress_chunk(chunk: &Hashed, level: i32) -> Result<Framed, StoreError> {
     let frame = codec::compress(&chunk.data, level)?;
     Ok(Framed {
         id: chunk.id,
         size: chunk_size(&chunk.data),
         frame_hash: Sha256Hash::of(&frame),
         frame,
-        upload,
+        place: None,
     })
 }
 
@@ -116,45 +139,47 @@ async fn fetch_frame<B: ObjectStore>(
     backend: B,
     id: ChunkHash,
     size: u32,
-    frame_hash: Sha256Hash,
+    stored: StoredFrame,
 ) -> Result<Framed, StoreError> {
-    let frame = backend
-        .get(&id.object_key())
-        .await
-        .map_err(|e| StoreError::from_backend(id, e))?;
-    if Sha256Hash::of(&frame) != frame_hash {
-        return Err(StoreError::Corrupt {
-            id,
-            reason: "stored frame does not match its recorded hash".into(),
-        });
-    }
+    let chunk = ChunkRef {
+        id,
+        offset: 0,
+        size,
+        file_offset: 0,
+        stored_size: stored.size,
+        frame_hash: stored.hash,
+        place: stored.place,
+    };
+    let frame = crate::read::fetch_verified(backend, &chunk).await?;
     Ok(Framed {
         id,
         size,
         frame,
-        frame_hash,
-        upload: false,
+        frame_hash: stored.hash,
+        place: Some(stored.place),
     })
 }
 
 /// Builds the manifest in blob order while frames are produced (compressed or
 /// fetched) and uploaded concurrently.
-struct Assembler<'a, B, I, C> {
+struct Assembler<'a, B: ObjectStore, I, C> {
     store: &'a ChunkStore<B>,
     index: &'a I,
     checkpoint: &'a C,
     /// `chunks[..recorded]` are recorded by `checkpoint` (or were the
     /// resumed prefix).
     recorded: usize,
-    /// Chunks uploaded since the last record, whose objects the next record
-    /// must make durable first.
-    unsynced: Vec<ChunkHash>,
+    /// Where the new chunks go.
+    packer: Packer<B>,
+    /// Packs flushed but not yet recorded: the next record names them.
+    packs: Vec<PackInfo>,
     file: Sha256Hasher,
     offset: u64,
     chunks: Vec<ChunkRef>,
-    uploaded: HashSet<ChunkHash>,
+    /// Chunks this ingest compressed to store, and where each went: a chunk
+    /// repeated within the blob is stored once.
+    uploaded: HashMap<ChunkHash, Option<ChunkPlace>>,
     framing: FuturesOrdered<JoinHandle<Result<Framed, StoreError>>>,
-    uploads: FuturesUnordered<JoinHandle<Result<(), StoreError>>>,
 }
 
 impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'_, B, I, C> {
@@ -163,18 +188,18 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
         let present = self.index.lookup(&ids).await.map_err(StoreError::Index)?;
         let level = self.store.config.zstd_level;
         for chunk in batch {
-            let task = if let Some(&frame_hash) = present.get(&chunk.id) {
+            let task = if let Some(&stored) = present.get(&chunk.id) {
                 tokio::spawn(fetch_frame(
                     self.store.backend.clone(),
                     chunk.id,
                     chunk_size(&chunk.data),
-                    frame_hash,
+                    stored,
                 ))
             } else {
                 // A chunk repeated within this blob is compressed again
-                // (zstd is deterministic) but uploaded once.
-                let upload = self.uploaded.insert(chunk.id);
-                tokio::task::spawn_blocking(move || compress_chunk(&chunk, level, upload))
+                // (zstd is deterministic) but stored once.
+                self.uploaded.entry(chunk.id).or_default();
+                tokio::task::spawn_blocking(move || compress_chunk(&chunk, level))
             };
             self.framing.push_back(task);
             while self.framing.len() >= self.store.config.upload_concurrency {
@@ -185,10 +210,22 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
         Ok(())
     }
 
-    /// Appends a frame to the blob, in order, and starts its upload if needed.
+    /// Appends a frame to the blob, in order, and to a pack if it is new.
     async fn place(&mut self, framed: Framed) -> Result<(), StoreError> {
         self.file.update(&framed.frame);
         let stored_size = u32::try_from(framed.frame.len()).expect("frames are small");
+        let place = if let Some(place) = framed.place {
+            place
+        } else {
+            let slot = self
+                .uploaded
+                .get_mut(&framed.id)
+                .expect("compressed chunks are registered");
+            match *slot {
+                Some(place) => place,
+                None => *slot.insert(self.packer.append(framed.frame).await?),
+            }
+        };
         self.chunks.push(ChunkRef {
             id: framed.id,
             offset: self.offset,
@@ -196,11 +233,9 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
             file_offset: self.file.len() - u64::from(stored_size),
             stored_size,
             frame_hash: framed.frame_hash,
+            place,
         });
         self.offset += u64::from(framed.size);
-        if framed.upload {
-            self.upload(framed.id, framed.frame).await?;
-        }
         let pending = self.offset
             - self
                 .chunks
@@ -212,52 +247,33 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
         Ok(())
     }
 
-    /// Waits for every upload so far, makes them durable and records the
-    /// chunks placed since the last record. Compression of later chunks
-    /// goes on meanwhile; only their uploads wait.
+    /// Makes every pack so far durable and records the chunks placed since
+    /// the last record. Compression of later chunks goes on meanwhile.
     async fn record(&mut self) -> Result<(), StoreError> {
-        self.drain_uploads().await?;
+        let flushed = self.packer.flush().await?;
+        self.packs.extend(flushed);
         if self.recorded == self.chunks.len() {
             return Ok(());
         }
+        // The chunks written since the last record; a chunk written before
+        // it and repeated since has its record already.
+        let packs: HashSet<_> = self.packs.iter().map(|p| p.id).collect();
+        let uploaded: HashSet<ChunkHash> = self.chunks[self.recorded..]
+            .iter()
+            .filter(|c| c.pack().is_some_and(|p| packs.contains(&p)))
+            .map(|c| c.id)
+            .collect();
         self.checkpoint
-            .record(&self.chunks[self.recorded..], &self.uploaded)
+            .record(&self.chunks[self.recorded..], &uploaded, &self.packs)
             .await
             .map_err(StoreError::Index)?;
         self.recorded = self.chunks.len();
+        self.packs.clear();
         Ok(())
     }
 
-    /// Waits for every upload in flight and makes the uploaded objects
-    /// durable with one barrier.
-    async fn drain_uploads(&mut self) -> Result<(), StoreError> {
-        while let Some(done) = self.uploads.next().await {
-            done??;
-        }
-        let keys: Vec<String> = self.unsynced.drain(..).map(|id| id.object_key()).collect();
-        if !keys.is_empty() {
-            self.store
-                .backend
-                .sync(&keys)
-                .await
-                .map_err(StoreError::Backend)?;
-        }
-        Ok(())
-    }
-
-    async fn upload(&mut self, id: ChunkHash, frame: Bytes) -> Result<(), StoreError> {
-        while self.uploads.len() >= self.store.config.upload_concurrency {
-            self.uploads.next().await.expect("uploads is not empty")??;
-        }
-        self.unsynced.push(id);
-        let backend = self.store.backend.clone();
-        self.uploads.push(tokio::spawn(async move {
-            backend
-                .put(&id.object_key(), frame)
-                .await
-                .map_err(StoreError::Backend)
-        }));
-        Ok(())
+    fn uploaded_set(&self) -> HashSet<ChunkHash> {
+        self.uploaded.keys().copied().collect()
     }
 
     /// Places every frame still being produced.
@@ -268,11 +284,12 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
         Ok(())
     }
 
-    async fn finish(mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
+    async fn finish(&mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
         self.place_all().await?;
-        self.drain_uploads().await?;
+        let flushed = self.packer.flush().await?;
+        self.packs.extend(flushed);
         let (hash, size) = whole.finish();
-        let (file_hash, file_size) = self.file.finish();
+        let (file_hash, file_size) = std::mem::take(&mut self.file).finish();
         debug_assert_eq!(size, self.offset);
         Ok(Ingested {
             manifest: Manifest {
@@ -280,10 +297,20 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
                 size,
                 file_hash,
                 file_size,
-                chunks: self.chunks,
+                chunks: std::mem::take(&mut self.chunks),
             },
-            uploaded: self.uploaded,
+            uploaded: self.uploaded_set(),
+            packs: std::mem::take(&mut self.packs),
         })
+    }
+
+    /// After a failure: deletes the packs no record names (the pack being
+    /// filled is dropped unfinished). Failing to delete one only leaves an
+    /// orphan for GC, so that is logged, not returned.
+    async fn abandon(self) {
+        let mut packs = self.packs;
+        packs.extend(self.packer.abandon().await);
+        self.store.discard(&packs).await;
     }
 }
 
@@ -336,23 +363,45 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
-        let mut input = pin!(input);
-        let window = self.chunker.window();
-        let mut buf = BytesMut::with_capacity(window * 2);
-        let mut whole = Sha256Hasher::new();
         let mut assembler = Assembler {
             store: self,
             index,
             checkpoint,
             recorded: prefix.len(),
-            unsynced: Vec::new(),
+            packer: Packer::new(self.backend.clone(), self.config.pack_size),
+            packs: Vec::new(),
             file: Sha256Hasher::new(),
             offset: prefix.last().map_or(0, ChunkRef::end),
             chunks: Vec::new(),
-            uploaded: HashSet::new(),
+            uploaded: HashMap::new(),
             framing: FuturesOrdered::new(),
-            uploads: FuturesUnordered::new(),
         };
+        let result = self
+            .ingest_into(&mut assembler, prefix, input, max_size)
+            .await;
+        if result.is_err() {
+            assembler.abandon().await;
+        }
+        result
+    }
+
+    /// The body of [`ChunkStore::ingest_after`]; an error leaves the caller
+    /// to abandon what `assembler` wrote.
+    async fn ingest_into<S, E>(
+        &self,
+        assembler: &mut Assembler<'_, B, impl ChunkIndex, impl Checkpoint>,
+        prefix: Vec<ChunkRef>,
+        input: S,
+        max_size: Option<u64>,
+    ) -> Result<Ingested, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BoxError>,
+    {
+        let mut input = pin!(input);
+        let window = self.chunker.window();
+        let mut buf = BytesMut::with_capacity(window * 2);
+        let mut whole = Sha256Hasher::new();
         self.rehash(&prefix, &mut whole, &mut assembler.file)
             .await?;
         assembler.chunks = prefix;
@@ -404,7 +453,7 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
             Some(error) => {
                 // Everything cut so far was cut where a whole upload would
                 // cut it; keep it for the next attempt.
-                if checkpoint.interval() != u64::MAX {
+                if assembler.checkpoint.interval() != u64::MAX {
                     assembler.place_all().await?;
                     assembler.record().await?;
                 }
@@ -421,26 +470,11 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         whole: &mut Sha256Hasher,
         file: &mut Sha256Hasher,
     ) -> Result<(), StoreError> {
-        // Owned values and spawned tasks: the future stays `Send` for
-        // callers that hold it across their own awaits.
-        let backend = self.backend.clone();
-        let fetches = prefix.iter().copied().map(move |chunk| {
-            let backend = backend.clone();
-            tokio::spawn(async move {
-                let framed = fetch_frame(backend, chunk.id, chunk.size, chunk.frame_hash).await?;
-                let data = tokio::task::spawn_blocking(move || {
-                    codec::decompress(&framed.frame, chunk.size as usize)
-                        .map(|data| (framed.frame, data))
-                })
-                .await??;
-                Ok::<_, StoreError>(data)
-            })
-        });
-        let mut frames = futures::stream::iter(fetches).buffered(self.config.read_prefetch.max(1));
-        while let Some(next) = frames.next().await {
-            let (frame, data) = next??;
-            file.update(&frame);
-            whole.update(&data);
+        let mut fetched = self.fetch(prefix.to_vec(), true);
+        while let Some(next) = fetched.next().await {
+            let next = next?;
+            file.update(&next.frame);
+            whole.update(&next.content.expect("asked to decompress"));
         }
         Ok(())
     }

@@ -11,15 +11,16 @@ pub mod chunker;
 pub mod codec;
 mod error;
 mod ingest;
+mod pack;
 mod read;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use backend::{Backend, FsBackend, ObjectStore, S3Backend, S3Config};
-pub use chunk::{ChunkHash, ChunkRef, Manifest};
+pub use backend::{Backend, FsBackend, ObjectStore, ObjectWriter, S3Backend, S3Config};
+pub use chunk::{ChunkHash, ChunkPlace, ChunkRef, Manifest, PackId, PackInfo};
 pub use chunker::{Chunker, ChunkerConfig};
 pub use error::StoreError;
-pub use ingest::{Checkpoint, ChunkIndex, Ingested};
+pub use ingest::{Checkpoint, ChunkIndex, Ingested, StoredFrame};
 
 use std::sync::Arc;
 
@@ -30,13 +31,18 @@ pub struct StoreConfig {
     pub zstd_level: i32,
     /// Chunks hashed at once; about one per core keeps every core busy.
     pub hash_concurrency: usize,
-    /// Frames being compressed or fetched, and uploads, in flight: hides
-    /// object-store latency.
+    /// Frames being compressed or fetched at once: keeps the cores busy and
+    /// hides object-store latency.
     pub upload_concurrency: usize,
     /// Chunks asked about per index query: one round trip per batch, never one
     /// per chunk.
     pub lookup_batch: usize,
-    /// Chunks fetched ahead of the reader.
+    /// Bytes a pack grows to before it is sealed and the next one started.
+    pub pack_size: u64,
+    /// Most bytes one ranged read of a pack fetches: adjacent frames are read
+    /// together up to this.
+    pub read_run_bytes: u64,
+    /// Ranged reads fetched ahead of the reader.
     pub read_prefetch: usize,
 }
 
@@ -49,7 +55,9 @@ impl Default for StoreConfig {
             hash_concurrency: cores + 1,
             upload_concurrency: 16,
             lookup_batch: 64,
-            read_prefetch: 8,
+            pack_size: 16 << 20,
+            read_run_bytes: 1 << 20,
+            read_prefetch: 4,
         }
     }
 }
@@ -77,5 +85,16 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
 
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// Deletes packs an ingest wrote that no metadata names (the upload
+    /// failed, or was refused after its ingest). A pack that cannot be
+    /// deleted is only an orphan for GC, so that is logged, not returned.
+    pub async fn discard(&self, packs: &[PackInfo]) {
+        for pack in packs {
+            if let Err(error) = self.backend.delete(&pack.id.object_key()).await {
+                tracing::warn!(pack = %pack.id, %error, "could not delete the pack of a failed upload; GC will");
+            }
+        }
     }
 }

@@ -7,14 +7,13 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use futures::Stream;
-use garret_nix::Sha256Hash;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 
 use crate::error::BoxError;
-use crate::{ChunkHash, ChunkIndex, Manifest, S3Config};
+use crate::{ChunkHash, ChunkIndex, Manifest, S3Config, StoredFrame};
 
 const ACCESS_KEY: &str = "garret-test-access";
 const SECRET_KEY: &str = "garret-test-secret-key";
@@ -65,15 +64,20 @@ impl S3TestServer {
 /// store-only tests.
 #[derive(Debug, Default)]
 pub struct MemoryIndex {
-    chunks: Mutex<HashMap<ChunkHash, Sha256Hash>>,
+    chunks: Mutex<HashMap<ChunkHash, StoredFrame>>,
 }
 
 impl MemoryIndex {
-    /// Records a manifest's chunks, as committing it to the metadata would.
+    /// Records a manifest's chunks, as committing it to the metadata would:
+    /// a chunk recorded already keeps the copy recorded first.
     pub fn commit(&self, manifest: &Manifest) {
         let mut chunks = self.chunks.lock().unwrap();
         for chunk in &manifest.chunks {
-            chunks.insert(chunk.id, chunk.frame_hash);
+            chunks.entry(chunk.id).or_insert(StoredFrame {
+                hash: chunk.frame_hash,
+                size: chunk.stored_size,
+                place: chunk.place,
+            });
         }
     }
 
@@ -87,7 +91,7 @@ impl MemoryIndex {
 }
 
 impl ChunkIndex for MemoryIndex {
-    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, Sha256Hash>, BoxError> {
+    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, StoredFrame>, BoxError> {
         let chunks = self.chunks.lock().unwrap();
         Ok(ids
             .iter()

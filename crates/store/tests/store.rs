@@ -4,14 +4,18 @@
 // Test data is indexed by u64 offsets on 64-bit hosts.
 #![allow(clippy::cast_possible_truncation)]
 
+use std::collections::HashSet;
 use std::ops::Range;
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use garret_nix::Sha256Hash;
+use garret_store::backend::{BackendError, put};
 use garret_store::testing::{MemoryIndex, S3TestServer, body, text};
 use garret_store::{
-    Backend, ChunkStore, FsBackend, Manifest, ObjectStore, S3Backend, StoreConfig, StoreError,
+    Backend, ChunkPlace, ChunkRef, ChunkStore, FsBackend, Manifest, ObjectStore, PackInfo,
+    S3Backend, StoreConfig, StoreError,
 };
 
 /// Ingests `content` that must succeed, returning its manifest.
@@ -34,16 +38,30 @@ async fn read_all(
 
 struct Fixture {
     store: ChunkStore<Backend>,
+    /// Where the backend keeps its objects as files (both do).
+    objects: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// Small packs and short reads, so that a blob of a few MiB spans several
+/// packs and every read several runs.
+fn config() -> StoreConfig {
+    StoreConfig {
+        pack_size: 300_000,
+        read_run_bytes: 150_000,
+        ..StoreConfig::default()
+    }
 }
 
 // Async to share the shape of `s3_store` in `both_backends!`.
 #[allow(clippy::unused_async)]
 async fn fs_store() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::Fs(FsBackend::new(dir.path().join("objects")).unwrap());
+    let objects = dir.path().join("objects");
+    let backend = Backend::Fs(FsBackend::new(&objects).unwrap());
     Fixture {
-        store: ChunkStore::new(backend, StoreConfig::default()),
+        store: ChunkStore::new(backend, config()),
+        objects,
         _dir: dir,
     }
 }
@@ -55,8 +73,74 @@ async fn s3_store() -> Fixture {
         .unwrap();
     let backend = Backend::S3(S3Backend::new(&server.config).unwrap());
     Fixture {
-        store: ChunkStore::new(backend, StoreConfig::default()),
+        store: ChunkStore::new(backend, config()),
+        objects: dir.path().join("s3/garret"),
         _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// Pack objects in the backend, counted on disk (temporary files and
+    /// the S3 server's own bookkeeping aside).
+    fn packs(&self) -> usize {
+        let mut dirs = vec![self.objects.join("packs")];
+        let mut n = 0;
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries {
+                let entry = entry.unwrap();
+                if entry.file_type().unwrap().is_dir() {
+                    dirs.push(entry.path());
+                } else if !entry.file_name().to_string_lossy().starts_with('.') {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Replaces the stored frame of `victim` by a same-sized frame of other
+    /// bytes, inside its pack.
+    async fn damage(&self, m: &Manifest, victim: &ChunkRef) {
+        let key = victim.object_key();
+        let end = m
+            .chunks
+            .iter()
+            .filter(|c| c.object_key() == key)
+            .map(|c| c.object_range().end)
+            .max()
+            .unwrap();
+        let mut object = self
+            .store
+            .backend()
+            .get_range(&key, 0..end)
+            .await
+            .unwrap()
+            .to_vec();
+        object[victim.object_range().start as usize + 5] ^= 0x55;
+        put(self.store.backend(), &key, object.into())
+            .await
+            .unwrap();
+    }
+}
+
+/// A manifest without where its frames are: what two writers of the same
+/// content agree on.
+fn content_of(m: &Manifest) -> Manifest {
+    let mut m = m.clone();
+    for c in &mut m.chunks {
+        c.place = ChunkPlace::Object;
+    }
+    m
+}
+
+async fn exists(store: &ChunkStore<Backend>, key: &str) -> bool {
+    match store.backend().get_range(key, 0..1).await {
+        Ok(_) => true,
+        Err(BackendError::NotFound(_)) => false,
+        Err(e) => panic!("{e}"),
     }
 }
 
@@ -78,6 +162,10 @@ both_backends! {
     input_errors_and_limits,
     corrupt_stored_frame_is_not_reused,
     resumes_where_the_last_record_ended,
+    packs_hold_many_chunks,
+    corrupt_frame_inside_a_pack_is_refused,
+    failed_ingest_leaves_no_pack,
+    chunks_stored_before_packs_stay_readable,
 }
 
 async fn round_trips(f: Fixture) {
@@ -194,16 +282,6 @@ async fn range_reads_at_every_boundary(f: Fixture) {
     }
 }
 
-async fn count_objects(store: &ChunkStore<Backend>, m: &Manifest) -> usize {
-    let mut n = 0;
-    for c in &m.chunks {
-        if store.backend().exists(&c.id.object_key()).await.unwrap() {
-            n += 1;
-        }
-    }
-    n
-}
-
 async fn dedups_shared_content(f: Fixture) {
     let index = MemoryIndex::default();
     let first = text(4 << 20, 5);
@@ -221,7 +299,11 @@ async fn dedups_shared_content(f: Fixture) {
         "an insertion should touch at most a few chunks, got {new_chunks} of {}",
         b.chunks.len()
     );
-    assert_eq!(count_objects(&f.store, &b).await, b.chunks.len());
+    // The new chunks went to one new pack; the rest are read from the first
+    // blob's packs.
+    let new_packs: HashSet<_> = b.chunks.iter().filter_map(ChunkRef::pack).collect();
+    let old_packs: HashSet<_> = a.chunks.iter().filter_map(ChunkRef::pack).collect();
+    assert_eq!(new_packs.difference(&old_packs).count(), 1);
     assert_eq!(read_all(&f.store, &b, 0..b.size).await.unwrap(), second);
 }
 
@@ -229,15 +311,21 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
     let index = MemoryIndex::default();
     let content = text(1 << 20, 21);
     let m = ingest(&f.store, &index, &content).await;
-    let victim = m.chunks[m.chunks.len() / 2].id;
+    let victim = m.chunks[m.chunks.len() / 2];
     f.store
         .backend()
         .delete(&victim.object_key())
         .await
         .unwrap();
+    let first_lost = m
+        .chunks
+        .iter()
+        .find(|c| c.pack() == victim.pack())
+        .unwrap()
+        .id;
     let err = read_all(&f.store, &m, 0..m.size).await.unwrap_err();
     assert!(
-        matches!(err, StoreError::MissingChunk(id) if id == victim),
+        matches!(err, StoreError::MissingChunk(id) if id == first_lost),
         "{err:?}"
     );
     let frames: Result<Vec<Bytes>, _> = f
@@ -256,6 +344,26 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
         }
     }
     assert!(!clean_end);
+
+    // When the first pack is gone, the error comes before any byte.
+    f.store
+        .backend()
+        .delete(&m.chunks[0].object_key())
+        .await
+        .unwrap();
+    for frames in [false, true] {
+        let mut stream = if frames {
+            f.store
+                .read_frames(m.chunks.clone(), 0..m.file_size)
+                .boxed()
+        } else {
+            f.store.read(m.chunks.clone(), 0..m.size).boxed()
+        };
+        assert!(matches!(
+            stream.next().await,
+            Some(Err(StoreError::MissingChunk(_)))
+        ));
+    }
 }
 
 async fn concurrent_writers_store_once(f: Fixture) {
@@ -266,11 +374,20 @@ async fn concurrent_writers_store_once(f: Fixture) {
         f.store.ingest(body(&content), &index, None)
     );
     let (a, b) = (a.unwrap().manifest, b.unwrap().manifest);
-    assert_eq!(a, b);
+    assert_eq!(content_of(&a), content_of(&b));
+    // Each wrote its own packs (neither could see the other's before it
+    // committed); the index keeps the first commit's copy of each chunk, and
+    // the other copy is dead space in its pack for GC.
     index.commit(&a);
     index.commit(&b);
     assert_eq!(index.len(), a.chunks.len());
     assert_eq!(read_all(&f.store, &a, 0..a.size).await.unwrap(), content);
+    // A third writer finds every chunk and stores nothing.
+    let packs = f.packs();
+    let c = f.store.ingest(body(&content), &index, None).await.unwrap();
+    assert!(c.uploaded.is_empty() && c.packs.is_empty());
+    assert_eq!(c.manifest, a);
+    assert_eq!(f.packs(), packs);
 }
 
 async fn streams_one_gibibyte(f: Fixture) {
@@ -331,14 +448,7 @@ async fn corrupt_stored_frame_is_not_reused(f: Fixture) {
     let m = ingest(&f.store, &index, &content).await;
     index.commit(&m);
     let victim = m.chunks[1].id;
-    f.store
-        .backend()
-        .put(
-            &victim.object_key(),
-            Bytes::from_static(b"not a zstd frame"),
-        )
-        .await
-        .unwrap();
+    f.damage(&m, &m.chunks[1]).await;
     // A second writer of overlapping content fetches the stored frame of each
     // present chunk for its file hash, and refuses one that does not match.
     let err = f
@@ -357,7 +467,8 @@ async fn corrupt_stored_frame_is_not_reused(f: Fixture) {
 struct Records {
     interval: u64,
     chunks: std::sync::Mutex<Vec<garret_store::ChunkRef>>,
-    uploaded: std::sync::Mutex<std::collections::HashSet<garret_store::ChunkHash>>,
+    uploaded: std::sync::Mutex<HashSet<garret_store::ChunkHash>>,
+    packs: std::sync::Mutex<Vec<PackInfo>>,
 }
 
 impl garret_store::Checkpoint for Records {
@@ -368,7 +479,8 @@ impl garret_store::Checkpoint for Records {
     async fn record(
         &self,
         chunks: &[garret_store::ChunkRef],
-        uploaded: &std::collections::HashSet<garret_store::ChunkHash>,
+        uploaded: &HashSet<garret_store::ChunkHash>,
+        packs: &[PackInfo],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut held = self.chunks.lock().unwrap();
         // Each record continues the last one.
@@ -378,12 +490,19 @@ impl garret_store::Checkpoint for Records {
         );
         held.extend_from_slice(chunks);
         self.uploaded.lock().unwrap().extend(uploaded);
+        // Every chunk written since the last record is in a pack named now.
+        for chunk in chunks.iter().filter(|c| uploaded.contains(&c.id)) {
+            assert!(packs.iter().any(|p| Some(p.id) == chunk.pack()));
+        }
+        self.packs.lock().unwrap().extend_from_slice(packs);
         Ok(())
     }
 }
 
 async fn resumes_where_the_last_record_ended(f: Fixture) {
-    let content = text(5 << 20, 61);
+    // Content that repeats every MiB, so later records meet chunks that
+    // earlier ones wrote.
+    let content = text(1 << 20, 61).repeat(5);
     let broken_at = 3_300_000;
     let records = Records {
         interval: 1 << 20,
@@ -411,14 +530,10 @@ async fn resumes_where_the_last_record_ended(f: Fixture) {
     );
     for chunk in &prefix {
         assert!(records.uploaded.lock().unwrap().contains(&chunk.id));
-        assert!(
-            f.store
-                .backend()
-                .exists(&chunk.id.object_key())
-                .await
-                .unwrap()
-        );
+        assert!(exists(&f.store, &chunk.object_key()).await);
     }
+    // Recorded packs stay; the ones after the last record are gone.
+    assert_eq!(f.packs(), records.packs.lock().unwrap().len());
 
     // The second attempt sends the rest; the blob is the one a single
     // upload makes, chunk for chunk.
@@ -435,22 +550,177 @@ async fn resumes_where_the_last_record_ended(f: Fixture) {
         .unwrap()
         .manifest;
     let whole = ingest(&f.store, &MemoryIndex::default(), &content).await;
-    assert_eq!(resumed, whole);
+    assert_eq!(content_of(&resumed), content_of(&whole));
     assert_eq!(
         read_all(&f.store, &resumed, 0..resumed.size).await.unwrap(),
         content
     );
 
     // A prefix whose stored frame was damaged is refused, not hashed.
-    f.store
-        .backend()
-        .put(&prefix[0].id.object_key(), Bytes::from_static(b"damaged"))
-        .await
-        .unwrap();
+    f.damage(&resumed, &prefix[0]).await;
     let err = f
         .store
         .ingest_after(prefix, body(&content[end as usize..]), &index, None, &())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+}
+
+async fn packs_hold_many_chunks(f: Fixture) {
+    let index = MemoryIndex::default();
+    let content = text(3 << 20, 71);
+    let ingested = f.store.ingest(body(&content), &index, None).await.unwrap();
+    let m = &ingested.manifest;
+    let pack_size = f.store.config().pack_size;
+    // Packs fill to their size (the last one less), in blob order, frame
+    // after frame.
+    let packs: Vec<_> = ingested.packs.iter().map(|p| p.id).collect();
+    let used: Vec<_> = m
+        .chunks
+        .iter()
+        .filter_map(ChunkRef::pack)
+        .fold(Vec::new(), |mut v, p| {
+            if v.last() != Some(&p) {
+                v.push(p);
+            }
+            v
+        });
+    assert_eq!(used, packs);
+    assert_eq!(f.packs(), packs.len());
+    assert!(packs.len() > 2 && packs.len() < m.chunks.len() / 2);
+    for pack in &ingested.packs {
+        let frames: Vec<&ChunkRef> = m
+            .chunks
+            .iter()
+            .filter(|c| c.pack() == Some(pack.id))
+            .collect();
+        let mut at = 0;
+        for c in &frames {
+            assert_eq!(c.object_range().start, at);
+            at = c.object_range().end;
+        }
+        assert_eq!(at, pack.size);
+        assert!(pack.size < pack_size + u64::from(f.store.config().chunker.max_size));
+    }
+    assert_eq!(read_all(&f.store, m, 0..m.size).await.unwrap(), content);
+}
+
+async fn corrupt_frame_inside_a_pack_is_refused(f: Fixture) {
+    let index = MemoryIndex::default();
+    let content = text(1 << 20, 81);
+    let m = ingest(&f.store, &index, &content).await;
+    let victim = m.chunks[m.chunks.len() / 2];
+    assert!(
+        m.chunks
+            .iter()
+            .any(|c| c.pack() == victim.pack() && c.id != victim.id)
+    );
+    f.damage(&m, &victim).await;
+    for frames in [false, true] {
+        let mut stream = if frames {
+            f.store
+                .read_frames(m.chunks.clone(), 0..m.file_size)
+                .boxed()
+        } else {
+            f.store.read(m.chunks.clone(), 0..m.size).boxed()
+        };
+        let mut delivered = 0;
+        let err = loop {
+            match stream
+                .next()
+                .await
+                .expect("the stream fails, it does not end")
+            {
+                Ok(bytes) => delivered += bytes.len() as u64,
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, StoreError::Corrupt { id, .. } if id == victim.id),
+            "{err}"
+        );
+        // Nothing of the damaged chunk's run was handed on.
+        let start = if frames {
+            victim.file_offset
+        } else {
+            victim.offset
+        };
+        assert!(delivered <= start, "{delivered} > {start}");
+    }
+    // The chunks before it still read by range.
+    let before = m.chunks[0].offset..victim.offset;
+    assert_eq!(
+        read_all(&f.store, &m, before.clone()).await.unwrap(),
+        &content[before.start as usize..before.end as usize]
+    );
+}
+
+async fn failed_ingest_leaves_no_pack(f: Fixture) {
+    let index = MemoryIndex::default();
+    let failing = stream::iter(vec![
+        Ok(Bytes::from(text(2 << 20, 91))),
+        Err(std::io::Error::other("client went away")),
+    ]);
+    assert!(f.store.ingest(failing, &index, None).await.is_err());
+    let too_large = text(2 << 20, 92);
+    assert!(
+        f.store
+            .ingest(body(&too_large), &index, Some(1 << 20))
+            .await
+            .is_err()
+    );
+    assert_eq!(f.packs(), 0);
+    // And packs an ingest returns are the caller's to discard.
+    let ingested = f
+        .store
+        .ingest(body(&too_large), &index, None)
+        .await
+        .unwrap();
+    assert!(f.packs() > 0);
+    f.store.discard(&ingested.packs).await;
+    assert_eq!(f.packs(), 0);
+}
+
+async fn chunks_stored_before_packs_stay_readable(f: Fixture) {
+    // A blob as stores wrote it before packs: one object per chunk, named by
+    // the chunk's hash.
+    let index = MemoryIndex::default();
+    let content = text(1 << 20, 101);
+    let packed = ingest(&f.store, &index, &content).await;
+    let mut old = packed.clone();
+    for c in &mut old.chunks {
+        let frame = f
+            .store
+            .backend()
+            .get_range(&c.object_key(), c.object_range())
+            .await
+            .unwrap();
+        c.place = ChunkPlace::Object;
+        put(f.store.backend(), &c.object_key(), frame)
+            .await
+            .unwrap();
+    }
+    f.store.discard(&ingested_packs(&packed)).await;
+    assert_eq!(
+        read_all(&f.store, &old, 0..old.size).await.unwrap(),
+        content
+    );
+    let frames: Vec<Bytes> = f
+        .store
+        .read_frames(old.chunks.clone(), 0..old.file_size)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(Sha256Hash::of(&frames.concat()), old.file_hash);
+    // A writer deduplicating against them reads them too.
+    index.commit(&old);
+    let again = f.store.ingest(body(&content), &index, None).await.unwrap();
+    assert!(again.uploaded.is_empty());
+    assert_eq!(again.manifest, old);
+}
+
+/// The packs a manifest's chunks are in.
+fn ingested_packs(m: &Manifest) -> Vec<PackInfo> {
+    let ids: HashSet<_> = m.chunks.iter().filter_map(ChunkRef::pack).collect();
+    ids.into_iter().map(|id| PackInfo { id, size: 0 }).collect()
 }

@@ -3,7 +3,7 @@ use std::ops::Range;
 
 use garret_meta::{BlobChunk, ChunkRange, MetaError};
 
-use crate::support::{GRACE, TestDb, blob, both, deduplicated, frame, h};
+use crate::support::{GRACE, TestDb, blob, both, deduplicated, frame, h, present};
 
 /// A kind of [`ChunkRange`], and the extent `(start, len)` of a chunk in the
 /// bytes it ranges over.
@@ -14,10 +14,10 @@ both! {
         db.commit_blob(&blob(1, &[(10, 5), (11, 7)]), 0).await.unwrap();
         let asked = [h(12), h(10), h(12), h(13), h(11)];
         assert_eq!(
-            db.present_chunks(&asked, 1).await.unwrap(),
+            present(&db, &asked, 1).await.unwrap(),
             HashMap::from([(h(10), frame(10)), (h(11), frame(11))])
         );
-        assert_eq!(db.present_chunks(&[], 1).await.unwrap(), HashMap::new());
+        assert_eq!(present(&db, &[], 1).await.unwrap(), HashMap::new());
 
         // Several batches, with known chunks spread among them.
         let known = blob(2, &(100..300).step_by(3).map(|i| (i, 1)).collect::<Vec<_>>());
@@ -25,14 +25,14 @@ both! {
         let asked: Vec<[u8; 32]> = (100..300).map(h).collect();
         let expected: HashMap<[u8; 32], [u8; 32]> =
             (100..300).step_by(3).map(|i| (h(i), frame(i))).collect();
-        assert_eq!(db.present_chunks(&asked, 1).await.unwrap(), expected);
+        assert_eq!(present(&db, &asked, 1).await.unwrap(), expected);
     }
 
     async fn dedup_upload_skips_known_chunks(db: TestDb) {
         // A second blob sharing a chunk uploads only its own and marks the
         // shared one as not uploaded, describing it by the stored frame.
         db.commit_blob(&blob(1, &[(10, 5), (11, 7)]), 0).await.unwrap();
-        let present = db.present_chunks(&[h(11), h(12)], 1).await.unwrap();
+        let present = present(&db, &[h(11), h(12)], 1).await.unwrap();
         assert_eq!(present, HashMap::from([(h(11), frame(11))]));
         let mut second = blob(2, &[(11, 7), (12, 3)]);
         assert_eq!(second.chunks[0].frame_hash, present[&h(11)]);
@@ -121,13 +121,13 @@ both! {
         // Rolled back: no blob, and the valid chunk's refcount is unchanged.
         assert_eq!(db.blob_by_hash(&h(2)).await.unwrap(), None);
         assert_eq!(db.chunk_state(h(11)).await, before);
-        let err = db.present_chunks(&[h(11), h(10)], 2 * GRACE).await.unwrap_err();
+        let err = present(&db, &[h(11), h(10)], 2 * GRACE).await.unwrap_err();
         assert!(matches!(err, MetaError::ChunkGone(c) if c == h(10)), "{err}");
 
         // Once GC has forgotten it, it is plainly missing: upload and commit.
         db.gc_forget_chunks(&[marked[0].id]).await.unwrap();
         assert_eq!(
-            db.present_chunks(&[h(11), h(10)], 2 * GRACE).await.unwrap(),
+            present(&db, &[h(11), h(10)], 2 * GRACE).await.unwrap(),
             HashMap::from([(h(11), frame(11))])
         );
         let mut b = blob(2, &[(11, 2), (10, 5)]);

@@ -1,9 +1,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use garret_meta::{CachePatch, ChunkId, Expired, MetaError};
+use garret_meta::{CachePatch, ChunkId, Expired, MetaError, Pack, PackPlace};
 
-use crate::support::{GRACE, TestDb, blob, both, deduplicated, frame, h};
+use crate::support::{GRACE, TestDb, blob, both, deduplicated, frame, h, pack, present};
 
 /// Ids of marked chunks, by digest, for readable assertions.
 fn hashes(chunks: &[garret_meta::Chunk]) -> Vec<[u8; 32]> {
@@ -51,7 +51,7 @@ both! {
         assert_eq!(db.gc_forget_chunks(&ids).await.unwrap(), 1);
         assert_eq!(db.chunk_state(h(13)).await, None);
         assert_eq!(
-            db.present_chunks(&[h(12), h(13)], t + GRACE).await.unwrap(),
+            present(&db, &[h(12), h(13)], t + GRACE).await.unwrap(),
             HashMap::from([(h(12), frame(12))])
         );
         db.assert_refcounts_consistent().await;
@@ -77,7 +77,7 @@ both! {
 
         // A writer finds it just before then and decides not to upload it.
         let now = 2 * GRACE - 1;
-        assert_eq!(db.present_chunks(&[h(10)], now).await.unwrap(), HashMap::from([(h(10), frame(10))]));
+        assert_eq!(present(&db, &[h(10)], now).await.unwrap(), HashMap::from([(h(10), frame(10))]));
         assert_eq!(db.chunk_state(h(10)).await.unwrap().1, Some(now + GRACE));
         // GC cannot take it while the writer's upload is in flight...
         assert!(db.gc_mark_chunks(2 * GRACE, 100).await.unwrap().is_empty());
@@ -89,8 +89,8 @@ both! {
         // An earlier lease is never shortened by a later look.
         db.commit_blob(&blob(3, &[(11, 5)]), 0).await.unwrap();
         db.gc_sweep_blobs(GRACE, 100).await.unwrap();
-        db.present_chunks(&[h(11)], 10 * GRACE).await.unwrap();
-        db.present_chunks(&[h(11)], 5 * GRACE).await.unwrap();
+        present(&db, &[h(11)], 10 * GRACE).await.unwrap();
+        present(&db, &[h(11)], 5 * GRACE).await.unwrap();
         assert_eq!(db.chunk_state(h(11)).await.unwrap().1, Some(11 * GRACE));
     }
 
@@ -99,7 +99,7 @@ both! {
         // pointing at a deleted object.
         db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap();
         db.gc_sweep_blobs(GRACE, 100).await.unwrap();
-        assert_eq!(db.present_chunks(&[h(10)], GRACE).await.unwrap(), HashMap::from([(h(10), frame(10))]));
+        assert_eq!(present(&db, &[h(10)], GRACE).await.unwrap(), HashMap::from([(h(10), frame(10))]));
         let marked = db.gc_mark_chunks(2 * GRACE, 100).await.unwrap();
         let ids: Vec<ChunkId> = marked.iter().map(|c| c.id).collect();
         db.gc_forget_chunks(&ids).await.unwrap();
@@ -122,7 +122,7 @@ both! {
         assert!(db.gc_mark_chunks(t + GRACE - 1, 100).await.unwrap().is_empty());
         // ...and writers keep away from them meanwhile.
         assert!(matches!(
-            db.present_chunks(&[h(10)], t + 1).await,
+            present(&db, &[h(10)], t + 1).await,
             Err(MetaError::ChunkGone(_))
         ));
         // After the grace period the dead worker's marks are reclaimed; the
@@ -220,31 +220,39 @@ both! {
         assert_eq!(db.blob_state(h(1)).await.unwrap(), (0, Some(1 + GRACE)));
     }
 
-    async fn failed_upload_claims_only_unrecorded_chunks(db: TestDb) {
-        // Chunk 20 is recorded by a committed blob; 21 and 22 were written by
-        // an upload that then failed.
-        db.commit_blob(&blob(1, &[(20, 5)]), 0).await.unwrap();
-        let claimed = db.claim_unrecorded_chunks(&[h(20), h(21), h(22)], 10).await.unwrap();
-        let mut claimed_hashes: Vec<[u8; 32]> = claimed.iter().map(|c| c.1).collect();
-        claimed_hashes.sort_unstable();
-        assert_eq!(claimed_hashes, [h(21), h(22)]);
-        let claimed: Vec<ChunkId> = claimed.into_iter().map(|c| c.0).collect();
-        assert_eq!(db.chunk_state(h(20)).await.unwrap(), (1, None, "valid".into()));
-        assert_eq!(db.chunk_state(h(21)).await.unwrap(), (0, Some(10 + GRACE), "deleting".into()));
-        // A writer reaching for a claimed chunk is told to wait, and a commit
-        // cannot use it.
-        assert!(matches!(db.present_chunks(&[h(21)], 11).await, Err(MetaError::ChunkGone(_))));
-        assert!(db.commit_blob(&blob(2, &[(21, 5)]), 11).await.is_err());
-        // Claiming again is harmless; forgetting clears the marks.
-        assert!(db.claim_unrecorded_chunks(&[h(21)], 12).await.unwrap().is_empty());
-        assert_eq!(db.gc_forget_chunks(&claimed).await.unwrap(), 2);
-        assert_eq!(db.chunk_state(h(21)).await, None);
-        assert!(db.present_chunks(&[h(21), h(22)], 13).await.unwrap().is_empty());
-        // A crash before forgetting: GC reclaims the mark after the grace period.
-        let claimed = db.claim_unrecorded_chunks(&[h(23)], 20).await.unwrap();
-        assert_eq!(claimed.len(), 1);
-        assert_eq!(db.gc_mark_chunks(20 + GRACE, 10).await.unwrap().len(), 1);
+    async fn packs_count_the_live_bytes_of_their_chunks(db: TestDb) {
+        // Blob 1's chunks (frames of 6 and 11 bytes) are live in pack 1.
+        db.commit_blob(&blob(1, &[(20, 10), (21, 20)]), 0).await.unwrap();
+        let pack_1 = Pack { key: pack(1), size: 17, live_bytes: 17 };
+        assert_eq!(db.packs(10).await.unwrap(), [pack_1]);
+        // Blob 2 was written alongside and stored chunk 21 again, in its own
+        // pack: that copy is dead on arrival, the row keeps pack 1's.
+        db.commit_blob(&blob(2, &[(21, 20), (22, 4)]), 1).await.unwrap();
+        let pack_2 = Pack { key: pack(2), size: 14, live_bytes: 3 };
+        assert_eq!(db.packs(10).await.unwrap(), [pack_1, pack_2]);
+        let present = db.present_chunks(&[h(21), h(22)], 2).await.unwrap();
+        assert_eq!(present[&h(21)].pack, Some(PackPlace { pack: pack(1), offset: 6 }));
+        assert_eq!(present[&h(22)].pack, Some(PackPlace { pack: pack(2), offset: 11 }));
+
+        // Collecting the chunks takes their bytes off their packs.
+        assert_eq!(db.gc_sweep_blobs(2 * GRACE, 10).await.unwrap(), 2);
+        let marked = db.gc_mark_chunks(4 * GRACE, 10).await.unwrap();
+        assert_eq!(marked.len(), 3);
+        assert!(marked.iter().all(|c| c.pack.is_some()));
+        let ids: Vec<ChunkId> = marked.iter().map(|c| c.id).collect();
+        assert_eq!(db.gc_forget_chunks(&ids).await.unwrap(), 3);
+        assert_eq!(db.gc_forget_chunks(&ids).await.unwrap(), 0);
+        let dead: Vec<u64> = db.packs(10).await.unwrap().iter().map(|p| p.live_bytes).collect();
+        assert_eq!(dead, [0, 0]);
         db.assert_refcounts_consistent().await;
+
+        // An uploaded chunk must name a pack the commit lists.
+        let mut unplaced = blob(3, &[(30, 8)]);
+        unplaced.chunks[0].pack = None;
+        assert!(matches!(db.commit_blob(&unplaced, 5).await, Err(MetaError::Invalid(_))));
+        let mut unlisted = blob(4, &[(40, 8)]);
+        unlisted.packs.clear();
+        assert!(matches!(db.commit_blob(&unlisted, 5).await, Err(MetaError::Invalid(_))));
     }
 
     async fn lease_blob_keeps_a_proven_blob_for_its_new_reference(db: TestDb) {

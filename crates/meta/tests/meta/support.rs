@@ -5,7 +5,11 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use garret_meta::testing::PgCluster;
-use garret_meta::{ChunkCompression, Meta, NewBlob, NewCache, NewChunkRef};
+use std::collections::HashMap;
+
+use garret_meta::{
+    ChunkCompression, Meta, MetaError, NewBlob, NewCache, NewChunkRef, NewPack, PackPlace,
+};
 use sqlx::{PgPool, SqlitePool};
 
 /// Grace period in the tests: short numbers keep the time arithmetic legible.
@@ -181,9 +185,30 @@ pub fn frame(n: u32) -> [u8; 32] {
     out
 }
 
+/// The key of the pack [`blob`] `name` stores its chunks in.
+pub fn pack(name: u32) -> [u8; 16] {
+    let mut out = [0xcc; 16];
+    out[..4].copy_from_slice(&name.to_be_bytes());
+    out
+}
+
+/// The stored frame hash of every chunk of `hashes` that is present.
+pub async fn present(
+    db: &Meta,
+    hashes: &[[u8; 32]],
+    now: i64,
+) -> Result<HashMap<[u8; 32], [u8; 32]>, MetaError> {
+    let present = db.present_chunks(hashes, now).await?;
+    Ok(present
+        .into_iter()
+        .map(|(h, c)| (h, c.frame_hash))
+        .collect())
+}
+
 /// A blob named `name` made of chunks `(id, size)` in order, all of which
-/// this writer uploaded. Chunk `id` is stored as a frame of `size / 2 + 1`
-/// bytes hashing to `frame(id)`.
+/// this writer uploaded, in blob order, into one pack, [`pack`]`(name)`.
+/// Chunk `id` is stored as a frame of `size / 2 + 1` bytes hashing to
+/// `frame(id)`.
 pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
     let mut offset = 0;
     let mut file_offset = 0;
@@ -199,6 +224,10 @@ pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
                 offset,
                 file_offset,
                 uploaded: true,
+                pack: Some(PackPlace {
+                    pack: pack(name),
+                    offset: file_offset,
+                }),
             };
             offset += chunk.size;
             file_offset += chunk.stored_size;
@@ -211,6 +240,14 @@ pub fn blob(name: u32, chunks: &[(u32, u64)]) -> NewBlob {
         file_hash: h(name + 1_000_000),
         file_size: file_offset,
         chunks,
+        packs: if file_offset > 0 {
+            vec![NewPack {
+                key: pack(name),
+                size: file_offset,
+            }]
+        } else {
+            Vec::new()
+        },
     }
 }
 

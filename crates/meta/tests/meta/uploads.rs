@@ -73,7 +73,7 @@ both! {
         assert!(first.chunks.is_empty());
         assert_eq!(db.upload_status(cache, RESOURCE, 0).await.unwrap(), Some(0));
 
-        db.checkpoint_upload(first.id, 1, &b.chunks[..2], 10, 10 + TTL).await.unwrap();
+        db.checkpoint_upload(first.id, 1, &b.chunks[..2], &b.packs, 10, 10 + TTL).await.unwrap();
         assert_eq!(db.upload_status(cache, RESOURCE, 10).await.unwrap(), Some(12));
         // New chunks are unreferenced, leased until the session's expiry.
         assert_eq!(db.chunk_state(h(10)).await.unwrap(), (0, Some(10 + TTL), "valid".into()));
@@ -91,10 +91,10 @@ both! {
         // The claim extended the kept chunks' leases to its expiry.
         assert_eq!(db.chunk_state(h(11)).await.unwrap().1, Some(20 + TTL));
 
-        db.checkpoint_upload(resumed.id, 2, &b.chunks[2..], 30, 30 + TTL).await.unwrap();
+        db.checkpoint_upload(resumed.id, 2, &b.chunks[2..], &b.packs, 30, 30 + TTL).await.unwrap();
         assert_eq!(db.upload_status(cache, RESOURCE, 30).await.unwrap(), Some(15));
         // A checkpoint of nothing only extends the session.
-        db.checkpoint_upload(resumed.id, 2, &[], 40, 40 + TTL).await.unwrap();
+        db.checkpoint_upload(resumed.id, 2, &[], &b.packs, 40, 40 + TTL).await.unwrap();
         assert_eq!(db.upload_status(cache, RESOURCE, 30 + TTL).await.unwrap(), Some(15));
 
         let commit = db.commit_blob(&b, 50).await.unwrap();
@@ -120,7 +120,7 @@ both! {
         let two = db.cache_named("two").await;
         let b = blob(1, &[(10, 5)]);
         let s1 = db.claim(one, 0).await;
-        db.checkpoint_upload(s1.id, 1, &b.chunks, 0, TTL).await.unwrap();
+        db.checkpoint_upload(s1.id, 1, &b.chunks, &b.packs, 0, TTL).await.unwrap();
         let s2 = db.claim(two, 0).await;
         assert_ne!(s2.id, s1.id);
         assert_eq!((s2.generation, s2.committed_size), (1, 0));
@@ -134,14 +134,14 @@ both! {
         let cache = db.cache_named("main").await;
         let b = blob(1, &[(10, 5), (11, 5), (12, 5)]);
         let stale = db.claim(cache, 0).await;
-        db.checkpoint_upload(stale.id, stale.generation, &b.chunks[..1], 1, 1 + TTL).await.unwrap();
+        db.checkpoint_upload(stale.id, stale.generation, &b.chunks[..1], &b.packs, 1, 1 + TTL).await.unwrap();
 
         // Another replica takes the upload over; the first writer is still
         // streaming and tries to append.
         let current = db.claim(cache, 2).await;
         assert_eq!(current.generation, stale.generation + 1);
         let err = db
-            .checkpoint_upload(stale.id, stale.generation, &b.chunks[1..2], 3, 3 + TTL)
+            .checkpoint_upload(stale.id, stale.generation, &b.chunks[1..2], &b.packs, 3, 3 + TTL)
             .await
             .unwrap_err();
         assert!(matches!(err, MetaError::UploadSuperseded), "{err}");
@@ -153,7 +153,7 @@ both! {
         assert!(!db.finish_upload(stale.id, stale.generation).await.unwrap());
 
         // The current writer carries on where the session ends.
-        db.checkpoint_upload(current.id, current.generation, &b.chunks[1..], 4, 4 + TTL)
+        db.checkpoint_upload(current.id, current.generation, &b.chunks[1..], &b.packs, 4, 4 + TTL)
             .await
             .unwrap();
         assert_eq!(db.upload_status(cache, RESOURCE, 4).await.unwrap(), Some(15));
@@ -161,7 +161,7 @@ both! {
         // A finished session fences too.
         assert!(db.finish_upload(current.id, current.generation).await.unwrap());
         let err = db
-            .checkpoint_upload(current.id, current.generation, &[], 5, 5 + TTL)
+            .checkpoint_upload(current.id, current.generation, &[], &b.packs, 5, 5 + TTL)
             .await
             .unwrap_err();
         assert!(matches!(err, MetaError::UploadSuperseded), "{err}");
@@ -171,7 +171,7 @@ both! {
         let cache = db.cache_named("main").await;
         let b = blob(1, &[(10, 5), (11, 5)]);
         let first = db.claim(cache, 0).await;
-        db.checkpoint_upload(first.id, 1, &b.chunks, 0, TTL).await.unwrap();
+        db.checkpoint_upload(first.id, 1, &b.chunks, &b.packs, 0, TTL).await.unwrap();
 
         let restarted = db.claim_upload(cache, RESOURCE, true, 10, 10 + TTL).await.unwrap();
         assert_eq!(restarted.id, first.id);
@@ -184,9 +184,9 @@ both! {
         assert_eq!(db.chunk_state(h(10)).await.unwrap(), (0, Some(TTL), "valid".into()));
 
         // The upload starts over at 0, where the chunks may be sent again.
-        let err = db.checkpoint_upload(first.id, 2, &b.chunks[1..], 11, 11 + TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(first.id, 2, &b.chunks[1..], &b.packs, 11, 11 + TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::Invalid(_)), "{err}");
-        db.checkpoint_upload(first.id, 2, &b.chunks, 11, 11 + TTL).await.unwrap();
+        db.checkpoint_upload(first.id, 2, &b.chunks, &b.packs, 11, 11 + TTL).await.unwrap();
         assert_eq!(db.chunk_state(h(10)).await.unwrap(), (0, Some(11 + TTL), "valid".into()));
         assert_eq!(layout(&db.claim(cache, 12).await), expected(&b.chunks));
     }
@@ -195,12 +195,12 @@ both! {
         let cache = db.cache_named("main").await;
         let b = blob(1, &[(10, 5), (11, 5)]);
         let first = db.claim(cache, 0).await;
-        db.checkpoint_upload(first.id, 1, &b.chunks[..1], 0, TTL).await.unwrap();
+        db.checkpoint_upload(first.id, 1, &b.chunks[..1], &b.packs, 0, TTL).await.unwrap();
         assert_eq!(db.upload_status(cache, RESOURCE, TTL - 1).await.unwrap(), Some(5));
         assert_eq!(db.upload_status(cache, RESOURCE, TTL).await.unwrap(), None);
 
         // Its holder may no longer append: GC may be deleting the session.
-        let err = db.checkpoint_upload(first.id, 1, &b.chunks[1..], TTL, 2 * TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(first.id, 1, &b.chunks[1..], &b.packs, TTL, 2 * TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::UploadSuperseded), "{err}");
         // A claim takes it over and starts the upload over.
         let again = db.claim(cache, TTL).await;
@@ -214,25 +214,25 @@ both! {
         let s = db.claim(cache, 0).await;
 
         // Not where the (empty) session ends.
-        let err = db.checkpoint_upload(s.id, 1, &b.chunks[1..], 0, TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &b.chunks[1..], &b.packs, 0, TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::Invalid(_)), "{err}");
         // A gap between two chunks.
         let gap = [b.chunks[0].clone(), b.chunks[2].clone()];
-        let err = db.checkpoint_upload(s.id, 1, &gap, 0, TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &gap, &b.packs, 0, TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::Invalid(_)), "{err}");
         // The right content offset with the wrong file offset.
         let mut shifted = b.chunks[..1].to_vec();
         shifted[0].file_offset = 1;
-        let err = db.checkpoint_upload(s.id, 1, &shifted, 0, TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &shifted, &b.packs, 0, TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::Invalid(_)), "{err}");
         // An expiry already past.
-        let err = db.checkpoint_upload(s.id, 1, &b.chunks[..1], 5, 5).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &b.chunks[..1], &b.packs, 5, 5).await.unwrap_err();
         assert!(matches!(err, MetaError::Invalid(_)), "{err}");
         assert_eq!((db.count("chunks").await, db.count("upload_session_chunks").await), (0, 0));
 
-        db.checkpoint_upload(s.id, 1, &b.chunks[..1], 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[..1], &b.packs, 0, TTL).await.unwrap();
         // The same chunks again (a retried checkpoint) overlap the session.
-        let err = db.checkpoint_upload(s.id, 1, &b.chunks[..2], 0, TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &b.chunks[..2], &b.packs, 0, TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::Invalid(_)), "{err}");
         assert_eq!(db.chunk_state(h(11)).await, None);
         assert_eq!(db.upload_status(cache, RESOURCE, 0).await.unwrap(), Some(5));
@@ -245,19 +245,19 @@ both! {
 
         // A chunk the writer skipped must have a row.
         let b = blob(2, &[(20, 5)]);
-        let err = db.checkpoint_upload(s.id, 1, &not_uploaded(&b.chunks), 0, TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &not_uploaded(&b.chunks), &b.packs, 0, TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::ChunkGone(c) if c == h(20)), "{err}");
         // A chunk stored as another frame than the writer's.
         let mut other = blob(3, &[(10, 5)]);
         other.chunks[0].frame_hash = frame(99);
-        let err = db.checkpoint_upload(s.id, 1, &other.chunks, 0, TTL).await.unwrap_err();
+        let err = db.checkpoint_upload(s.id, 1, &other.chunks, &other.packs, 0, TTL).await.unwrap_err();
         assert!(matches!(err, MetaError::FrameMismatch(c) if c == h(10)), "{err}");
         assert_eq!(db.count("chunks").await, 1);
         assert_eq!(db.upload_status(cache, RESOURCE, 0).await.unwrap(), Some(0));
 
         // A chunk a blob holds keeps its reference and gets no lease.
         let shared = deduplicated(blob(4, &[(10, 5)]));
-        db.checkpoint_upload(s.id, 1, &shared.chunks, 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &shared.chunks, &shared.packs, 0, TTL).await.unwrap();
         assert_eq!(db.chunk_state(h(10)).await.unwrap(), (1, None, "valid".into()));
     }
 
@@ -265,11 +265,11 @@ both! {
         let cache = db.cache_named("main").await;
         let b = blob(1, &[(10, 5), (11, 5)]);
         let s = db.claim(cache, 0).await;
-        db.checkpoint_upload(s.id, 1, &b.chunks[..1], 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[..1], &b.packs, 0, TTL).await.unwrap();
         assert!(db.gc_mark_chunks(TTL - 1, 100).await.unwrap().is_empty());
         // A later checkpoint extends the session, not the earlier chunk's
         // lease; GC spares the chunk anyway while the session holds it.
-        db.checkpoint_upload(s.id, 1, &b.chunks[1..], TTL - 1, 3 * TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[1..], &b.packs, TTL - 1, 3 * TTL).await.unwrap();
         assert_eq!(db.chunk_state(h(10)).await.unwrap().1, Some(TTL));
         assert!(db.gc_mark_chunks(2 * TTL, 100).await.unwrap().is_empty());
 
@@ -290,7 +290,7 @@ both! {
         db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap();
         let s = db.claim(cache, 0).await;
         let b = deduplicated(blob(2, &[(10, 5), (11, 5)]));
-        db.checkpoint_upload(s.id, 1, &b.chunks[..1], 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[..1], &b.packs, 0, TTL).await.unwrap();
         assert_eq!(db.gc_sweep_blobs(GRACE, 100).await.unwrap(), 1);
         assert_eq!(db.chunk_state(h(10)).await.unwrap(), (0, Some(2 * GRACE), "valid".into()));
         assert!(db.gc_mark_chunks(2 * GRACE, 100).await.unwrap().is_empty());
@@ -311,7 +311,7 @@ both! {
         let s = db.claim(cache, now).await;
         let b = blob(2, &[(10, 5)]);
         for chunks in [b.chunks.clone(), not_uploaded(&b.chunks)] {
-            let err = db.checkpoint_upload(s.id, 1, &chunks, now, now + TTL).await.unwrap_err();
+            let err = db.checkpoint_upload(s.id, 1, &chunks, &b.packs, now, now + TTL).await.unwrap_err();
             assert!(matches!(err, MetaError::ChunkGone(c) if c == h(10)), "{err}");
         }
         assert_eq!(db.count("upload_session_chunks").await, 0);
@@ -319,7 +319,7 @@ both! {
 
         // A session whose chunk turned `deleting` starts over when claimed.
         let b = blob(3, &[(20, 5), (21, 5)]);
-        db.checkpoint_upload(s.id, 1, &b.chunks, now, now + TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks, &b.packs, now, now + TTL).await.unwrap();
         db.force_deleting(h(21)).await;
         let again = db.claim(cache, now + 1).await;
         assert_eq!((again.generation, again.committed_size, again.file_size), (2, 0, 0));
@@ -333,8 +333,8 @@ both! {
         // Chunk 10 twice, as the blob uses it.
         let b = blob(1, &[(10, 5), (11, 5), (10, 5)]);
         let s = db.claim(cache, 0).await;
-        db.checkpoint_upload(s.id, 1, &b.chunks[..2], 0, TTL).await.unwrap();
-        db.checkpoint_upload(s.id, 1, &b.chunks[2..], 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[..2], &b.packs, 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[2..], &b.packs, 0, TTL).await.unwrap();
         assert_eq!(db.chunk_state(h(10)).await.unwrap(), (0, Some(TTL), "valid".into()));
         let resumed = db.claim(cache, 1).await;
         assert_eq!(layout(&resumed), expected(&b.chunks));
@@ -350,7 +350,7 @@ both! {
         let other = "uploads/other/blobs/cc/10";
         let b = blob(2, &[(20, 5), (11, 5)]);
         let s = db.claim_upload(cache, other, false, 3, 3 + TTL).await.unwrap();
-        db.checkpoint_upload(s.id, 1, &b.chunks, 3, 3 + TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks, &b.packs, 3, 3 + TTL).await.unwrap();
         assert_eq!(db.chunk_state(h(11)).await.unwrap(), (1, None, "valid".into()));
         db.commit_blob(&deduplicated(b), 4).await.unwrap();
         assert_eq!(db.chunk_state(h(20)).await.unwrap(), (1, None, "valid".into()));
@@ -369,8 +369,8 @@ both! {
             chunk.uploaded = false;
         }
         let s = db.claim(cache, 0).await;
-        db.checkpoint_upload(s.id, 1, &b.chunks[..1200], 0, TTL).await.unwrap();
-        db.checkpoint_upload(s.id, 1, &b.chunks[1200..], 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[..1200], &b.packs, 0, TTL).await.unwrap();
+        db.checkpoint_upload(s.id, 1, &b.chunks[1200..], &b.packs, 0, TTL).await.unwrap();
         let resumed = db.claim(cache, 1).await;
         assert_eq!(resumed.committed_size, b.size);
         assert_eq!(resumed.file_size, b.file_size);

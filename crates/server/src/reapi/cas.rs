@@ -303,7 +303,9 @@ impl CasService {
                             offset: 0,
                             file_offset: 0,
                             uploaded: false,
+                            pack: None,
                         }],
+                        packs: Vec::new(),
                     };
                     meta.commit_blob(&single, now).await?.blob_id
                 };

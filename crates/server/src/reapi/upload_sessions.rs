@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use garret_meta::{CacheId, Meta, UploadSession};
-use garret_store::{Checkpoint, ChunkHash, ChunkRef};
+use garret_store::{Checkpoint, ChunkHash, ChunkRef, PackInfo};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::blobs::{chunk_ref, new_chunk_ref};
+use crate::blobs::{chunk_ref, new_chunk_ref, new_packs};
 use crate::clock::unix_now;
 use crate::config::UploadSettings;
 use crate::error::Error;
@@ -179,6 +179,7 @@ impl Checkpoint for Session {
         &self,
         chunks: &[ChunkRef],
         uploaded: &HashSet<ChunkHash>,
+        packs: &[PackInfo],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let rows: Vec<_> = chunks
             .iter()
@@ -190,6 +191,7 @@ impl Checkpoint for Session {
                 self.id,
                 self.generation,
                 &rows,
+                &new_packs(packs),
                 now,
                 now.saturating_add(self.ttl),
             )

@@ -1,28 +1,48 @@
-//! Chunk objects as files under a root directory.
+//! Objects as files under a root directory.
 
 use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use tempfile::NamedTempFile;
 
-use super::{BackendError, ObjectStore};
+use super::{BackendError, ObjectStore, ObjectWriter};
 
 /// Local-disk backend, the embedded default.
 ///
-/// Writes go to a temporary file next to the final name, are fsynced and
-/// renamed into place: a crash leaves either the whole object or nothing,
-/// never a short file under the final name (at worst a `.partial-*` file,
-/// which no key names, for a GC sweep). The temporary file lives in the
-/// object's own fan-out directory, not one shared directory: a rename
-/// across directories locks both, and one directory taking every create
-/// serialised concurrent writers in ext4 (measured: most of an upload's
-/// system time). The directory fsync that makes a rename durable is
-/// deferred to [`ObjectStore::sync`], which does it once per fan-out
-/// directory for a whole upload rather than once per chunk.
+/// An object is written to a temporary file next to its final name, fsynced
+/// and renamed into place: a crash leaves either the whole object or
+/// nothing, never a short file under the final name (at worst a
+/// `.partial-*` file, which no key names, for a GC sweep). The temporary
+/// file lives in the object's own fan-out directory, not one shared
+/// directory: a rename across directories locks both, and one directory
+/// taking every create serialised concurrent writers in ext4 (measured:
+/// most of an upload's system time). The directory fsync that makes a
+/// rename durable is deferred to [`ObjectStore::sync`], which does it once
+/// per fan-out directory for a whole upload rather than once per object.
 #[derive(Debug, Clone)]
 pub struct FsBackend {
     root: Arc<PathBuf>,
+}
+
+/// Bytes gathered before one `write` to the temporary file: large writes
+/// keep the blocking-pool handoffs few, small ones keep the memory an upload
+/// holds small whatever the pack size.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// A file being written in its fan-out directory.
+#[derive(Debug)]
+pub struct FsWriter {
+    key: String,
+    path: PathBuf,
+    /// `None` only while a blocking task holds it; a failed write drops it,
+    /// and with it the temporary file.
+    file: Option<NamedTempFile>,
+    pending: Vec<Bytes>,
+    pending_len: usize,
 }
 
 impl FsBackend {
@@ -49,7 +69,7 @@ impl FsBackend {
         Ok(self.root.join(key))
     }
 
-    fn put_blocking(path: &Path, key: &str, data: &[u8]) -> std::io::Result<()> {
+    fn create_blocking(path: &Path) -> std::io::Result<NamedTempFile> {
         let dir = path.parent().expect("object keys have a directory");
         if !dir.is_dir() {
             // A new fan-out directory is made durable at once (rare: a few
@@ -60,14 +80,68 @@ impl FsBackend {
                 std::fs::File::open(parent)?.sync_all()?;
             }
         }
-        let mut tmp = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix(".partial-")
-            .tempfile_in(dir)?;
-        tmp.write_all(data)?;
-        tmp.as_file().sync_data()?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        tracing::trace!(key, bytes = data.len(), "stored object");
+            .tempfile_in(dir)
+    }
+
+    /// `range` of the file, or `Err(len)` when the file has only `len` bytes.
+    fn read_blocking(path: &Path, range: &Range<u64>) -> std::io::Result<Result<Bytes, u64>> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        if len < range.end {
+            return Ok(Err(len));
+        }
+        let size = usize::try_from(range.end - range.start)
+            .map_err(|_| std::io::Error::other("range does not fit in memory"))?;
+        let mut buf = vec![0; size];
+        file.read_exact_at(&mut buf, range.start)?;
+        Ok(Ok(Bytes::from(buf)))
+    }
+}
+
+impl FsWriter {
+    /// Writes the gathered bytes on the blocking pool, then, if `finish`,
+    /// makes the file durable and renames it into place.
+    async fn flush(&mut self, finish: bool) -> Result<(), BackendError> {
+        let mut file = self.file.take().ok_or_else(|| BackendError::Io {
+            key: self.key.clone(),
+            source: std::io::Error::other("an earlier write failed"),
+        })?;
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_len = 0;
+        let path = self.path.clone();
+        let key = self.key.clone();
+        let file = blocking(&self.key, move || {
+            for piece in &pending {
+                file.write_all(piece)?;
+            }
+            if finish {
+                file.as_file().sync_data()?;
+                file.persist(&path).map_err(|e| e.error)?;
+                tracing::trace!(key, "stored object");
+                return Ok(None);
+            }
+            Ok(Some(file))
+        })
+        .await?;
+        self.file = file;
         Ok(())
+    }
+}
+
+impl ObjectWriter for FsWriter {
+    async fn write(&mut self, data: Bytes) -> Result<(), BackendError> {
+        self.pending_len += data.len();
+        self.pending.push(data);
+        if self.pending_len >= WRITE_BATCH {
+            self.flush(false).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(), BackendError> {
+        self.flush(true).await
     }
 }
 
@@ -98,10 +172,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl ObjectStore for FsBackend {
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+    type Writer = FsWriter;
+
+    async fn create(&self, key: &str) -> Result<FsWriter, BackendError> {
         let path = self.path(key)?;
-        let owned_key = key.to_owned();
-        blocking(key, move || Self::put_blocking(&path, &owned_key, &data)).await
+        let target = path.clone();
+        let file = blocking(key, move || Self::create_blocking(&target)).await?;
+        Ok(FsWriter {
+            key: key.to_owned(),
+            path,
+            file: Some(file),
+            pending: Vec::new(),
+            pending_len: 0,
+        })
     }
 
     async fn sync(&self, keys: &[String]) -> Result<(), BackendError> {
@@ -123,14 +206,17 @@ impl ObjectStore for FsBackend {
         .await
     }
 
-    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
         let path = self.path(key)?;
-        blocking(key, move || std::fs::read(path).map(Bytes::from)).await
-    }
-
-    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
-        let path = self.path(key)?;
-        blocking(key, move || path.try_exists()).await
+        let wanted = range.clone();
+        blocking(key, move || Self::read_blocking(&path, &wanted))
+            .await?
+            .map_err(|len| BackendError::Short {
+                key: key.to_owned(),
+                start: range.start,
+                expected: range.end - range.start,
+                got: len.saturating_sub(range.start),
+            })
     }
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
@@ -172,7 +258,10 @@ mod tests {
         let backend = FsBackend::new(dir.path()).unwrap();
         for key in ["../x", "/etc/passwd", "a//b", ""] {
             assert!(
-                matches!(backend.get(key).await, Err(BackendError::Config(_))),
+                matches!(
+                    backend.get_range(key, 0..1).await,
+                    Err(BackendError::Config(_))
+                ),
                 "{key}"
             );
         }

@@ -1,5 +1,6 @@
-//! Chunk objects in an S3-compatible bucket (RustFS in production).
+//! Objects in an S3-compatible bucket (RustFS in production).
 
+use std::ops::Range;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
@@ -10,11 +11,10 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectError;
-use aws_sdk_s3::operation::head_object::HeadObjectError;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
-use super::{BackendError, ObjectStore};
+use super::{BackendError, ObjectStore, ObjectWriter};
 
 /// How to reach the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +33,8 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub connect_timeout: Duration,
-    /// Per attempt; objects are one chunk, so this bounds a single small
-    /// transfer, not a whole upload.
+    /// Per attempt; objects are at most one pack (a few MiB), so this bounds
+    /// a single transfer, not a whole upload.
     pub attempt_timeout: Duration,
     pub max_attempts: u32,
 }
@@ -54,6 +54,16 @@ impl Default for S3Config {
             max_attempts: 5,
         }
     }
+}
+
+/// An object gathered in memory and sent with one PUT when finished: S3
+/// has no append, and a pack is small enough (the configured pack size) that
+/// one request beats a multipart upload's three.
+#[derive(Debug)]
+pub struct S3Writer {
+    backend: S3Backend,
+    key: String,
+    parts: Vec<Bytes>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,18 +147,47 @@ where
     }
 }
 
-impl ObjectStore for S3Backend {
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
-        self.client
+impl ObjectWriter for S3Writer {
+    async fn write(&mut self, data: Bytes) -> Result<(), BackendError> {
+        self.parts.push(data);
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(), BackendError> {
+        let len: usize = self.parts.iter().map(Bytes::len).sum();
+        let body = if self.parts.len() == 1 {
+            self.parts.into_iter().next().expect("one part")
+        } else {
+            let mut body = Vec::with_capacity(len);
+            for part in &self.parts {
+                body.extend_from_slice(part);
+            }
+            Bytes::from(body)
+        };
+        let key = &self.key;
+        self.backend
+            .client
             .put_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .content_length(i64::try_from(data.len()).expect("object fits in i64"))
-            .body(ByteStream::from(data))
+            .bucket(&self.backend.bucket)
+            .key(self.backend.full_key(key))
+            .content_length(i64::try_from(len).expect("object fits in i64"))
+            .body(ByteStream::from(body))
             .send()
             .await
             .map_err(|e| s3_error("PutObject", key, e))?;
         Ok(())
+    }
+}
+
+impl ObjectStore for S3Backend {
+    type Writer = S3Writer;
+
+    async fn create(&self, key: &str) -> Result<S3Writer, BackendError> {
+        Ok(S3Writer {
+            backend: self.clone(),
+            key: key.to_owned(),
+            parts: Vec::new(),
+        })
     }
 
     /// S3 acknowledges a PUT only once the object is durable.
@@ -156,12 +195,25 @@ impl ObjectStore for S3Backend {
         Ok(())
     }
 
-    async fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        let expected = range.end - range.start;
+        let short = |got| BackendError::Short {
+            key: key.to_owned(),
+            start: range.start,
+            expected,
+            got,
+        };
+        if range.is_empty() {
+            // No `Range:` header can ask for nothing.
+            return Ok(Bytes::new());
+        }
+        let last = range.end - 1;
         let output = match self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(self.full_key(key))
+            .range(format!("bytes={}-{last}", range.start))
             .send()
             .await
         {
@@ -172,6 +224,10 @@ impl ObjectStore for S3Backend {
             {
                 return Err(BackendError::NotFound(key.to_owned()));
             }
+            // 416: the range starts at or past the object's end.
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 416) => {
+                return Err(short(0));
+            }
             Err(e) => return Err(s3_error("GetObject", key, e)),
         };
         let body = output.body.collect().await.map_err(|e| BackendError::S3 {
@@ -179,30 +235,11 @@ impl ObjectStore for S3Backend {
             key: key.to_owned(),
             source: Box::new(e),
         })?;
-        Ok(body.into_bytes())
-    }
-
-    async fn exists(&self, key: &str) -> Result<bool, BackendError> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(self.full_key(key))
-            .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(HeadObjectError::is_not_found) =>
-            {
-                Ok(false)
-            }
-            // Some servers answer HEAD of a missing key with a bare 404 that
-            // the SDK cannot classify.
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(false),
-            Err(e) => Err(s3_error("HeadObject", key, e)),
+        let body = body.into_bytes();
+        if body.len() as u64 != expected {
+            return Err(short(body.len() as u64));
         }
+        Ok(body)
     }
 
     async fn delete(&self, key: &str) -> Result<(), BackendError> {
@@ -218,5 +255,21 @@ impl ObjectStore for S3Backend {
             Err(e) if e.code() == Some("NoSuchKey") => Ok(()),
             Err(e) => Err(s3_error("DeleteObject", key, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::S3TestServer;
+
+    #[tokio::test]
+    async fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = S3TestServer::start(dir.path(), "conformance")
+            .await
+            .unwrap();
+        let backend = S3Backend::new(&server.config).unwrap();
+        super::super::conformance::run(&backend).await;
     }
 }

@@ -13,48 +13,64 @@ impl Meta {
     /// Makes `blob` readable through `cache`'s CAS. Returns whether the entry
     /// is new; an existing one only has its access time refreshed.
     pub async fn put_cas_entry(&self, cache: CacheId, blob: BlobId, now: i64) -> Result<bool> {
+        let mut inserted = self.put_cas_entries(cache, &[blob], now).await?;
+        Ok(inserted.remove(0))
+    }
+
+    /// [`Meta::put_cas_entry`] of several blobs in one transaction, all or
+    /// none (one commit for a whole batch upload).
+    pub async fn put_cas_entries(
+        &self,
+        cache: CacheId,
+        blobs: &[BlobId],
+        now: i64,
+    ) -> Result<Vec<bool>> {
         let lease = self.lease(now);
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
-            // Reference first: it finds a vanished blob and locks the row
-            // against GC. Re-putting an entry is rare (clients ask
-            // FindMissingBlobs first), so undoing the reference then is cheap.
-            let bumped = sqlx::query(BLOB_INCREF)
-                .bind(blob.0)
-                .execute(&mut *tx)
-                .await?;
-            if bumped.rows_affected() == 0 {
-                return Err(MetaError::NotFound("blob"));
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO cas_entries (cache_id, blob_id, created_at, accessed_at) \
-                 VALUES ($1, $2, $3, $3) ON CONFLICT (cache_id, blob_id) DO NOTHING",
-            )
-            .bind(cache.0)
-            .bind(blob.0)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !inserted {
-                sqlx::query(BLOB_DECREF)
+            let mut all = Vec::with_capacity(blobs.len());
+            for blob in blobs {
+                // Reference first: it finds a vanished blob and locks the row
+                // against GC. Re-putting an entry is rare (clients ask
+                // FindMissingBlobs first), so undoing the reference then is cheap.
+                let bumped = sqlx::query(BLOB_INCREF)
                     .bind(blob.0)
-                    .bind(lease)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query(
-                    "UPDATE cas_entries SET accessed_at = $3 \
-                     WHERE cache_id = $1 AND blob_id = $2",
+                if bumped.rows_affected() == 0 {
+                    return Err(MetaError::NotFound("blob"));
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO cas_entries (cache_id, blob_id, created_at, accessed_at) \
+                     VALUES ($1, $2, $3, $3) ON CONFLICT (cache_id, blob_id) DO NOTHING",
                 )
                 .bind(cache.0)
                 .bind(blob.0)
                 .bind(now)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected()
+                    == 1;
+                if !inserted {
+                    sqlx::query(BLOB_DECREF)
+                        .bind(blob.0)
+                        .bind(lease)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(
+                        "UPDATE cas_entries SET accessed_at = $3 \
+                         WHERE cache_id = $1 AND blob_id = $2",
+                    )
+                    .bind(cache.0)
+                    .bind(blob.0)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                all.push(inserted);
             }
             tx.commit().await?;
-            Ok(inserted)
+            Ok(all)
         })
     }
 

@@ -469,6 +469,166 @@ fn insert_blob_chunks_sql(n: usize) -> String {
     )
 }
 
+/// A blob checked and ready for [`commit_one!`].
+struct Prepared<'a> {
+    blob: &'a NewBlob,
+    uses: ChunkUses<'a>,
+    /// Chunks grouped by how many times the blob uses them, so one UPDATE
+    /// per group can add the same amount to every row.
+    by_uses: BTreeMap<i64, Vec<[u8; 32]>>,
+    chunk_count: i64,
+    size: i64,
+    file_size: i64,
+}
+
+fn prepare(blob: &NewBlob) -> Result<Prepared<'_>> {
+    let uses = chunk_uses(blob)?;
+    let mut by_uses: BTreeMap<i64, Vec<[u8; 32]>> = BTreeMap::new();
+    for (hash, u) in &uses {
+        by_uses.entry(u.uses).or_default().push(*hash);
+    }
+    Ok(Prepared {
+        blob,
+        by_uses,
+        uses,
+        chunk_count: i64::try_from(blob.chunks.len())
+            .map_err(|_| MetaError::Invalid("too many chunks".into()))?,
+        size: sql::to_db(blob.size, "blob size")?,
+        file_size: sql::to_db(blob.file_size, "file size")?,
+    })
+}
+
+/// Records one [`Prepared`] blob `$p` at `$now`, unreferenced until `$lease`,
+/// in transaction `$tx`; evaluates to its [`BlobCommit`]. A macro so that it
+/// expands once per database, inside each backend's transaction.
+macro_rules! commit_one {
+    ($tx:expr, $p:expr, $now:expr, $lease:expr) => {
+        'commit: {
+            // Claiming the hash first makes a concurrent commit of the same
+            // blob wait here (Postgres) or queue for the write lock (SQLite)
+            // and then take the `already_existed` path.
+            let blob_id = loop {
+                let inserted: Option<(i64,)> = sqlx::query_as(
+                    "INSERT INTO blobs (hash, size, file_hash, file_size, chunk_count, \
+                       refcount, deletable_at, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, 0, $6, $7) \
+                     ON CONFLICT (hash) DO NOTHING RETURNING id",
+                )
+                .bind(&$p.blob.hash[..])
+                .bind($p.size)
+                .bind(&$p.blob.file_hash[..])
+                .bind($p.file_size)
+                .bind($p.chunk_count)
+                .bind($lease)
+                .bind($now)
+                .fetch_optional(&mut *$tx)
+                .await?;
+                if let Some((id,)) = inserted {
+                    break id;
+                }
+                // The existing blob may be unreferenced and due for GC; lease
+                // it like a chunk, so the caller has the grace period to
+                // reference it.
+                sqlx::query(
+                    "UPDATE blobs SET deletable_at = $2 \
+                     WHERE hash = $1 AND refcount = 0 AND deletable_at < $2",
+                )
+                .bind(&$p.blob.hash[..])
+                .bind($lease)
+                .execute(&mut *$tx)
+                .await?;
+                let existing: Option<(i64,)> =
+                    sqlx::query_as("SELECT id FROM blobs WHERE hash = $1")
+                        .bind(&$p.blob.hash[..])
+                        .fetch_optional(&mut *$tx)
+                        .await?;
+                if let Some((id,)) = existing {
+                    break 'commit BlobCommit {
+                        blob_id: BlobId(id),
+                        already_existed: true,
+                    };
+                }
+                // Postgres only: GC deleted the blob between our INSERT and
+                // UPDATE. Each statement sees the latest commits, so inserting
+                // again now succeeds.
+            };
+
+            let mut ids: HashMap<[u8; 32], i64> = HashMap::with_capacity($p.uses.len());
+            // Existing valid chunks gain their uses and lose any deletion time.
+            // A chunk in `deleting` is left alone and handled below.
+            for (count, hashes) in &$p.by_uses {
+                for batch in hashes.chunks(READ_BATCH) {
+                    let n = sql::in_list_len(batch.len());
+                    let update = add_uses_sql(n);
+                    let mut query = sqlx::query_as(&update).bind(count);
+                    for i in 0..n {
+                        query = query.bind(&sql::padded(batch, i)[..]);
+                    }
+                    let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *$tx).await?;
+                    record_used(rows, &$p.uses, &mut ids)?;
+                }
+            }
+
+            // The rest must be chunks this writer uploaded: insert them, in
+            // the packs it wrote.
+            let mut new = Vec::new();
+            for (hash, u) in &$p.uses {
+                if !ids.contains_key(hash) {
+                    if !u.uploaded {
+                        return Err(MetaError::ChunkGone(*hash));
+                    }
+                    new.push((u.chunk, u.uses));
+                }
+            }
+            let mut live = LiveBytes::new();
+            if !new.is_empty() {
+                let pack_ids = insert_packs!($tx, &$p.blob.packs, $now);
+                let inserts = chunk_inserts(new, &pack_ids)?;
+                insert_chunks!($tx, &inserts, $now, None, &$p.uses, &mut ids, live);
+                // A row a concurrent writer inserted meanwhile gains our uses
+                // like the existing ones above.
+                let raced: Vec<&ChunkInsert<'_>> = inserts
+                    .iter()
+                    .filter(|i| !ids.contains_key(&i.chunk.hash))
+                    .collect();
+                for i in raced {
+                    let update = add_uses_sql(1);
+                    let rows: Vec<UsedChunkRow> = sqlx::query_as(&update)
+                        .bind(i.refcount)
+                        .bind(&i.chunk.hash[..])
+                        .fetch_all(&mut *$tx)
+                        .await?;
+                    record_used(rows, &$p.uses, &mut ids)?;
+                }
+            }
+            if let Some(gone) = $p.uses.keys().find(|h| !ids.contains_key(*h)) {
+                return Err(MetaError::ChunkGone(*gone));
+            }
+            add_live_bytes!($tx, &live);
+
+            for (start, batch) in (0u64..)
+                .step_by(WRITE_BATCH)
+                .zip($p.blob.chunks.chunks(WRITE_BATCH))
+            {
+                let insert = insert_blob_chunks_sql(batch.len());
+                let mut query = sqlx::query(&insert).bind(blob_id);
+                for (seq, chunk) in (start..).zip(batch) {
+                    query = query
+                        .bind(sql::to_db(seq, "chunk seq")?)
+                        .bind(ids[&chunk.hash])
+                        .bind(sql::to_db(chunk.offset, "chunk offset")?)
+                        .bind(sql::to_db(chunk.file_offset, "chunk file offset")?);
+                }
+                query.execute(&mut *$tx).await?;
+            }
+            BlobCommit {
+                blob_id: BlobId(blob_id),
+                already_existed: false,
+            }
+        }
+    };
+}
+
 impl Meta {
     /// The chunks in `hashes` that have a row, each with the SHA-256 of its
     /// stored frame. The caller must upload the others before
@@ -578,150 +738,26 @@ impl Meta {
     /// is being garbage-collected or a chunk the caller did not upload has
     /// no row, and with [`MetaError::FrameMismatch`] if a chunk's row records
     /// a different stored frame than `blob` does.
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one transaction, written inline so that it expands once per backend"
-    )]
     pub async fn commit_blob(&self, blob: &NewBlob, now: i64) -> Result<BlobCommit> {
-        let uses = chunk_uses(blob)?;
-        let chunk_count = i64::try_from(blob.chunks.len())
-            .map_err(|_| MetaError::Invalid("too many chunks".into()))?;
-        let size = sql::to_db(blob.size, "blob size")?;
-        let file_size = sql::to_db(blob.file_size, "file size")?;
+        let mut commits = self.commit_blobs(std::slice::from_ref(blob), now).await?;
+        Ok(commits.remove(0))
+    }
+
+    /// [`Meta::commit_blob`] of several blobs in one transaction, all or
+    /// none: one commit (one log sync) for a batch of small uploads instead
+    /// of one each. A blob repeated in `blobs` is recorded once; the later
+    /// copies come back `already_existed`.
+    pub async fn commit_blobs(&self, blobs: &[NewBlob], now: i64) -> Result<Vec<BlobCommit>> {
+        let prepared = blobs.iter().map(prepare).collect::<Result<Vec<_>>>()?;
         let lease = self.lease(now);
-        // Chunks grouped by how many times the blob uses them, so one UPDATE
-        // per group can add the same amount to every row.
-        let mut by_uses: BTreeMap<i64, Vec<[u8; 32]>> = BTreeMap::new();
-        for (hash, u) in &uses {
-            by_uses.entry(u.uses).or_default().push(*hash);
-        }
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
-
-            // Claiming the hash first makes a concurrent commit of the same
-            // blob wait here (Postgres) or queue for the write lock (SQLite)
-            // and then take the `already_existed` path.
-            let blob_id = loop {
-                let inserted: Option<(i64,)> = sqlx::query_as(
-                    "INSERT INTO blobs (hash, size, file_hash, file_size, chunk_count, \
-                       refcount, deletable_at, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, 0, $6, $7) \
-                     ON CONFLICT (hash) DO NOTHING RETURNING id",
-                )
-                .bind(&blob.hash[..])
-                .bind(size)
-                .bind(&blob.file_hash[..])
-                .bind(file_size)
-                .bind(chunk_count)
-                .bind(lease)
-                .bind(now)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some((id,)) = inserted {
-                    break id;
-                }
-                // The existing blob may be unreferenced and due for GC; lease
-                // it like a chunk, so the caller has the grace period to
-                // reference it.
-                sqlx::query(
-                    "UPDATE blobs SET deletable_at = $2 \
-                     WHERE hash = $1 AND refcount = 0 AND deletable_at < $2",
-                )
-                .bind(&blob.hash[..])
-                .bind(lease)
-                .execute(&mut *tx)
-                .await?;
-                let existing: Option<(i64,)> =
-                    sqlx::query_as("SELECT id FROM blobs WHERE hash = $1")
-                        .bind(&blob.hash[..])
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if let Some((id,)) = existing {
-                    tx.commit().await?;
-                    return Ok(BlobCommit {
-                        blob_id: BlobId(id),
-                        already_existed: true,
-                    });
-                }
-                // Postgres only: GC deleted the blob between our INSERT and
-                // UPDATE. Each statement sees the latest commits, so inserting
-                // again now succeeds.
-            };
-
-            let mut ids: HashMap<[u8; 32], i64> = HashMap::with_capacity(uses.len());
-            // Existing valid chunks gain their uses and lose any deletion time.
-            // A chunk in `deleting` is left alone and handled below.
-            for (count, hashes) in &by_uses {
-                for batch in hashes.chunks(READ_BATCH) {
-                    let n = sql::in_list_len(batch.len());
-                    let update = add_uses_sql(n);
-                    let mut query = sqlx::query_as(&update).bind(count);
-                    for i in 0..n {
-                        query = query.bind(&sql::padded(batch, i)[..]);
-                    }
-                    let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
-                    record_used(rows, &uses, &mut ids)?;
-                }
+            let mut commits = Vec::with_capacity(prepared.len());
+            for p in &prepared {
+                commits.push(commit_one!(tx, p, now, lease));
             }
-
-            // The rest must be chunks this writer uploaded: insert them, in
-            // the packs it wrote.
-            let mut new = Vec::new();
-            for (hash, u) in &uses {
-                if !ids.contains_key(hash) {
-                    if !u.uploaded {
-                        return Err(MetaError::ChunkGone(*hash));
-                    }
-                    new.push((u.chunk, u.uses));
-                }
-            }
-            let mut live = LiveBytes::new();
-            if !new.is_empty() {
-                let pack_ids = insert_packs!(tx, &blob.packs, now);
-                let inserts = chunk_inserts(new, &pack_ids)?;
-                insert_chunks!(tx, &inserts, now, None, &uses, &mut ids, live);
-                // A row a concurrent writer inserted meanwhile gains our uses
-                // like the existing ones above.
-                let raced: Vec<&ChunkInsert<'_>> = inserts
-                    .iter()
-                    .filter(|i| !ids.contains_key(&i.chunk.hash))
-                    .collect();
-                for i in raced {
-                    let update = add_uses_sql(1);
-                    let rows: Vec<UsedChunkRow> = sqlx::query_as(&update)
-                        .bind(i.refcount)
-                        .bind(&i.chunk.hash[..])
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    record_used(rows, &uses, &mut ids)?;
-                }
-            }
-            if let Some(gone) = uses.keys().find(|h| !ids.contains_key(*h)) {
-                return Err(MetaError::ChunkGone(*gone));
-            }
-            add_live_bytes!(tx, &live);
-
-            for (start, batch) in (0u64..)
-                .step_by(WRITE_BATCH)
-                .zip(blob.chunks.chunks(WRITE_BATCH))
-            {
-                let insert = insert_blob_chunks_sql(batch.len());
-                let mut query = sqlx::query(&insert).bind(blob_id);
-                for (seq, chunk) in (start..).zip(batch) {
-                    query = query
-                        .bind(sql::to_db(seq, "chunk seq")?)
-                        .bind(ids[&chunk.hash])
-                        .bind(sql::to_db(chunk.offset, "chunk offset")?)
-                        .bind(sql::to_db(chunk.file_offset, "chunk file offset")?);
-                }
-                query.execute(&mut *tx).await?;
-            }
-
             tx.commit().await?;
-            Ok(BlobCommit {
-                blob_id: BlobId(blob_id),
-                already_existed: false,
-            })
+            Ok(commits)
         })
     }
 

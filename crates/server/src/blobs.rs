@@ -13,8 +13,8 @@ use axum::BoxError;
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use garret_meta::{
-    Blob, BlobChunk, BlobId, ChunkCompression, ChunkRange, Meta, MetaError, NewBlob, NewChunkRef,
-    NewPack, PackPlace,
+    Blob, BlobChunk, BlobCommit, BlobId, ChunkCompression, ChunkRange, Meta, MetaError, NewBlob,
+    NewChunkRef, NewPack, PackPlace,
 };
 use garret_nix::Sha256Hash;
 
@@ -168,6 +168,27 @@ pub fn new_chunk_ref(c: &ChunkRef, uploaded: bool) -> NewChunkRef {
                 offset,
             }),
         },
+    }
+}
+
+/// What a writer learns of its committed upload.
+fn stored(ingested: &Ingested, commit: BlobCommit) -> StoredBlob {
+    let manifest = &ingested.manifest;
+    let mut counted = HashSet::new();
+    let new_bytes = manifest
+        .chunks
+        .iter()
+        .filter(|c| ingested.uploaded.contains(&c.id) && counted.insert(c.id))
+        .map(|c| u64::from(c.size))
+        .sum();
+    StoredBlob {
+        id: commit.blob_id,
+        hash: manifest.hash,
+        size: manifest.size,
+        file_hash: manifest.file_hash,
+        file_size: manifest.file_size,
+        deduplicated: commit.already_existed,
+        new_bytes: if commit.already_existed { 0 } else { new_bytes },
     }
 }
 
@@ -330,25 +351,81 @@ impl Blobs {
         expect: Expect,
         now: i64,
     ) -> Result<StoredBlob, BlobError> {
-        let manifest = &ingested.manifest;
-        check(expect, manifest.hash, manifest.size)?;
+        check(expect, ingested.manifest.hash, ingested.manifest.size)?;
         let commit = self.meta.commit_blob(&new_blob(ingested), now).await?;
-        let mut counted = HashSet::new();
-        let new_bytes = manifest
-            .chunks
+        Ok(stored(ingested, commit))
+    }
+
+    /// Stores several small blobs, as one BatchUpdateBlobs request sends
+    /// them: their new chunks share packs made durable by one barrier, and
+    /// the blobs are committed in one metadata transaction, instead of one
+    /// of each per blob. Each entry gets its own result; an error of a step
+    /// they share (the barrier) fails them all.
+    ///
+    /// Unlike [`Blobs::put`], content stored already is ingested again
+    /// (its chunks are found and not stored twice) rather than leased blob
+    /// by blob: a lease is a write transaction of its own.
+    pub async fn put_batch(
+        &self,
+        entries: Vec<(Bytes, Expect)>,
+    ) -> Result<Vec<Result<StoredBlob, BlobError>>, BlobError> {
+        let now = unix_now();
+        let index = MetaIndex {
+            meta: &self.meta,
+            now,
+        };
+        let mut batch = self.store.batch();
+        let mut ingested = Vec::with_capacity(entries.len());
+        for (data, expect) in entries {
+            let input =
+                futures::stream::once(async move { Ok::<_, std::convert::Infallible>(data) });
+            let one = Box::pin(
+                self.store
+                    .ingest_in(&mut batch, input, &index, expect.max_size),
+            )
+            .await
+            .map_err(BlobError::from)
+            .and_then(|i| {
+                check(expect, i.manifest.hash, i.manifest.size)?;
+                Ok(i)
+            });
+            ingested.push(one);
+        }
+        let packs = batch.finish().await?;
+        let mut blobs = Vec::new();
+        for one in ingested.iter().flatten() {
+            let mut blob = new_blob(one);
+            blob.packs = new_packs(&packs);
+            blobs.push(blob);
+        }
+        let commits = match self.meta.commit_blobs(&blobs, now).await {
+            Ok(commits) => commits.into_iter().map(Ok).collect(),
+            // One blob the batch cannot record (a chunk collected meanwhile)
+            // must not fail the others: commit them one by one.
+            Err(error) if !matches!(error, MetaError::Database(_)) => {
+                let mut each = Vec::with_capacity(blobs.len());
+                for blob in &blobs {
+                    each.push(self.meta.commit_blob(blob, now).await);
+                }
+                each
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if !commits
             .iter()
-            .filter(|c| ingested.uploaded.contains(&c.id) && counted.insert(c.id))
-            .map(|c| u64::from(c.size))
-            .sum();
-        Ok(StoredBlob {
-            id: commit.blob_id,
-            hash: manifest.hash,
-            size: manifest.size,
-            file_hash: manifest.file_hash,
-            file_size: manifest.file_size,
-            deduplicated: commit.already_existed,
-            new_bytes: if commit.already_existed { 0 } else { new_bytes },
-        })
+            .any(|c| matches!(c, Ok(c) if !c.already_existed))
+        {
+            self.store.discard(&packs).await;
+        }
+        let mut commits = commits.into_iter();
+        Ok(ingested
+            .into_iter()
+            .map(|one| {
+                let one = one?;
+                let commit = commits.next().expect("one commit per ingested blob")?;
+                Ok(stored(&one, commit))
+            })
+            .collect())
     }
 
     /// Streams `range` of a blob's content. A chunk missing from the backend

@@ -68,6 +68,7 @@ both_deployments!(
     capabilities_and_health,
     empty_blob_always_exists,
     digest_mismatch_is_invalid_argument,
+    a_batch_shares_one_pack,
     plain_reads_honour_offset_and_limit,
     compressed_round_trip_across_frames,
     resumable_write,
@@ -217,6 +218,41 @@ async fn digest_mismatch_is_invalid_argument(server: GrpcServer) {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+async fn a_batch_shares_one_pack(server: GrpcServer) {
+    let meta = &server.http.state.meta;
+    let stored_before = b"stored before the batch".to_vec();
+    server.put(&[&stored_before]).await;
+    let packs_before = meta.packs(1000).await.unwrap().len();
+    // 300 small blobs, one of them twice and one stored already: one new
+    // pack holds them all, and every one reads back.
+    let mut blobs: Vec<Vec<u8>> = (0..300u64).map(|i| random(4096, i + 100)).collect();
+    blobs.push(blobs[7].clone());
+    blobs.push(stored_before.clone());
+    let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    server.put(&refs).await;
+    let packs = meta.packs(1000).await.unwrap();
+    assert_eq!(packs.len(), packs_before + 1);
+    let stats = meta.chunk_stats().await.unwrap();
+    let live: u64 = packs.iter().map(|p| p.live_bytes).sum();
+    assert_eq!(
+        live, stats.stored_size,
+        "every chunk row is live in its pack"
+    );
+    let read = server
+        .cas()
+        .batch_read_blobs(server.req(BatchReadBlobsRequest {
+            digests: blobs.iter().map(|b| digest(b)).collect(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    for (response, blob) in read.responses.iter().zip(&blobs) {
+        assert_eq!(response.status.as_ref().unwrap().code, 0);
+        assert_eq!(&response.data[..], &blob[..]);
+    }
 }
 
 async fn plain_reads_honour_offset_and_limit(server: GrpcServer) {

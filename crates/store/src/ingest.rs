@@ -169,8 +169,11 @@ struct Assembler<'a, B: ObjectStore, I, C> {
     /// `chunks[..recorded]` are recorded by `checkpoint` (or were the
     /// resumed prefix).
     recorded: usize,
-    /// Where the new chunks go.
-    packer: Packer<B>,
+    /// Where the new chunks go: the ingest's own packs, or its batch's.
+    packer: &'a mut Packer<B>,
+    /// Whether the packs are this ingest's own, to make durable when it
+    /// finishes; a batch makes its packs durable once, for every blob.
+    own_packs: bool,
     /// Packs flushed but not yet recorded: the next record names them.
     packs: Vec<PackInfo>,
     file: Sha256Hasher,
@@ -182,7 +185,31 @@ struct Assembler<'a, B: ObjectStore, I, C> {
     framing: FuturesOrdered<JoinHandle<Result<Framed, StoreError>>>,
 }
 
-impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'_, B, I, C> {
+impl<'a, B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'a, B, I, C> {
+    fn new(
+        store: &'a ChunkStore<B>,
+        index: &'a I,
+        checkpoint: &'a C,
+        prefix: &[ChunkRef],
+        packer: &'a mut Packer<B>,
+        own_packs: bool,
+    ) -> Self {
+        Self {
+            store,
+            index,
+            checkpoint,
+            recorded: prefix.len(),
+            packer,
+            own_packs,
+            packs: Vec::new(),
+            file: Sha256Hasher::new(),
+            offset: prefix.last().map_or(0, ChunkRef::end),
+            chunks: Vec::new(),
+            uploaded: HashMap::new(),
+            framing: FuturesOrdered::new(),
+        }
+    }
+
     async fn add_batch(&mut self, batch: Vec<Hashed>) -> Result<(), StoreError> {
         let ids: Vec<ChunkHash> = batch.iter().map(|c| c.id).collect();
         let present = self.index.lookup(&ids).await.map_err(StoreError::Index)?;
@@ -286,8 +313,10 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
 
     async fn finish(&mut self, whole: Sha256Hasher) -> Result<Ingested, StoreError> {
         self.place_all().await?;
-        let flushed = self.packer.flush().await?;
-        self.packs.extend(flushed);
+        if self.own_packs {
+            let flushed = self.packer.flush().await?;
+            self.packs.extend(flushed);
+        }
         let (hash, size) = whole.finish();
         let (file_hash, file_size) = std::mem::take(&mut self.file).finish();
         debug_assert_eq!(size, self.offset);
@@ -308,9 +337,8 @@ impl<B: ObjectStore + Clone + 'static, I: ChunkIndex, C: Checkpoint> Assembler<'
     /// filled is dropped unfinished). Failing to delete one only leaves an
     /// orphan for GC, so that is logged, not returned.
     async fn abandon(self) {
-        let mut packs = self.packs;
-        packs.extend(self.packer.abandon().await);
-        self.store.discard(&packs).await;
+        self.store.discard(&self.packs).await;
+        self.packer.discard().await;
     }
 }
 
@@ -363,19 +391,8 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
-        let mut assembler = Assembler {
-            store: self,
-            index,
-            checkpoint,
-            recorded: prefix.len(),
-            packer: Packer::new(self.backend.clone(), self.config.pack_size),
-            packs: Vec::new(),
-            file: Sha256Hasher::new(),
-            offset: prefix.last().map_or(0, ChunkRef::end),
-            chunks: Vec::new(),
-            uploaded: HashMap::new(),
-            framing: FuturesOrdered::new(),
-        };
+        let mut packer = Packer::new(self.backend.clone(), self.config.pack_size);
+        let mut assembler = Assembler::new(self, index, checkpoint, &prefix, &mut packer, true);
         let result = self
             .ingest_into(&mut assembler, prefix, input, max_size)
             .await;
@@ -383,6 +400,33 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
             assembler.abandon().await;
         }
         result
+    }
+
+    /// Starts a batch of small blobs whose new chunks share packs.
+    pub fn batch(&self) -> Batch<B> {
+        Batch {
+            packer: Packer::new(self.backend.clone(), self.config.pack_size),
+        }
+    }
+
+    /// [`ChunkStore::ingest`] of one blob of `batch`. Its new chunks are
+    /// durable, and their packs reported, only by [`Batch::finish`], so the
+    /// caller commits the blob after that. A failed blob leaves its frames in
+    /// the batch's pack as dead bytes, never referenced.
+    pub async fn ingest_in<S, E>(
+        &self,
+        batch: &mut Batch<B>,
+        input: S,
+        index: &impl ChunkIndex,
+        max_size: Option<u64>,
+    ) -> Result<Ingested, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: Into<BoxError>,
+    {
+        let mut assembler = Assembler::new(self, index, &(), &[], &mut batch.packer, false);
+        self.ingest_into(&mut assembler, Vec::new(), input, max_size)
+            .await
     }
 
     /// The body of [`ChunkStore::ingest_after`]; an error leaves the caller
@@ -477,5 +521,30 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
             whole.update(&next.content.expect("asked to decompress"));
         }
         Ok(())
+    }
+}
+
+/// Small blobs stored together, as one BatchUpdateBlobs request sends them:
+/// their new chunks share packs, made durable by one barrier in
+/// [`Batch::finish`] instead of one per blob.
+pub struct Batch<B: ObjectStore> {
+    packer: Packer<B>,
+}
+
+impl<B: ObjectStore> std::fmt::Debug for Batch<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch").finish_non_exhaustive()
+    }
+}
+
+impl<B: ObjectStore + Clone + 'static> Batch<B> {
+    /// Makes every chunk of the batch durable and returns the packs they are
+    /// in, for the caller to commit with the blobs (or discard).
+    pub async fn finish(mut self) -> Result<Vec<PackInfo>, StoreError> {
+        let flushed = self.packer.flush().await;
+        if flushed.is_err() {
+            self.packer.discard().await;
+        }
+        flushed
     }
 }

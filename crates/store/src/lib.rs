@@ -20,7 +20,7 @@ pub use backend::{Backend, FsBackend, ObjectStore, ObjectWriter, S3Backend, S3Co
 pub use chunk::{ChunkHash, ChunkPlace, ChunkRef, Manifest, PackId, PackInfo};
 pub use chunker::{Chunker, ChunkerConfig};
 pub use error::StoreError;
-pub use ingest::{Checkpoint, ChunkIndex, Ingested, StoredFrame};
+pub use ingest::{Batch, Checkpoint, ChunkIndex, Ingested, StoredFrame};
 
 use std::sync::Arc;
 
@@ -88,13 +88,8 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
     }
 
     /// Deletes packs an ingest wrote that no metadata names (the upload
-    /// failed, or was refused after its ingest). A pack that cannot be
-    /// deleted is only an orphan for GC, so that is logged, not returned.
+    /// failed, or was refused after its ingest).
     pub async fn discard(&self, packs: &[PackInfo]) {
-        for pack in packs {
-            if let Err(error) = self.backend.delete(&pack.id.object_key()).await {
-                tracing::warn!(pack = %pack.id, %error, "could not delete the pack of a failed upload; GC will");
-            }
-        }
+        pack::discard(&self.backend, packs).await;
     }
 }

@@ -114,12 +114,28 @@ impl<B: ObjectStore + Clone + 'static> Packer<B> {
         Ok(std::mem::take(&mut self.sealed))
     }
 
+    /// Gives up on the packs since the last flush and deletes them.
+    pub(crate) async fn discard(&mut self) {
+        let packs = self.abandon().await;
+        discard(&self.backend, &packs).await;
+    }
+
     /// Gives up: the open pack is dropped (a backend leaves nothing of an
     /// unfinished object), and the packs sealed since the last flush are
     /// returned for deletion once their writes have settled.
-    pub(crate) async fn abandon(mut self) -> Vec<PackInfo> {
+    pub(crate) async fn abandon(&mut self) -> Vec<PackInfo> {
         self.open = None;
         while self.sealing.next().await.is_some() {}
-        self.sealed
+        std::mem::take(&mut self.sealed)
+    }
+}
+
+/// Deletes packs that no metadata names. A pack that cannot be deleted is
+/// only an orphan for GC, so that is logged, not returned.
+pub(crate) async fn discard<B: ObjectStore>(backend: &B, packs: &[PackInfo]) {
+    for pack in packs {
+        if let Err(error) = backend.delete(&pack.id.object_key()).await {
+            tracing::warn!(pack = %pack.id, %error, "could not delete the pack of a failed upload; GC will");
+        }
     }
 }

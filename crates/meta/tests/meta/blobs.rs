@@ -28,6 +28,28 @@ both! {
         assert_eq!(present(&db, &asked, 1).await.unwrap(), expected);
     }
 
+    async fn commit_blobs_records_a_batch_in_one_transaction(db: TestDb) {
+        // Blobs 2 and 3 share chunk 21; blob 2 comes twice.
+        let batch = [
+            blob(1, &[(20, 5)]),
+            blob(2, &[(21, 7), (22, 3)]),
+            blob(2, &[(21, 7), (22, 3)]),
+            blob(3, &[(21, 7)]),
+        ];
+        let commits = db.commit_blobs(&batch, 0).await.unwrap();
+        let existed: Vec<bool> = commits.iter().map(|c| c.already_existed).collect();
+        assert_eq!(existed, [false, false, true, false]);
+        assert_eq!(commits[1].blob_id, commits[2].blob_id);
+        assert_eq!(db.count("blobs").await, 3);
+        assert_eq!(db.chunk_state(h(21)).await.unwrap().0, 2);
+        db.assert_refcounts_consistent().await;
+        // All or nothing: a blob that cannot be recorded records none.
+        let failing = [blob(4, &[(40, 5)]), deduplicated(blob(5, &[(50, 5)]))];
+        assert!(matches!(db.commit_blobs(&failing, 1).await, Err(MetaError::ChunkGone(_))));
+        assert_eq!(db.count("blobs").await, 3);
+        assert!(db.chunk_state(h(40)).await.is_none());
+    }
+
     async fn dedup_upload_skips_known_chunks(db: TestDb) {
         // A second blob sharing a chunk uploads only its own and marks the
         // shared one as not uploaded, describing it by the stored frame.

@@ -152,6 +152,29 @@ impl Core {
         self.store_stream(cache, digest, input).await
     }
 
+    /// Stores several small blobs in `cache`'s CAS with one pack barrier and
+    /// one metadata transaction for the blobs and one for their entries (see
+    /// [`Blobs::put_batch`]). Each entry gets its own result.
+    pub(crate) async fn store_batch(
+        &self,
+        cache: &Cache,
+        entries: Vec<(Digest, Bytes)>,
+    ) -> Result<Vec<Result<(), Error>>, Error> {
+        let expected = entries
+            .into_iter()
+            .map(|(digest, data)| (data, expect(digest)))
+            .collect();
+        let stored = self.blobs.put_batch(expected).await?;
+        let ids: Vec<_> = stored.iter().flatten().map(|b| b.id).collect();
+        self.meta
+            .put_cas_entries(cache.id, &ids, unix_now())
+            .await?;
+        Ok(stored
+            .into_iter()
+            .map(|one| one.map(drop).map_err(Error::from))
+            .collect())
+    }
+
     /// Stores `input` as `digest` in `cache`'s CAS: verified against the
     /// digest while it streams, visible only once it matches.
     pub(crate) async fn store_stream<S, E>(

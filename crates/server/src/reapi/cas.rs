@@ -107,28 +107,43 @@ impl CasService {
                 )));
             }
         }
-        let cache = &cache;
-        let responses = stream::iter(requests)
-            .map(|entry| async move {
-                let digest = Digest::from_required(entry.digest.as_ref());
-                let result = match digest {
-                    Ok(digest) => update_one(reapi, cache, digest, entry.compressor, entry.data)
-                        .await
-                        .map(|()| digest),
-                    Err(e) => Err(e.into()),
-                };
-                batch_update_blobs_response::Response {
-                    status: Some(
-                        result
-                            .as_ref()
-                            .map_or_else(Error::to_rpc_status, |_| ok_status()),
-                    ),
-                    digest: entry.digest,
-                }
-            })
+        // Each entry is checked and decoded on its own; the valid ones are
+        // then stored together, with one durability barrier and one commit.
+        // Owned pieces: a future borrowing the request would not be `Send`
+        // for every lifetime, which tonic needs.
+        let pieces: Vec<_> = requests
+            .iter()
+            .map(|r| (r.digest.clone(), r.compressor, r.data.clone()))
+            .collect();
+        let prepared: Vec<Result<(Digest, Bytes), Error>> = stream::iter(pieces)
+            .map(|(digest, compressor, data)| prepare_update(reapi, digest, compressor, data))
             .buffered(BATCH_CONCURRENCY)
             .collect()
             .await;
+        let to_store: Vec<(Digest, Bytes)> = prepared
+            .iter()
+            .flatten()
+            .filter(|(digest, _)| !digest.is_empty())
+            .cloned()
+            .collect();
+        let mut stored = reapi.store_batch(&cache, to_store).await?.into_iter();
+        let responses = requests
+            .into_iter()
+            .zip(prepared)
+            .map(|(entry, prepared)| {
+                let result = prepared.and_then(|(digest, _)| {
+                    if digest.is_empty() {
+                        Ok(())
+                    } else {
+                        stored.next().expect("one result per stored entry")
+                    }
+                });
+                batch_update_blobs_response::Response {
+                    status: Some(result.map_or_else(|e| e.to_rpc_status(), |()| ok_status())),
+                    digest: entry.digest,
+                }
+            })
+            .collect();
         Ok(BatchUpdateBlobsResponse { responses })
     }
 
@@ -403,13 +418,15 @@ fn check_chunking_function(value: i32) -> Result<(), Error> {
 }
 
 /// One BatchUpdateBlobs entry.
-async fn update_one(
+/// Checks one BatchUpdateBlobs entry and decodes its data: what the batch
+/// then stores. The empty digest needs no storing, only empty data.
+async fn prepare_update(
     reapi: &Reapi,
-    cache: &Cache,
-    digest: Digest,
+    digest: Option<garret_proto::reapi::Digest>,
     compressor: i32,
     data: Bytes,
-) -> Result<(), Error> {
+) -> Result<(Digest, Bytes), Error> {
+    let digest = Digest::from_required(digest.as_ref())?;
     reapi.check_size(digest)?;
     let data = if compressor == Compressor::Identity as i32 {
         data
@@ -420,7 +437,13 @@ async fn update_one(
             "compressor {compressor} is not supported (identity or zstd)"
         )));
     };
-    reapi.store_bytes(cache, digest, data).await
+    if digest.is_empty() && !data.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} bytes were sent for the empty digest",
+            data.len()
+        )));
+    }
+    Ok((digest, data))
 }
 
 /// The sum of client-given sizes, or `None` if it does not fit a `u64`:

@@ -499,10 +499,12 @@ fn prepare(blob: &NewBlob) -> Result<Prepared<'_>> {
 }
 
 /// Records one [`Prepared`] blob `$p` at `$now`, unreferenced until `$lease`,
-/// in transaction `$tx`; evaluates to its [`BlobCommit`]. A macro so that it
-/// expands once per database, inside each backend's transaction.
+/// in transaction `$tx`, its new chunks in the packs `$pack_ids` (key to row
+/// id) and their stored bytes added to `$live`; evaluates to its
+/// [`BlobCommit`]. A macro so that it expands once per database, inside each
+/// backend's transaction.
 macro_rules! commit_one {
-    ($tx:expr, $p:expr, $now:expr, $lease:expr) => {
+    ($tx:expr, $p:expr, $now:expr, $lease:expr, $pack_ids:expr, $live:expr) => {
         'commit: {
             // Claiming the hash first makes a concurrent commit of the same
             // blob wait here (Postgres) or queue for the write lock (SQLite)
@@ -580,11 +582,9 @@ macro_rules! commit_one {
                     new.push((u.chunk, u.uses));
                 }
             }
-            let mut live = LiveBytes::new();
             if !new.is_empty() {
-                let pack_ids = insert_packs!($tx, &$p.blob.packs, $now);
-                let inserts = chunk_inserts(new, &pack_ids)?;
-                insert_chunks!($tx, &inserts, $now, None, &$p.uses, &mut ids, live);
+                let inserts = chunk_inserts(new, $pack_ids)?;
+                insert_chunks!($tx, &inserts, $now, None, &$p.uses, &mut ids, $live);
                 // A row a concurrent writer inserted meanwhile gains our uses
                 // like the existing ones above.
                 let raced: Vec<&ChunkInsert<'_>> = inserts
@@ -604,7 +604,6 @@ macro_rules! commit_one {
             if let Some(gone) = $p.uses.keys().find(|h| !ids.contains_key(*h)) {
                 return Err(MetaError::ChunkGone(*gone));
             }
-            add_live_bytes!($tx, &live);
 
             for (start, batch) in (0u64..)
                 .step_by(WRITE_BATCH)
@@ -750,12 +749,19 @@ impl Meta {
     pub async fn commit_blobs(&self, blobs: &[NewBlob], now: i64) -> Result<Vec<BlobCommit>> {
         let prepared = blobs.iter().map(prepare).collect::<Result<Vec<_>>>()?;
         let lease = self.lease(now);
+        // The blobs of a batch share their packs: recorded once.
+        let mut packs: Vec<NewPack> = blobs.iter().flat_map(|b| b.packs.iter().copied()).collect();
+        packs.sort_unstable_by_key(|p| p.key);
+        packs.dedup_by_key(|p| p.key);
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
+            let pack_ids = insert_packs!(tx, &packs, now);
+            let mut live = LiveBytes::new();
             let mut commits = Vec::with_capacity(prepared.len());
             for p in &prepared {
-                commits.push(commit_one!(tx, p, now, lease));
+                commits.push(commit_one!(tx, p, now, lease, &pack_ids, live));
             }
+            add_live_bytes!(tx, &live);
             tx.commit().await?;
             Ok(commits)
         })

@@ -461,36 +461,19 @@ pub(crate) fn record_used(
     Ok(())
 }
 
-/// Inserts `n` chunk positions of blob `$1`.
-fn insert_blob_chunks_sql(n: usize) -> String {
-    format!(
-        "INSERT INTO blob_chunks (blob_id, seq, chunk_id, byte_offset, file_offset) VALUES {}",
-        sql::rows(2, n, 4, "$1, ", "")
-    )
-}
-
-/// A blob checked and ready for [`commit_one!`].
+/// A blob checked and ready to commit.
 struct Prepared<'a> {
     blob: &'a NewBlob,
     uses: ChunkUses<'a>,
-    /// Chunks grouped by how many times the blob uses them, so one UPDATE
-    /// per group can add the same amount to every row.
-    by_uses: BTreeMap<i64, Vec<[u8; 32]>>,
     chunk_count: i64,
     size: i64,
     file_size: i64,
 }
 
 fn prepare(blob: &NewBlob) -> Result<Prepared<'_>> {
-    let uses = chunk_uses(blob)?;
-    let mut by_uses: BTreeMap<i64, Vec<[u8; 32]>> = BTreeMap::new();
-    for (hash, u) in &uses {
-        by_uses.entry(u.uses).or_default().push(*hash);
-    }
     Ok(Prepared {
         blob,
-        by_uses,
-        uses,
+        uses: chunk_uses(blob)?,
         chunk_count: i64::try_from(blob.chunks.len())
             .map_err(|_| MetaError::Invalid("too many chunks".into()))?,
         size: sql::to_db(blob.size, "blob size")?,
@@ -498,134 +481,54 @@ fn prepare(blob: &NewBlob) -> Result<Prepared<'_>> {
     })
 }
 
-/// Records one [`Prepared`] blob `$p` at `$now`, unreferenced until `$lease`,
-/// in transaction `$tx`, its new chunks in the packs `$pack_ids` (key to row
-/// id) and their stored bytes added to `$live`; evaluates to its
-/// [`BlobCommit`]. A macro so that it expands once per database, inside each
-/// backend's transaction.
-macro_rules! commit_one {
-    ($tx:expr, $p:expr, $now:expr, $lease:expr, $pack_ids:expr, $live:expr) => {
-        'commit: {
-            // Claiming the hash first makes a concurrent commit of the same
-            // blob wait here (Postgres) or queue for the write lock (SQLite)
-            // and then take the `already_existed` path.
-            let blob_id = loop {
-                let inserted: Option<(i64,)> = sqlx::query_as(
-                    "INSERT INTO blobs (hash, size, file_hash, file_size, chunk_count, \
-                       refcount, deletable_at, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, 0, $6, $7) \
-                     ON CONFLICT (hash) DO NOTHING RETURNING id",
-                )
-                .bind(&$p.blob.hash[..])
-                .bind($p.size)
-                .bind(&$p.blob.file_hash[..])
-                .bind($p.file_size)
-                .bind($p.chunk_count)
-                .bind($lease)
-                .bind($now)
-                .fetch_optional(&mut *$tx)
-                .await?;
-                if let Some((id,)) = inserted {
-                    break id;
+/// The chunk uses of several blobs committed together, merged by hash; a
+/// chunk two blobs use must be the same stored frame in both (where each
+/// writer put its copy may differ: the first one listed is recorded).
+fn merge_uses<'a>(blobs: impl IntoIterator<Item = &'a Prepared<'a>>) -> Result<ChunkUses<'a>> {
+    let mut merged: ChunkUses<'a> = BTreeMap::new();
+    for blob in blobs {
+        for (hash, u) in &blob.uses {
+            match merged.entry(*hash) {
+                Entry::Vacant(entry) => {
+                    entry.insert(ChunkUse {
+                        chunk: u.chunk,
+                        uses: u.uses,
+                        uploaded: u.uploaded,
+                    });
                 }
-                // The existing blob may be unreferenced and due for GC; lease
-                // it like a chunk, so the caller has the grace period to
-                // reference it.
-                sqlx::query(
-                    "UPDATE blobs SET deletable_at = $2 \
-                     WHERE hash = $1 AND refcount = 0 AND deletable_at < $2",
-                )
-                .bind(&$p.blob.hash[..])
-                .bind($lease)
-                .execute(&mut *$tx)
-                .await?;
-                let existing: Option<(i64,)> =
-                    sqlx::query_as("SELECT id FROM blobs WHERE hash = $1")
-                        .bind(&$p.blob.hash[..])
-                        .fetch_optional(&mut *$tx)
-                        .await?;
-                if let Some((id,)) = existing {
-                    break 'commit BlobCommit {
-                        blob_id: BlobId(id),
-                        already_existed: true,
-                    };
-                }
-                // Postgres only: GC deleted the blob between our INSERT and
-                // UPDATE. Each statement sees the latest commits, so inserting
-                // again now succeeds.
-            };
-
-            let mut ids: HashMap<[u8; 32], i64> = HashMap::with_capacity($p.uses.len());
-            // Existing valid chunks gain their uses and lose any deletion time.
-            // A chunk in `deleting` is left alone and handled below.
-            for (count, hashes) in &$p.by_uses {
-                for batch in hashes.chunks(READ_BATCH) {
-                    let n = sql::in_list_len(batch.len());
-                    let update = add_uses_sql(n);
-                    let mut query = sqlx::query_as(&update).bind(count);
-                    for i in 0..n {
-                        query = query.bind(&sql::padded(batch, i)[..]);
+                Entry::Occupied(mut entry) => {
+                    let first = entry.get().chunk;
+                    if (
+                        first.size,
+                        first.stored_size,
+                        first.frame_hash,
+                        first.compression,
+                    ) != (
+                        u.chunk.size,
+                        u.chunk.stored_size,
+                        u.chunk.frame_hash,
+                        u.chunk.compression,
+                    ) {
+                        return Err(MetaError::Invalid(
+                            "two blobs of a batch store one chunk as different frames".into(),
+                        ));
                     }
-                    let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *$tx).await?;
-                    record_used(rows, &$p.uses, &mut ids)?;
+                    let entry = entry.get_mut();
+                    entry.uses += u.uses;
+                    entry.uploaded |= u.uploaded;
                 }
-            }
-
-            // The rest must be chunks this writer uploaded: insert them, in
-            // the packs it wrote.
-            let mut new = Vec::new();
-            for (hash, u) in &$p.uses {
-                if !ids.contains_key(hash) {
-                    if !u.uploaded {
-                        return Err(MetaError::ChunkGone(*hash));
-                    }
-                    new.push((u.chunk, u.uses));
-                }
-            }
-            if !new.is_empty() {
-                let inserts = chunk_inserts(new, $pack_ids)?;
-                insert_chunks!($tx, &inserts, $now, None, &$p.uses, &mut ids, $live);
-                // A row a concurrent writer inserted meanwhile gains our uses
-                // like the existing ones above.
-                let raced: Vec<&ChunkInsert<'_>> = inserts
-                    .iter()
-                    .filter(|i| !ids.contains_key(&i.chunk.hash))
-                    .collect();
-                for i in raced {
-                    let update = add_uses_sql(1);
-                    let rows: Vec<UsedChunkRow> = sqlx::query_as(&update)
-                        .bind(i.refcount)
-                        .bind(&i.chunk.hash[..])
-                        .fetch_all(&mut *$tx)
-                        .await?;
-                    record_used(rows, &$p.uses, &mut ids)?;
-                }
-            }
-            if let Some(gone) = $p.uses.keys().find(|h| !ids.contains_key(*h)) {
-                return Err(MetaError::ChunkGone(*gone));
-            }
-
-            for (start, batch) in (0u64..)
-                .step_by(WRITE_BATCH)
-                .zip($p.blob.chunks.chunks(WRITE_BATCH))
-            {
-                let insert = insert_blob_chunks_sql(batch.len());
-                let mut query = sqlx::query(&insert).bind(blob_id);
-                for (seq, chunk) in (start..).zip(batch) {
-                    query = query
-                        .bind(sql::to_db(seq, "chunk seq")?)
-                        .bind(ids[&chunk.hash])
-                        .bind(sql::to_db(chunk.offset, "chunk offset")?)
-                        .bind(sql::to_db(chunk.file_offset, "chunk file offset")?);
-                }
-                query.execute(&mut *$tx).await?;
-            }
-            BlobCommit {
-                blob_id: BlobId(blob_id),
-                already_existed: false,
             }
         }
-    };
+    }
+    Ok(merged)
+}
+
+/// Inserts `n` chunk positions, each with its blob.
+fn insert_blob_chunks_sql(n: usize) -> String {
+    format!(
+        "INSERT INTO blob_chunks (blob_id, seq, chunk_id, byte_offset, file_offset) VALUES {}",
+        sql::rows(1, n, 5, "", "")
+    )
 }
 
 impl Meta {
@@ -746,6 +649,10 @@ impl Meta {
     /// none: one commit (one log sync) for a batch of small uploads instead
     /// of one each. A blob repeated in `blobs` is recorded once; the later
     /// copies come back `already_existed`.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one transaction, written inline so that it expands once per backend"
+    )]
     pub async fn commit_blobs(&self, blobs: &[NewBlob], now: i64) -> Result<Vec<BlobCommit>> {
         let prepared = blobs.iter().map(prepare).collect::<Result<Vec<_>>>()?;
         let lease = self.lease(now);
@@ -756,12 +663,142 @@ impl Meta {
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
             let pack_ids = insert_packs!(tx, &packs, now);
-            let mut live = LiveBytes::new();
             let mut commits = Vec::with_capacity(prepared.len());
-            for p in &prepared {
-                commits.push(commit_one!(tx, p, now, lease, &pack_ids, live));
+            let mut new_blobs = Vec::with_capacity(prepared.len());
+            'blobs: for p in &prepared {
+                // Claiming the hash first makes a concurrent commit of the
+                // same blob wait here (Postgres) or queue for the write lock
+                // (SQLite) and then take the `already_existed` path.
+                let blob_id = loop {
+                    let inserted: Option<(i64,)> = sqlx::query_as(
+                        "INSERT INTO blobs (hash, size, file_hash, file_size, chunk_count, \
+                           refcount, deletable_at, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, 0, $6, $7) \
+                         ON CONFLICT (hash) DO NOTHING RETURNING id",
+                    )
+                    .bind(&p.blob.hash[..])
+                    .bind(p.size)
+                    .bind(&p.blob.file_hash[..])
+                    .bind(p.file_size)
+                    .bind(p.chunk_count)
+                    .bind(lease)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some((id,)) = inserted {
+                        break id;
+                    }
+                    // The existing blob may be unreferenced and due for GC;
+                    // lease it like a chunk, so the caller has the grace
+                    // period to reference it.
+                    sqlx::query(
+                        "UPDATE blobs SET deletable_at = $2 \
+                         WHERE hash = $1 AND refcount = 0 AND deletable_at < $2",
+                    )
+                    .bind(&p.blob.hash[..])
+                    .bind(lease)
+                    .execute(&mut *tx)
+                    .await?;
+                    let existing: Option<(i64,)> =
+                        sqlx::query_as("SELECT id FROM blobs WHERE hash = $1")
+                            .bind(&p.blob.hash[..])
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    if let Some((id,)) = existing {
+                        commits.push(BlobCommit {
+                            blob_id: BlobId(id),
+                            already_existed: true,
+                        });
+                        continue 'blobs;
+                    }
+                    // Postgres only: GC deleted the blob between our INSERT
+                    // and UPDATE. Each statement sees the latest commits, so
+                    // inserting again now succeeds.
+                };
+                commits.push(BlobCommit {
+                    blob_id: BlobId(blob_id),
+                    already_existed: false,
+                });
+                new_blobs.push((blob_id, p));
+            }
+
+            // The chunks of every new blob, their uses summed.
+            let uses = merge_uses(new_blobs.iter().map(|(_, p)| *p))?;
+            // Chunks grouped by how many uses they gain, so one UPDATE per
+            // group can add the same amount to every row.
+            let mut by_uses: BTreeMap<i64, Vec<[u8; 32]>> = BTreeMap::new();
+            for (hash, u) in &uses {
+                by_uses.entry(u.uses).or_default().push(*hash);
+            }
+            let mut live = LiveBytes::new();
+            let mut ids: HashMap<[u8; 32], i64> = HashMap::with_capacity(uses.len());
+            // Existing valid chunks gain their uses and lose any deletion time.
+            // A chunk in `deleting` is left alone and handled below.
+            for (count, hashes) in &by_uses {
+                for batch in hashes.chunks(READ_BATCH) {
+                    let n = sql::in_list_len(batch.len());
+                    let update = add_uses_sql(n);
+                    let mut query = sqlx::query_as(&update).bind(count);
+                    for i in 0..n {
+                        query = query.bind(&sql::padded(batch, i)[..]);
+                    }
+                    let rows: Vec<UsedChunkRow> = query.fetch_all(&mut *tx).await?;
+                    record_used(rows, &uses, &mut ids)?;
+                }
+            }
+
+            // The rest must be chunks this writer uploaded: insert them, in
+            // the packs it wrote.
+            let mut new = Vec::new();
+            for (hash, u) in &uses {
+                if !ids.contains_key(hash) {
+                    if !u.uploaded {
+                        return Err(MetaError::ChunkGone(*hash));
+                    }
+                    new.push((u.chunk, u.uses));
+                }
+            }
+            if !new.is_empty() {
+                let inserts = chunk_inserts(new, &pack_ids)?;
+                insert_chunks!(tx, &inserts, now, None, &uses, &mut ids, live);
+                // A row a concurrent writer inserted meanwhile gains our uses
+                // like the existing ones above.
+                let raced: Vec<&ChunkInsert<'_>> = inserts
+                    .iter()
+                    .filter(|i| !ids.contains_key(&i.chunk.hash))
+                    .collect();
+                for i in raced {
+                    let update = add_uses_sql(1);
+                    let rows: Vec<UsedChunkRow> = sqlx::query_as(&update)
+                        .bind(i.refcount)
+                        .bind(&i.chunk.hash[..])
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    record_used(rows, &uses, &mut ids)?;
+                }
+            }
+            if let Some(gone) = uses.keys().find(|h| !ids.contains_key(*h)) {
+                return Err(MetaError::ChunkGone(*gone));
             }
             add_live_bytes!(tx, &live);
+
+            let positions: Vec<(i64, u64, &NewChunkRef)> = new_blobs
+                .iter()
+                .flat_map(|(id, p)| (0u64..).zip(&p.blob.chunks).map(|(seq, c)| (*id, seq, c)))
+                .collect();
+            for batch in positions.chunks(WRITE_BATCH) {
+                let insert = insert_blob_chunks_sql(batch.len());
+                let mut query = sqlx::query(&insert);
+                for (blob_id, seq, chunk) in batch {
+                    query = query
+                        .bind(blob_id)
+                        .bind(sql::to_db(*seq, "chunk seq")?)
+                        .bind(ids[&chunk.hash])
+                        .bind(sql::to_db(chunk.offset, "chunk offset")?)
+                        .bind(sql::to_db(chunk.file_offset, "chunk file offset")?);
+                }
+                query.execute(&mut *tx).await?;
+            }
             tx.commit().await?;
             Ok(commits)
         })

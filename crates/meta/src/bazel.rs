@@ -2,11 +2,10 @@
 //! holds one reference on its blob) and action results (opaque serialized
 //! `ActionResult` protobufs, keyed by action digest).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::blobs::{BLOB_COLUMNS, Blob, BlobRow, blob_from_row};
-use crate::nix::{BLOB_DECREF, BLOB_INCREF};
-use crate::sql;
+use crate::sql::{self, READ_BATCH};
 use crate::{BeginWrite as _, BlobId, CacheId, Meta, MetaError, Result, on_reader, on_writer};
 
 impl Meta {
@@ -18,7 +17,8 @@ impl Meta {
     }
 
     /// [`Meta::put_cas_entry`] of several blobs in one transaction, all or
-    /// none (one commit for a whole batch upload).
+    /// none, with a handful of statements however many blobs (a whole batch
+    /// upload). A blob listed twice is new the first time only.
     pub async fn put_cas_entries(
         &self,
         cache: CacheId,
@@ -26,52 +26,79 @@ impl Meta {
         now: i64,
     ) -> Result<Vec<bool>> {
         let lease = self.lease(now);
-        on_writer!(self, |pool| async {
+        let ids: Vec<i64> = sql::dedup(&blobs.iter().map(|b| b.0).collect::<Vec<_>>());
+        let new: HashSet<i64> = on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
-            let mut all = Vec::with_capacity(blobs.len());
-            for blob in blobs {
-                // Reference first: it finds a vanished blob and locks the row
-                // against GC. Re-putting an entry is rare (clients ask
-                // FindMissingBlobs first), so undoing the reference then is cheap.
-                let bumped = sqlx::query(BLOB_INCREF)
-                    .bind(blob.0)
-                    .execute(&mut *tx)
-                    .await?;
-                if bumped.rows_affected() == 0 {
+            let mut new = HashSet::with_capacity(ids.len());
+            for batch in ids.chunks(READ_BATCH) {
+                let n = sql::in_list_len(batch.len());
+                // Reference first: it finds a vanished blob and locks the
+                // rows against GC. Re-putting an entry is rare (clients ask
+                // FindMissingBlobs first), so undoing the reference then is
+                // cheap.
+                let incref = format!(
+                    "UPDATE blobs SET refcount = refcount + 1, deletable_at = NULL \
+                     WHERE id IN ({}) RETURNING id",
+                    sql::params(1, n)
+                );
+                let mut query = sqlx::query_as(&incref);
+                for i in 0..n {
+                    query = query.bind(sql::padded(batch, i));
+                }
+                let bumped: Vec<(i64,)> = query.fetch_all(&mut *tx).await?;
+                if bumped.len() != batch.len() {
                     return Err(MetaError::NotFound("blob"));
                 }
-                let inserted = sqlx::query(
+                let insert = format!(
                     "INSERT INTO cas_entries (cache_id, blob_id, created_at, accessed_at) \
-                     VALUES ($1, $2, $3, $3) ON CONFLICT (cache_id, blob_id) DO NOTHING",
-                )
-                .bind(cache.0)
-                .bind(blob.0)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
-                if !inserted {
-                    sqlx::query(BLOB_DECREF)
-                        .bind(blob.0)
-                        .bind(lease)
-                        .execute(&mut *tx)
-                        .await?;
-                    sqlx::query(
-                        "UPDATE cas_entries SET accessed_at = $3 \
-                         WHERE cache_id = $1 AND blob_id = $2",
-                    )
-                    .bind(cache.0)
-                    .bind(blob.0)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                     VALUES {} ON CONFLICT (cache_id, blob_id) DO NOTHING RETURNING blob_id",
+                    sql::rows(3, batch.len(), 1, "$1, ", ", $2, $2")
+                );
+                let mut query = sqlx::query_as(&insert).bind(cache.0).bind(now);
+                for id in batch {
+                    query = query.bind(id);
                 }
-                all.push(inserted);
+                let inserted: Vec<(i64,)> = query.fetch_all(&mut *tx).await?;
+                new.extend(inserted.into_iter().map(|(id,)| id));
+                let existing: Vec<i64> = batch
+                    .iter()
+                    .copied()
+                    .filter(|id| !new.contains(id))
+                    .collect();
+                if existing.is_empty() {
+                    continue;
+                }
+                let n = sql::in_list_len(existing.len());
+                let decref = format!(
+                    "UPDATE blobs SET refcount = refcount - 1, \
+                       deletable_at = CASE WHEN refcount = 1 THEN $1 ELSE deletable_at END \
+                     WHERE id IN ({})",
+                    sql::params(2, n)
+                );
+                let mut query = sqlx::query(&decref).bind(lease);
+                for i in 0..n {
+                    query = query.bind(sql::padded(&existing, i));
+                }
+                query.execute(&mut *tx).await?;
+                let touch = format!(
+                    "UPDATE cas_entries SET accessed_at = $2 \
+                     WHERE cache_id = $1 AND blob_id IN ({})",
+                    sql::params(3, n)
+                );
+                let mut query = sqlx::query(&touch).bind(cache.0).bind(now);
+                for i in 0..n {
+                    query = query.bind(sql::padded(&existing, i));
+                }
+                query.execute(&mut *tx).await?;
             }
             tx.commit().await?;
-            Ok(all)
-        })
+            Ok(new)
+        })?;
+        let mut seen = HashSet::with_capacity(blobs.len());
+        Ok(blobs
+            .iter()
+            .map(|b| new.contains(&b.0) && seen.insert(b.0))
+            .collect())
     }
 
     /// The blob with content digest `hash`, if `cache`'s CAS holds it.

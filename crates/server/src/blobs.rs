@@ -80,10 +80,37 @@ pub struct Blobs {
 struct MetaIndex<'a> {
     meta: &'a Meta,
     now: i64,
+    /// Answers looked up ahead, present or not: a batch of small blobs asks
+    /// about all of them in one query instead of one each.
+    known: HashMap<ChunkHash, Option<StoredFrame>>,
 }
 
-impl ChunkIndex for MetaIndex<'_> {
-    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, StoredFrame>, BoxError> {
+impl<'a> MetaIndex<'a> {
+    fn new(meta: &'a Meta, now: i64) -> Self {
+        Self {
+            meta,
+            now,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Looks `hashes` up now, so that an ingest asking about them later does
+    /// not query again.
+    async fn prefetch(&mut self, hashes: &[ChunkHash]) -> Result<(), BlobError> {
+        let present = self.present(hashes).await?;
+        for id in hashes {
+            self.known.insert(*id, present.get(id).copied());
+        }
+        Ok(())
+    }
+
+    /// The chunks of `ids` the metadata holds. A chunk being collected right
+    /// now is waited for, briefly, and then reported missing (and stored
+    /// anew).
+    async fn present(
+        &self,
+        ids: &[ChunkHash],
+    ) -> Result<HashMap<ChunkHash, StoredFrame>, BlobError> {
         let hashes: Vec<[u8; 32]> = ids.iter().map(|id| *id.as_bytes()).collect();
         let mut attempt = 0;
         let present = loop {
@@ -108,6 +135,26 @@ impl ChunkIndex for MetaIndex<'_> {
                 Ok((id, stored))
             })
             .collect()
+    }
+}
+
+impl ChunkIndex for MetaIndex<'_> {
+    async fn lookup(&self, ids: &[ChunkHash]) -> Result<HashMap<ChunkHash, StoredFrame>, BoxError> {
+        let unknown: Vec<ChunkHash> = ids
+            .iter()
+            .filter(|id| !self.known.contains_key(id))
+            .copied()
+            .collect();
+        let mut present = if unknown.is_empty() {
+            HashMap::new()
+        } else {
+            self.present(&unknown).await?
+        };
+        present.extend(
+            ids.iter()
+                .filter_map(|id| Some((*id, (*self.known.get(id)?)?))),
+        );
+        Ok(present)
     }
 }
 
@@ -317,10 +364,7 @@ impl Blobs {
         E: Into<BoxError>,
     {
         let now = unix_now();
-        let index = MetaIndex {
-            meta: &self.meta,
-            now,
-        };
+        let index = MetaIndex::new(&self.meta, now);
         // A failed ingest removes what it wrote itself. Boxed: the ingest's
         // state machine is large and deep, and callers nest it further.
         let ingested =
@@ -370,10 +414,17 @@ impl Blobs {
         entries: Vec<(Bytes, Expect)>,
     ) -> Result<Vec<Result<StoredBlob, BlobError>>, BlobError> {
         let now = unix_now();
-        let index = MetaIndex {
-            meta: &self.meta,
-            now,
-        };
+        let mut index = MetaIndex::new(&self.meta, now);
+        // A blob no larger than the smallest chunk is one chunk named by the
+        // blob's own hash: the digests the client sent (checked later)
+        // name them all, for one lookup.
+        let min_chunk = u64::from(self.store.config().chunker.min_size);
+        let singles: Vec<ChunkHash> = entries
+            .iter()
+            .filter(|(data, _)| data.len() as u64 <= min_chunk)
+            .filter_map(|(_, expect)| expect.hash.map(ChunkHash))
+            .collect();
+        index.prefetch(&singles).await?;
         let mut batch = self.store.batch();
         let mut ingested = Vec::with_capacity(entries.len());
         for (data, expect) in entries {

@@ -3,6 +3,29 @@ use garret_meta::{BlobId, MetaError};
 use crate::support::{GRACE, TestDb, blob, both, h};
 
 both! {
+    async fn cas_entries_of_a_batch_go_in_together(db: TestDb) {
+        let main = db.cache_named("main").await;
+        let ids: Vec<BlobId> = db
+            .commit_blobs(&[blob(1, &[(10, 5)]), blob(2, &[(20, 5)]), blob(3, &[(30, 5)])], 0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.blob_id)
+            .collect();
+        assert!(db.put_cas_entry(main, ids[2], 1).await.unwrap());
+        // New, new, repeated, already there.
+        let batch = [ids[0], ids[1], ids[0], ids[2]];
+        assert_eq!(db.put_cas_entries(main, &batch, 2).await.unwrap(), [true, true, false, false]);
+        for n in 1..=3 {
+            assert_eq!(db.blob_state(h(n)).await.unwrap(), (1, None));
+        }
+        // A vanished blob fails the whole batch.
+        let err = db.put_cas_entries(main, &[ids[0], BlobId(ids[2].0 + 100)], 3).await.unwrap_err();
+        assert!(matches!(err, MetaError::NotFound(_)), "{err}");
+        assert_eq!(db.blob_state(h(1)).await.unwrap(), (1, None));
+        db.assert_refcounts_consistent().await;
+    }
+
     async fn cas_entries_reference_blobs_per_cache(db: TestDb) {
         let main = db.cache_named("main").await;
         let other = db.cache_named("other").await;

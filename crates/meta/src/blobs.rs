@@ -523,6 +523,17 @@ fn merge_uses<'a>(blobs: impl IntoIterator<Item = &'a Prepared<'a>>) -> Result<C
     Ok(merged)
 }
 
+/// Inserts `n` unreferenced blobs, leased until `$1`, created at `$2`,
+/// skipping those that exist.
+fn insert_blobs_sql(n: usize) -> String {
+    format!(
+        "INSERT INTO blobs (hash, size, file_hash, file_size, chunk_count, refcount, \
+           deletable_at, created_at) VALUES {} \
+         ON CONFLICT (hash) DO NOTHING RETURNING id, hash",
+        sql::rows(3, n, 5, "", ", 0, $1, $2")
+    )
+}
+
 /// Inserts `n` chunk positions, each with its blob.
 fn insert_blob_chunks_sql(n: usize) -> String {
     format!(
@@ -665,10 +676,41 @@ impl Meta {
             let pack_ids = insert_packs!(tx, &packs, now);
             let mut commits = Vec::with_capacity(prepared.len());
             let mut new_blobs = Vec::with_capacity(prepared.len());
+            // Most blobs of a batch are new: claim them all at once. A blob
+            // listed twice is inserted once, by its first copy.
+            let mut unique: Vec<&Prepared<'_>> = Vec::with_capacity(prepared.len());
+            let mut seen = HashSet::with_capacity(prepared.len());
+            unique.extend(prepared.iter().filter(|p| seen.insert(p.blob.hash)));
+            let mut inserted: HashMap<[u8; 32], i64> = HashMap::with_capacity(unique.len());
+            for batch in unique.chunks(WRITE_BATCH) {
+                let insert = insert_blobs_sql(batch.len());
+                let mut query = sqlx::query_as(&insert).bind(lease).bind(now);
+                for p in batch {
+                    query = query
+                        .bind(&p.blob.hash[..])
+                        .bind(p.size)
+                        .bind(&p.blob.file_hash[..])
+                        .bind(p.file_size)
+                        .bind(p.chunk_count);
+                }
+                let rows: Vec<(i64, Vec<u8>)> = query.fetch_all(&mut *tx).await?;
+                for (id, hash) in rows {
+                    inserted.insert(sql::digest(hash, "blob hash")?, id);
+                }
+            }
             'blobs: for p in &prepared {
-                // Claiming the hash first makes a concurrent commit of the
-                // same blob wait here (Postgres) or queue for the write lock
-                // (SQLite) and then take the `already_existed` path.
+                if let Some(blob_id) = inserted.remove(&p.blob.hash) {
+                    commits.push(BlobCommit {
+                        blob_id: BlobId(blob_id),
+                        already_existed: false,
+                    });
+                    new_blobs.push((blob_id, p));
+                    continue;
+                }
+                // The blob exists (or is a later copy in this batch). Claiming
+                // the hash first makes a concurrent commit of the same blob
+                // wait here (Postgres) or queue for the write lock (SQLite)
+                // and then take the `already_existed` path.
                 let blob_id = loop {
                     let inserted: Option<(i64,)> = sqlx::query_as(
                         "INSERT INTO blobs (hash, size, file_hash, file_size, chunk_count, \

@@ -151,7 +151,10 @@ mod tests {
         assert!(public.verify(fingerprint.as_bytes(), &after));
         assert!(!public.verify(fingerprint.as_bytes(), &before));
         // A different fingerprint under one key is a different entry too.
-        assert_ne!(cache.sign(&new, "1;/nix/store/b;sha256:x;1;").unwrap(), after);
+        assert_ne!(
+            cache.sign(&new, "1;/nix/store/b;sha256:x;1;").unwrap(),
+            after
+        );
     }
 
     #[test]

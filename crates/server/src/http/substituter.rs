@@ -10,13 +10,13 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use garret_meta::{Cache, NixObjectRow};
 use garret_nix::narinfo::NarInfo;
-use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
 use super::body::first_piece_then_stream;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::error::Error;
+use crate::signatures::Signatures;
 
 /// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
 pub async fn cache_file(
@@ -34,7 +34,7 @@ pub async fn cache_file(
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
     }
     let row = nix_object(&state, &cache, &file, ".narinfo").await?;
-    let text = narinfo(&cache, &row)?;
+    let text = narinfo(&state.signatures, &cache, row)?;
     let mut response = ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response();
     if method == Method::HEAD {
         *response.body_mut() = Body::empty();
@@ -69,8 +69,12 @@ async fn nix_object(
         .ok_or_else(|| Error::NotFound(file.to_owned()))
 }
 
-fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
-    let object = &row.object;
+/// The narinfo of `row`, signed with the cache's current key. Signed at
+/// serve time, like Attic, so rotating a cache key re-signs everything;
+/// [`Signatures`] keeps the parsed key and the signature, so a repeated hit
+/// does neither again.
+fn narinfo(signatures: &Signatures, cache: &Cache, row: NixObjectRow) -> Result<String, Error> {
+    let NixObjectRow { object, blob, .. } = row;
     let corrupt =
         |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("stored {what}: {e}"));
     let mut info = NarInfo {
@@ -78,8 +82,8 @@ fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
             .map_err(|e| corrupt("store path", &e))?,
         url: format!("nar/{}.nar", object.store_path_hash),
         compression: "zstd".into(),
-        file_hash: Some(Sha256Hash::from_bytes(row.blob.file_hash)),
-        file_size: Some(row.blob.file_size),
+        file_hash: Some(Sha256Hash::from_bytes(blob.file_hash)),
+        file_size: Some(blob.file_size),
         nar_hash: Sha256Hash::from_bytes(object.nar_hash),
         nar_size: object.nar_size,
         references: object
@@ -94,8 +98,8 @@ fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
             .map(StorePath::from_base_name)
             .transpose()
             .map_err(|e| corrupt("deriver", &e))?,
-        system: object.system.clone(),
-        signatures: object.sigs.clone(),
+        system: object.system,
+        signatures: object.sigs,
         ca: object
             .ca
             .as_deref()
@@ -103,12 +107,10 @@ fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
             .transpose()
             .map_err(|e| corrupt("CA", &e))?,
     };
-    // Signed at serve time, like Attic: rotating a cache key re-signs everything.
-    let key: SigningKey = cache
-        .signing_key
-        .parse()
+    let signature = signatures
+        .sign(&cache.signing_key, &info.fingerprint(&cache.store_dir))
         .map_err(|e| corrupt("signing key", &e))?;
-    info.sign(&key, &cache.store_dir);
+    info.add_signature(&signature);
     Ok(info.render(&cache.store_dir))
 }
 

@@ -179,12 +179,24 @@ pub async fn authorized_cache(
     name: &CacheName,
     required: Permission,
 ) -> Result<(Cache, Permission), Error> {
-    tracing::Span::current().record("cache", tracing::field::display(name));
     let cache = match meta.cache(name.as_str()).await {
         Ok(cache) => Some(cache),
         Err(MetaError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    authorize_cache(token, name, cache, required)
+}
+
+/// [`authorized_cache`] for a cache the caller looked up itself (`None`:
+/// no live cache is called `name`), say in one query with the object it
+/// asks for.
+pub fn authorize_cache(
+    token: Option<&Token>,
+    name: &CacheName,
+    cache: Option<Cache>,
+    required: Permission,
+) -> Result<(Cache, Permission), Error> {
+    tracing::Span::current().record("cache", tracing::field::display(name));
     let cache_state = match &cache {
         None => CacheState::Missing,
         Some(c) if c.is_public => CacheState::Public,

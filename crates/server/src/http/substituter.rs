@@ -25,15 +25,15 @@ pub async fn cache_file(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
     if file == "nix-cache-info" {
+        let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
         let body = format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
             cache.store_dir, cache.priority
         );
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
     }
-    let row = nix_object(&state, &cache, &file, ".narinfo").await?;
+    let (cache, row) = nix_object(&state, &headers, &cache, &file, ".narinfo").await?;
     let text = narinfo(&state.signatures, &cache, row)?;
     let mut response = ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response();
     if method == Method::HEAD {
@@ -42,18 +42,37 @@ pub async fn cache_file(
     Ok(response)
 }
 
-/// The object a `<hash><suffix>` file name names: a malformed hash is the
-/// client's error (400), an unknown one a 404.
+/// The cache called `cache` and the object a `<hash><suffix>` file name
+/// names there, in one query once the hash parses. The requester is
+/// authorized first, so a stranger learns 401 whatever the name; then a
+/// malformed hash is the client's error (400), an unknown one a 404.
 async fn nix_object(
     state: &AppState,
-    cache: &Cache,
+    headers: &HeaderMap,
+    cache: &str,
     file: &str,
     suffix: &str,
-) -> Result<NixObjectRow, Error> {
+) -> Result<(Cache, NixObjectRow), Error> {
+    let hash = match store_path_hash(file, suffix) {
+        Ok(hash) => hash,
+        Err(e) => {
+            access::cache_for_request(state, headers, cache, Permission::PULL).await?;
+            return Err(e);
+        }
+    };
+    let (cache, row) =
+        access::cache_and_nix_object(state, headers, cache, Permission::PULL, &hash.to_string())
+            .await?;
+    let row = row.ok_or_else(|| Error::NotFound(file.to_owned()))?;
+    Ok((cache, row))
+}
+
+/// The store path hash a `<hash><suffix>` file name names.
+fn store_path_hash(file: &str, suffix: &str) -> Result<StorePathHash, Error> {
     let stem = file
         .strip_suffix(suffix)
         .ok_or_else(|| Error::NotFound(file.to_owned()))?;
-    let hash: StorePathHash = stem.parse().map_err(|e| {
+    stem.parse().map_err(|e| {
         // `nix copy --to` asks for the NAR it is about to upload by its file
         // hash; that file is simply not here (we serve NARs by path hash).
         if Sha256Hash::parse_prefixed(&format!("sha256:{stem}")).is_ok() {
@@ -61,12 +80,7 @@ async fn nix_object(
         } else {
             Error::InvalidArgument(format!("invalid store path hash: {e}"))
         }
-    })?;
-    state
-        .meta
-        .nix_object(cache.id, &hash.to_string())
-        .await?
-        .ok_or_else(|| Error::NotFound(file.to_owned()))
+    })
 }
 
 /// The narinfo of `row`, signed with the cache's current key. Signed at
@@ -122,8 +136,7 @@ pub async fn nar(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
-    let row = nix_object(&state, &cache, &file, ".nar").await?;
+    let (_, row) = nix_object(&state, &headers, &cache, &file, ".nar").await?;
     let size = row.blob.file_size;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(value) => parse_range(value, size)?,

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
 use crate::redact::{Redacted, redact};
 use crate::{CacheId, Meta, MetaError, Result, on_reader, on_writer};
 
@@ -101,7 +103,7 @@ fn valid_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'+'))
 }
 
-const CACHE_COLUMNS: &str = "id, name, is_public, store_dir, priority, signing_key, \
+pub(crate) const CACHE_COLUMNS: &str = "id, name, is_public, store_dir, priority, signing_key, \
      upstream_cache_key_names, retention_period, created_at";
 
 type CacheRow = (
@@ -133,6 +135,33 @@ fn cache_from_row(row: CacheRow) -> Result<Cache> {
         created_at,
     })
 }
+
+/// [`cache_from_row`] for a row that goes on past `CACHE_COLUMNS` (its
+/// first nine columns), decoded by index for either backend.
+pub(crate) fn cache_from_columns<R>(row: &R) -> Result<Cache>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i32: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    cache_from_row((
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+        row.try_get(4)?,
+        row.try_get(5)?,
+        row.try_get(6)?,
+        row.try_get(7)?,
+        row.try_get(8)?,
+    ))
+}
+
+/// Columns [`cache_from_columns`] reads.
+pub(crate) const CACHE_COLUMN_COUNT: usize = 9;
 
 fn key_names_json(names: &[String]) -> String {
     serde_json::to_string(names).expect("a list of strings always serializes")

@@ -4,8 +4,11 @@
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::blobs::{BLOB_COLUMNS, Blob, blob_from_row};
+use crate::caches::{CACHE_COLUMN_COUNT, CACHE_COLUMNS, cache_from_columns};
 use crate::sql::{self, READ_BATCH};
-use crate::{BeginWrite as _, BlobId, CacheId, Meta, MetaError, Result, on_reader, on_writer};
+use crate::{
+    BeginWrite as _, BlobId, Cache, CacheId, Meta, MetaError, Result, on_reader, on_writer,
+};
 
 /// A store path's narinfo fields, as uploaded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,9 +54,10 @@ fn split(text: &str) -> Vec<String> {
 const OBJECT_COLUMNS: &str = "o.id, o.store_path_hash, o.store_path, o.nar_hash, o.nar_size, \
      o.refs, o.deriver, o.sigs, o.ca, o.system, o.created_at, o.accessed_at";
 
-/// Decodes `OBJECT_COLUMNS` followed by `BLOB_COLUMNS`: eighteen columns,
-/// more than sqlx decodes as a tuple, so by index for either backend.
-fn object_from_row<R>(row: &R) -> Result<NixObjectRow>
+/// Decodes `OBJECT_COLUMNS` followed by `BLOB_COLUMNS`, the eighteen
+/// columns from `at` on: more than sqlx decodes as a tuple, so by index for
+/// either backend.
+fn object_from_row<R>(row: &R, at: usize) -> Result<NixObjectRow>
 where
     R: Row,
     usize: ColumnIndex<R>,
@@ -62,31 +66,31 @@ where
     for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
 {
     let blob = blob_from_row((
-        row.try_get(12)?,
-        row.try_get(13)?,
-        row.try_get(14)?,
-        row.try_get(15)?,
-        row.try_get(16)?,
-        row.try_get(17)?,
+        row.try_get(at + 12)?,
+        row.try_get(at + 13)?,
+        row.try_get(at + 14)?,
+        row.try_get(at + 15)?,
+        row.try_get(at + 16)?,
+        row.try_get(at + 17)?,
     ))?;
     let object = NixObject {
-        store_path_hash: row.try_get(1)?,
-        store_path: row.try_get(2)?,
+        store_path_hash: row.try_get(at + 1)?,
+        store_path: row.try_get(at + 2)?,
         blob_id: blob.id,
-        nar_hash: sql::digest(row.try_get(3)?, "nar_hash")?,
-        nar_size: sql::from_db(row.try_get(4)?, "nar_size")?,
-        references: split(&row.try_get::<String, _>(5)?),
-        deriver: row.try_get(6)?,
-        sigs: split(&row.try_get::<String, _>(7)?),
-        ca: row.try_get(8)?,
-        system: row.try_get(9)?,
+        nar_hash: sql::digest(row.try_get(at + 3)?, "nar_hash")?,
+        nar_size: sql::from_db(row.try_get(at + 4)?, "nar_size")?,
+        references: split(&row.try_get::<String, _>(at + 5)?),
+        deriver: row.try_get(at + 6)?,
+        sigs: split(&row.try_get::<String, _>(at + 7)?),
+        ca: row.try_get(at + 8)?,
+        system: row.try_get(at + 9)?,
     };
     Ok(NixObjectRow {
-        id: row.try_get(0)?,
+        id: row.try_get(at)?,
         object,
         blob,
-        created_at: row.try_get(10)?,
-        accessed_at: row.try_get(11)?,
+        created_at: row.try_get(at + 10)?,
+        accessed_at: row.try_get(at + 11)?,
     })
 }
 
@@ -222,7 +226,45 @@ impl Meta {
                 .bind(store_path_hash)
                 .fetch_optional(pool)
                 .await?;
-            row.as_ref().map(object_from_row).transpose()
+            row.as_ref().map(|row| object_from_row(row, 0)).transpose()
+        })
+    }
+
+    /// The live cache called `name` and its object at `store_path_hash`, if
+    /// it holds one: what [`Meta::cache`] and then [`Meta::nix_object`] find,
+    /// by the same indexes, in one query, so a narinfo request is one round
+    /// trip to the database. Fails with `NotFound("cache")` like
+    /// [`Meta::cache`]; the caller authorizes before it shows the object.
+    pub async fn cache_and_nix_object(
+        &self,
+        name: &str,
+        store_path_hash: &str,
+    ) -> Result<(Cache, Option<NixObjectRow>)> {
+        // The subquery's columns are `CACHE_COLUMNS`, in order, whatever the
+        // joined tables also call `id` or `created_at`.
+        let sql = format!(
+            "SELECT c.*, {OBJECT_COLUMNS}, {BLOB_COLUMNS} \
+             FROM (SELECT {CACHE_COLUMNS} FROM caches WHERE name = $1 AND deleted_at IS NULL) c \
+             LEFT JOIN nix_objects o ON o.cache_id = c.id AND o.store_path_hash = $2 \
+             LEFT JOIN blobs b ON b.id = o.blob_id"
+        );
+        on_reader!(self, |pool| async {
+            let row = sqlx::query(&sql)
+                .bind(name)
+                .bind(store_path_hash)
+                .fetch_optional(pool)
+                .await?
+                .ok_or(MetaError::NotFound("cache"))?;
+            let cache = cache_from_columns(&row)?;
+            // No object, or (as `nix_object`'s inner join has it) none whose
+            // blob row is there.
+            let object_id: Option<i64> = row.try_get(CACHE_COLUMN_COUNT)?;
+            let blob_id: Option<i64> = row.try_get(CACHE_COLUMN_COUNT + 12)?;
+            let object = match (object_id, blob_id) {
+                (Some(_), Some(_)) => Some(object_from_row(&row, CACHE_COLUMN_COUNT)?),
+                _ => None,
+            };
+            Ok((cache, object))
         })
     }
 

@@ -446,12 +446,22 @@ impl NarInfo {
     }
 
     /// Signs the fingerprint, replacing any earlier signature under the same key
-    /// name: a second one from the same key is either a duplicate or stale.
+    /// name (see [`NarInfo::add_signature`]).
     pub fn sign(&mut self, key: &SigningKey, store_dir: &str) {
-        let signature = key.sign(self.fingerprint(store_dir).as_bytes()).to_string();
-        let prefix = format!("{}:", key.name());
-        self.signatures.retain(|s| !s.starts_with(&prefix));
-        self.signatures.push(signature);
+        self.add_signature(&key.sign(self.fingerprint(store_dir).as_bytes()));
+    }
+
+    /// Adds a signature made elsewhere (say, kept from an earlier
+    /// [`SigningKey::sign`] of this fingerprint), replacing any earlier one
+    /// under the same key name: a second one from the same key is either a
+    /// duplicate or stale.
+    pub fn add_signature(&mut self, signature: &Signature) {
+        let name = signature.key_name();
+        self.signatures.retain(|s| {
+            s.strip_prefix(name)
+                .is_none_or(|rest| !rest.starts_with(':'))
+        });
+        self.signatures.push(signature.to_string());
     }
 
     /// Whether some signature verifies under one of `trusted_keys`, the check Nix

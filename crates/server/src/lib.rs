@@ -12,6 +12,7 @@ pub mod idle;
 pub mod reapi;
 pub mod request_log;
 pub mod serve;
+pub mod signatures;
 pub mod state;
 pub mod upload;
 

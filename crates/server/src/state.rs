@@ -17,6 +17,7 @@ use crate::bazel_core::Core;
 use crate::blobs::Blobs;
 use crate::config::{Config, Endpoints, Limits, UploadSettings};
 use crate::error::Error;
+use crate::signatures::Signatures;
 
 /// What every handler of both front ends shares.
 #[derive(Debug)]
@@ -32,6 +33,9 @@ pub struct AppState {
     pub uploads: UploadSettings,
     /// The Bazel remote cache both Bazel's HTTP cache and REAPI serve.
     pub bazel: Core,
+    /// Narinfo signatures and parsed cache keys, kept (bounded) so a narinfo
+    /// hit neither parses its cache's key nor signs again.
+    pub signatures: Signatures,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +103,7 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         endpoints: config.endpoints(),
         uploads: config.uploads,
         bazel,
+        signatures: Signatures::default(),
     });
     Ok(Built { state, first_start })
 }
@@ -174,12 +179,24 @@ pub async fn authorized_cache(
     name: &CacheName,
     required: Permission,
 ) -> Result<(Cache, Permission), Error> {
-    tracing::Span::current().record("cache", tracing::field::display(name));
     let cache = match meta.cache(name.as_str()).await {
         Ok(cache) => Some(cache),
         Err(MetaError::NotFound(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    authorize_cache(token, name, cache, required)
+}
+
+/// [`authorized_cache`] for a cache the caller looked up itself (`None`:
+/// no live cache is called `name`), say in one query with the object it
+/// asks for.
+pub fn authorize_cache(
+    token: Option<&Token>,
+    name: &CacheName,
+    cache: Option<Cache>,
+    required: Permission,
+) -> Result<(Cache, Permission), Error> {
+    tracing::Span::current().record("cache", tracing::field::display(name));
     let cache_state = match &cache {
         None => CacheState::Missing,
         Some(c) if c.is_public => CacheState::Public,

@@ -53,6 +53,32 @@ both! {
         db.assert_refcounts_consistent().await;
     }
 
+    async fn cache_and_object_in_one_query(db: TestDb) {
+        let cache = db.cache_named("nix").await;
+        db.cache_named("other").await;
+        let b = db.commit_blob(&blob(1, &[(10, 5)]), 0).await.unwrap().blob_id;
+        let obj = object('a', b, 1);
+        db.upsert_nix_object(cache, &obj, 10).await.unwrap();
+
+        let (found, row) = db.cache_and_nix_object("nix", &obj.store_path_hash).await.unwrap();
+        assert_eq!(found, db.cache("nix").await.unwrap());
+        assert!(row.is_some());
+        assert_eq!(row, db.nix_object(cache, &obj.store_path_hash).await.unwrap());
+        // Another cache's path, or a path stored nowhere: the cache alone.
+        let (found, row) = db.cache_and_nix_object("other", &obj.store_path_hash).await.unwrap();
+        assert_eq!((found.name.as_str(), row), ("other", None));
+        let (found, row) = db.cache_and_nix_object("nix", &"b".repeat(32)).await.unwrap();
+        assert_eq!((found.id, row), (cache, None));
+        // No live cache by that name: as `cache` says.
+        db.delete_cache("nix", 20).await.unwrap();
+        for name in ["nix", "nosuch"] {
+            assert!(matches!(
+                db.cache_and_nix_object(name, &obj.store_path_hash).await,
+                Err(MetaError::NotFound("cache"))
+            ));
+        }
+    }
+
     async fn upsert_accounts_blob_references(db: TestDb) {
         let cache = db.cache_named("nix").await;
         let other = db.cache_named("other").await;

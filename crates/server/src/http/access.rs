@@ -3,11 +3,11 @@
 //! Attic's discovery rules (401 before 404 for strangers).
 
 use axum::http::{HeaderMap, HeaderValue, header};
-use garret_meta::Cache;
+use garret_meta::{Cache, MetaError, NixObjectRow};
 
 use crate::auth::{CacheName, CacheState, Permission, Requester, Token, authorize};
 use crate::error::Error;
-use crate::state::{AppState, authorized_cache};
+use crate::state::{AppState, authorize_cache, authorized_cache};
 
 /// The verified token of a request; no `Authorization` header is anonymous,
 /// an unusable one a 401.
@@ -112,6 +112,31 @@ pub async fn cache_for_request(
 ) -> Result<Cache, Error> {
     let token = token(state, headers)?;
     Ok(cache(state, token.as_ref(), name, required).await?.cache)
+}
+
+/// [`cache_for_request`] with the cache's object at `store_path_hash`
+/// (`None` if it holds none), found in the same query; the object is only
+/// returned once the requester is authorized.
+pub async fn cache_and_nix_object(
+    state: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    required: Permission,
+    store_path_hash: &str,
+) -> Result<(Cache, Option<NixObjectRow>), Error> {
+    let token = token(state, headers)?;
+    let name = CacheName::new(name)?;
+    let (cache, object) = match state
+        .meta
+        .cache_and_nix_object(name.as_str(), store_path_hash)
+        .await
+    {
+        Ok((cache, object)) => (Some(cache), object),
+        Err(MetaError::NotFound(_)) => (None, None),
+        Err(e) => return Err(e.into()),
+    };
+    let (cache, _) = authorize_cache(token.as_ref(), &name, cache, required)?;
+    Ok((cache, object))
 }
 
 /// Checks that the requester may create a cache named `name`. Whether it

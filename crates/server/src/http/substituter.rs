@@ -10,13 +10,13 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use garret_meta::{Cache, NixObjectRow};
 use garret_nix::narinfo::NarInfo;
-use garret_nix::signing::SigningKey;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
 use super::body::first_piece_then_stream;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::error::Error;
+use crate::signatures::Signatures;
 
 /// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
 pub async fn cache_file(
@@ -25,16 +25,16 @@ pub async fn cache_file(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
     if file == "nix-cache-info" {
+        let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
         let body = format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
             cache.store_dir, cache.priority
         );
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
     }
-    let row = nix_object(&state, &cache, &file, ".narinfo").await?;
-    let text = narinfo(&cache, &row)?;
+    let (cache, row) = nix_object(&state, &headers, &cache, &file, ".narinfo").await?;
+    let text = narinfo(&state.signatures, &cache, row)?;
     let mut response = ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response();
     if method == Method::HEAD {
         *response.body_mut() = Body::empty();
@@ -42,18 +42,37 @@ pub async fn cache_file(
     Ok(response)
 }
 
-/// The object a `<hash><suffix>` file name names: a malformed hash is the
-/// client's error (400), an unknown one a 404.
+/// The cache called `cache` and the object a `<hash><suffix>` file name
+/// names there, in one query once the hash parses. The requester is
+/// authorized first, so a stranger learns 401 whatever the name; then a
+/// malformed hash is the client's error (400), an unknown one a 404.
 async fn nix_object(
     state: &AppState,
-    cache: &Cache,
+    headers: &HeaderMap,
+    cache: &str,
     file: &str,
     suffix: &str,
-) -> Result<NixObjectRow, Error> {
+) -> Result<(Cache, NixObjectRow), Error> {
+    let hash = match store_path_hash(file, suffix) {
+        Ok(hash) => hash,
+        Err(e) => {
+            access::cache_for_request(state, headers, cache, Permission::PULL).await?;
+            return Err(e);
+        }
+    };
+    let (cache, row) =
+        access::cache_and_nix_object(state, headers, cache, Permission::PULL, &hash.to_string())
+            .await?;
+    let row = row.ok_or_else(|| Error::NotFound(file.to_owned()))?;
+    Ok((cache, row))
+}
+
+/// The store path hash a `<hash><suffix>` file name names.
+fn store_path_hash(file: &str, suffix: &str) -> Result<StorePathHash, Error> {
     let stem = file
         .strip_suffix(suffix)
         .ok_or_else(|| Error::NotFound(file.to_owned()))?;
-    let hash: StorePathHash = stem.parse().map_err(|e| {
+    stem.parse().map_err(|e| {
         // `nix copy --to` asks for the NAR it is about to upload by its file
         // hash; that file is simply not here (we serve NARs by path hash).
         if Sha256Hash::parse_prefixed(&format!("sha256:{stem}")).is_ok() {
@@ -61,16 +80,15 @@ async fn nix_object(
         } else {
             Error::InvalidArgument(format!("invalid store path hash: {e}"))
         }
-    })?;
-    state
-        .meta
-        .nix_object(cache.id, &hash.to_string())
-        .await?
-        .ok_or_else(|| Error::NotFound(file.to_owned()))
+    })
 }
 
-fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
-    let object = &row.object;
+/// The narinfo of `row`, signed with the cache's current key. Signed at
+/// serve time, like Attic, so rotating a cache key re-signs everything;
+/// [`Signatures`] keeps the parsed key and the signature, so a repeated hit
+/// does neither again.
+fn narinfo(signatures: &Signatures, cache: &Cache, row: NixObjectRow) -> Result<String, Error> {
+    let NixObjectRow { object, blob, .. } = row;
     let corrupt =
         |what: &str, e: &dyn std::fmt::Display| Error::Internal(format!("stored {what}: {e}"));
     let mut info = NarInfo {
@@ -78,8 +96,8 @@ fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
             .map_err(|e| corrupt("store path", &e))?,
         url: format!("nar/{}.nar", object.store_path_hash),
         compression: "zstd".into(),
-        file_hash: Some(Sha256Hash::from_bytes(row.blob.file_hash)),
-        file_size: Some(row.blob.file_size),
+        file_hash: Some(Sha256Hash::from_bytes(blob.file_hash)),
+        file_size: Some(blob.file_size),
         nar_hash: Sha256Hash::from_bytes(object.nar_hash),
         nar_size: object.nar_size,
         references: object
@@ -94,8 +112,8 @@ fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
             .map(StorePath::from_base_name)
             .transpose()
             .map_err(|e| corrupt("deriver", &e))?,
-        system: object.system.clone(),
-        signatures: object.sigs.clone(),
+        system: object.system,
+        signatures: object.sigs,
         ca: object
             .ca
             .as_deref()
@@ -103,12 +121,10 @@ fn narinfo(cache: &Cache, row: &NixObjectRow) -> Result<String, Error> {
             .transpose()
             .map_err(|e| corrupt("CA", &e))?,
     };
-    // Signed at serve time, like Attic: rotating a cache key re-signs everything.
-    let key: SigningKey = cache
-        .signing_key
-        .parse()
+    let signature = signatures
+        .sign(&cache.signing_key, &info.fingerprint(&cache.store_dir))
         .map_err(|e| corrupt("signing key", &e))?;
-    info.sign(&key, &cache.store_dir);
+    info.add_signature(&signature);
     Ok(info.render(&cache.store_dir))
 }
 
@@ -120,8 +136,7 @@ pub async fn nar(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let cache = access::cache_for_request(&state, &headers, &cache, Permission::PULL).await?;
-    let row = nix_object(&state, &cache, &file, ".nar").await?;
+    let (_, row) = nix_object(&state, &headers, &cache, &file, ".nar").await?;
     let size = row.blob.file_size;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(value) => parse_range(value, size)?,

@@ -108,6 +108,11 @@ const SCENARIOS: &[(&str, &str)] = &[
         "FindMissingBlobs of 10,000 digests in one request, half of them stored",
     ),
     (
+        "bytestream-write-32",
+        "32 ByteStream Writes of --size-mib each at once, compressible, generated while sent \
+         (for the server's peak RSS; not in `all`)",
+    ),
+    (
         "attic-push",
         "get-missing-paths + upload-path of --paths new paths of --nar-mib, compressible and \
          incompressible, then the latter's NARs again under new paths (dedup)",
@@ -244,7 +249,7 @@ fn parse_args() -> Args {
             "--paths" => args.paths = number(&value()),
             "--requests" => args.requests = number(&value()),
             "--concurrency" => args.concurrency = number(&value()),
-            "all" => args.scenarios.extend(SCENARIOS.iter().map(|(n, _)| *n)),
+            "all" => args.scenarios.extend(in_all()),
             name => match SCENARIOS.iter().find(|(n, _)| *n == name) {
                 Some((n, _)) => args.scenarios.push(n),
                 None => usage(),
@@ -262,7 +267,7 @@ fn parse_args() -> Args {
         usage();
     }
     if args.scenarios.is_empty() {
-        args.scenarios = SCENARIOS.iter().map(|(n, _)| *n).collect();
+        args.scenarios = in_all().collect();
     }
     args
 }
@@ -730,6 +735,90 @@ async fn bytestream_write(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
         ctx.written = Some(blob);
     }
     Ok(runs)
+}
+
+/// The scenarios `all` runs: every one but the memory test, which moves
+/// tens of GiB.
+fn in_all() -> impl Iterator<Item = &'static str> {
+    SCENARIOS
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| *n != "bytestream-write-32")
+}
+
+/// Writers of `bytestream-write-32`.
+const PARALLEL_WRITERS: usize = 32;
+
+/// `bytestream-write-32`: [`PARALLEL_WRITERS`] uploads of `--size` at once,
+/// each message generated as it is sent (and once before, untimed, for the
+/// digest), so the client holds no blob: what it measures is the server's
+/// memory with that many uploads in flight. One run; `--runs` is ignored.
+async fn bytestream_write_parallel(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
+    let size = ctx.args.size;
+    let piece = ctx.args.message;
+    let message = move |writer: u64, i: usize| -> Bytes {
+        let len = piece.min(size - i * piece);
+        build_output_like(len, content_seed(writer, 32, i)).into()
+    };
+    let mut names = Vec::with_capacity(PARALLEL_WRITERS);
+    for writer in 0..PARALLEL_WRITERS as u64 {
+        let mut hasher = garret_nix::Sha256Hasher::new();
+        for i in 0..size.div_ceil(piece) {
+            hasher.update(&message(ctx.args.seed ^ writer, i));
+        }
+        let (hash, _) = hasher.finish();
+        names.push(format!(
+            "{}uploads/{}/blobs/{}/{size}",
+            ctx.instance_prefix(),
+            uuid(ctx.args.seed ^ writer),
+            hash.to_hex()
+        ));
+    }
+    let mut requests = Vec::with_capacity(PARALLEL_WRITERS);
+    for (writer, name) in (0..PARALLEL_WRITERS as u64).zip(names) {
+        let seed = ctx.args.seed ^ writer;
+        let pieces = size.div_ceil(piece);
+        let messages = (0..pieces).map(move |i| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * piece) as i64,
+            finish_write: i + 1 == pieces,
+            data: message(seed, i),
+        });
+        requests.push(ctx.request(stream::iter(messages))?);
+    }
+    let clients: Vec<_> = (0..PARALLEL_WRITERS).map(|_| ctx.bytestream()).collect();
+    let (committed, wall, client_cpu, server_cpu) = ctx
+        .timed(async {
+            let writes =
+                clients
+                    .into_iter()
+                    .zip(requests)
+                    .map(|(mut client, request)| async move {
+                        client
+                            .write(request)
+                            .await
+                            .map(|r| r.into_inner().committed_size)
+                    });
+            let results = futures::future::join_all(writes).await;
+            results
+                .into_iter()
+                .map(|r| r.map_err(|s| status_text(&s)))
+                .collect::<Result<Vec<i64>, String>>()
+        })
+        .await?;
+    if let Some(bad) = committed.iter().find(|&&c| c != size as i64) {
+        return Err(format!("committed_size {bad}, expected {size}"));
+    }
+    let total = (size * PARALLEL_WRITERS) as u64;
+    Ok(vec![Run {
+        ops: PARALLEL_WRITERS as u64,
+        bytes: total,
+        wire_bytes: total,
+        wall,
+        client_cpu,
+        server_cpu,
+        ..Run::default()
+    }])
 }
 
 /// `bytestream-write-zstd`: the same through `compressed-blobs/zstd`, the
@@ -1876,6 +1965,7 @@ async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Vec<Outcome> {
     let reset = ctx.server.is_some_and(Probe::reset_peak);
     let rows = match scenario {
         "bytestream-write" => one(bytestream_write(ctx).await),
+        "bytestream-write-32" => one(bytestream_write_parallel(ctx).await),
         "bytestream-write-zstd" => one(bytestream_write_zstd(ctx).await),
         "bytestream-read" => one(bytestream_read(ctx).await),
         "batch-update-4k" => one(batch_update_4k(ctx).await),

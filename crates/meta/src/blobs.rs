@@ -185,11 +185,6 @@ pub(crate) fn blob_from_row(row: BlobRow) -> Result<Blob> {
     })
 }
 
-/// The columns of a [`ChunkRow`], of chunks `c` joined to their packs `p`
-/// (see [`PACK_JOIN`]).
-pub(crate) const CHUNK_COLUMNS: &str =
-    "c.id, c.hash, c.size, c.stored_size, c.frame_hash, c.compression, p.key, c.pack_offset";
-
 /// Joins chunks `c` to the packs `p` holding them, if any.
 pub(crate) const PACK_JOIN: &str = "LEFT JOIN packs p ON p.id = c.pack_id";
 
@@ -908,14 +903,14 @@ impl Meta {
         range: Option<ChunkRange>,
     ) -> Result<Vec<BlobChunk>> {
         let select = format!(
-            "SELECT bc.seq, bc.byte_offset, bc.file_offset, {CHUNK_COLUMNS} \
+            "SELECT {PLACED_CHUNK_COLUMNS} \
              FROM blob_chunks bc JOIN chunks c ON c.id = bc.chunk_id {PACK_JOIN} \
              WHERE bc.blob_id = $1"
         );
         let (offset, size, range) = match range {
             None => {
                 let sql = format!("{select} ORDER BY bc.seq");
-                let rows: Vec<BlobChunkRow> = on_reader!(self, |pool| async {
+                let rows: Vec<PlacedChunkRow> = on_reader!(self, |pool| async {
                     sqlx::query_as(&sql).bind(blob.0).fetch_all(pool).await
                 })?;
                 return rows.into_iter().map(blob_chunk_from_row).collect();
@@ -938,7 +933,7 @@ impl Meta {
         );
         let start = i64::try_from(range.start).unwrap_or(i64::MAX);
         let end = i64::try_from(range.end).unwrap_or(i64::MAX);
-        let rows: Vec<BlobChunkRow> = on_reader!(self, |pool| async {
+        let rows: Vec<PlacedChunkRow> = on_reader!(self, |pool| async {
             sqlx::query_as(&sql)
                 .bind(blob.0)
                 .bind(start)
@@ -950,8 +945,9 @@ impl Meta {
     }
 }
 
-/// `seq, byte_offset, file_offset` and then a [`ChunkRow`].
-type BlobChunkRow = (
+/// `seq, byte_offset, file_offset`, a [`ChunkRow`], and the chunk's state:
+/// a chunk where a blob or an upload session uses it ([`PLACED_CHUNK_COLUMNS`]).
+pub(crate) type PlacedChunkRow = (
     i64,
     i64,
     i64,
@@ -963,12 +959,32 @@ type BlobChunkRow = (
     String,
     Option<Vec<u8>>,
     Option<i64>,
+    String,
 );
 
-fn blob_chunk_from_row(row: BlobChunkRow) -> Result<BlobChunk> {
-    let (seq, offset, file_offset, id, hash, size, stored_size, frame_hash, compression, pack, at) =
-        row;
-    Ok(BlobChunk {
+/// The columns of a [`PlacedChunkRow`], from positions `bc` joined to chunks
+/// `c` and packs `p`.
+pub(crate) const PLACED_CHUNK_COLUMNS: &str = "bc.seq, bc.byte_offset, bc.file_offset, \
+     c.id, c.hash, c.size, c.stored_size, c.frame_hash, c.compression, p.key, c.pack_offset, \
+     c.state";
+
+/// A chunk in place, and its row's state.
+pub(crate) fn placed_chunk_from_row(row: PlacedChunkRow) -> Result<(BlobChunk, String)> {
+    let (
+        seq,
+        offset,
+        file_offset,
+        id,
+        hash,
+        size,
+        stored_size,
+        frame_hash,
+        compression,
+        pack,
+        at,
+        state,
+    ) = row;
+    let chunk = BlobChunk {
         seq: sql::from_db(seq, "chunk seq")?,
         offset: sql::from_db(offset, "chunk offset")?,
         file_offset: sql::from_db(file_offset, "chunk file_offset")?,
@@ -982,5 +998,10 @@ fn blob_chunk_from_row(row: BlobChunkRow) -> Result<BlobChunk> {
             pack,
             at,
         ))?,
-    })
+    };
+    Ok((chunk, state))
+}
+
+fn blob_chunk_from_row(row: PlacedChunkRow) -> Result<BlobChunk> {
+    placed_chunk_from_row(row).map(|(chunk, _)| chunk)
 }

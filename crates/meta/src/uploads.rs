@@ -29,8 +29,8 @@
 use std::collections::HashMap;
 
 use crate::blobs::{
-    BlobChunk, CHUNK_COLUMNS, NewChunkRef, PACK_JOIN, UsedChunkRow, chunk_from_row, chunk_inserts,
-    insert_chunks, record_used, tile,
+    BlobChunk, NewChunkRef, PACK_JOIN, PLACED_CHUNK_COLUMNS, PlacedChunkRow, UsedChunkRow,
+    chunk_inserts, insert_chunks, placed_chunk_from_row, record_used, tile,
 };
 use crate::gc::claim_sql;
 use crate::packs::{LiveBytes, NewPack, add_live_bytes, insert_packs};
@@ -74,28 +74,11 @@ const CLAIM: &str = "INSERT INTO upload_sessions \
 /// The chunk list of session `$1` in order, each with its chunk row's state.
 fn session_chunks_sql() -> String {
     format!(
-        "SELECT sc.seq, sc.byte_offset, sc.file_offset, {CHUNK_COLUMNS}, c.state \
-         FROM upload_session_chunks sc JOIN chunks c ON c.id = sc.chunk_id {PACK_JOIN} \
-         WHERE sc.session_id = $1 ORDER BY sc.seq"
+        "SELECT {PLACED_CHUNK_COLUMNS} \
+         FROM upload_session_chunks bc JOIN chunks c ON c.id = bc.chunk_id {PACK_JOIN} \
+         WHERE bc.session_id = $1 ORDER BY bc.seq"
     )
 }
-
-/// `seq, byte_offset, file_offset`, a [`crate::blobs::ChunkRow`], and the
-/// chunk's state.
-type SessionChunkRow = (
-    i64,
-    i64,
-    i64,
-    i64,
-    Vec<u8>,
-    i64,
-    i64,
-    Vec<u8>,
-    String,
-    Option<Vec<u8>>,
-    Option<i64>,
-    String,
-);
 
 /// Empties session `$1`.
 const EMPTY_CHUNKS: &str = "DELETE FROM upload_session_chunks WHERE session_id = $1";
@@ -148,42 +131,14 @@ const EXPIRE_SESSIONS: (&str, &str) = claim_sql!(
 /// covers exactly the session's sizes; `None` means the upload must start
 /// over.
 fn session_chunks(
-    rows: Vec<SessionChunkRow>,
+    rows: Vec<PlacedChunkRow>,
     committed_size: u64,
     file_size: u64,
 ) -> Result<Option<Vec<BlobChunk>>> {
     let mut chunks = Vec::with_capacity(rows.len());
     let (mut end, mut file_end) = (0u64, 0u64);
     for (expected_seq, row) in (0u64..).zip(rows) {
-        let (
-            seq,
-            offset,
-            file_offset,
-            id,
-            hash,
-            size,
-            stored_size,
-            frame_hash,
-            compression,
-            pack,
-            at,
-            state,
-        ) = row;
-        let chunk = BlobChunk {
-            seq: sql::from_db(seq, "session chunk seq")?,
-            offset: sql::from_db(offset, "session chunk offset")?,
-            file_offset: sql::from_db(file_offset, "session chunk file_offset")?,
-            chunk: chunk_from_row((
-                id,
-                hash,
-                size,
-                stored_size,
-                frame_hash,
-                compression,
-                pack,
-                at,
-            ))?,
-        };
+        let (chunk, state) = placed_chunk_from_row(row)?;
         if state != "valid"
             || chunk.seq != expected_seq
             || chunk.offset != end
@@ -255,7 +210,7 @@ impl Meta {
             let kept = if committed_size == 0 {
                 None
             } else {
-                let rows: Vec<SessionChunkRow> = sqlx::query_as(&session_chunks_sql())
+                let rows: Vec<PlacedChunkRow> = sqlx::query_as(&session_chunks_sql())
                     .bind(id)
                     .fetch_all(&mut *tx)
                     .await?;

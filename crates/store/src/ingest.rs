@@ -372,8 +372,8 @@ impl<B: ObjectStore + Clone + 'static> ChunkStore<B> {
     /// Memory stays bounded whatever the blob size: one chunker window, the
     /// chunks being hashed, one lookup batch, and the frames being produced
     /// and uploaded (each bounded by the configured concurrency).
-    /// An error from `input` aborts the ingest; chunk objects already written
-    /// are harmless orphans (content-named, unreferenced) for GC to sweep.
+    /// An error (from `input` or the backend) aborts the ingest and deletes
+    /// the packs it wrote.
     pub async fn ingest<S, E>(
         &self,
         input: S,

@@ -136,6 +136,19 @@ fn content_of(m: &Manifest) -> Manifest {
     m
 }
 
+/// A read of the whole blob: its content, or its stored frames.
+fn read_whole(
+    store: &ChunkStore<Backend>,
+    m: &Manifest,
+    frames: bool,
+) -> futures::stream::BoxStream<'static, Result<Bytes, StoreError>> {
+    if frames {
+        store.read_frames(m.chunks.clone(), 0..m.file_size).boxed()
+    } else {
+        store.read(m.chunks.clone(), 0..m.size).boxed()
+    }
+}
+
 async fn exists(store: &ChunkStore<Backend>, key: &str) -> bool {
     match store.backend().get_range(key, 0..1).await {
         Ok(_) => true,
@@ -352,13 +365,7 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
         .await
         .unwrap();
     for frames in [false, true] {
-        let mut stream = if frames {
-            f.store
-                .read_frames(m.chunks.clone(), 0..m.file_size)
-                .boxed()
-        } else {
-            f.store.read(m.chunks.clone(), 0..m.size).boxed()
-        };
+        let mut stream = read_whole(&f.store, &m, frames);
         assert!(matches!(
             stream.next().await,
             Some(Err(StoreError::MissingChunk(_)))
@@ -617,13 +624,7 @@ async fn corrupt_frame_inside_a_pack_is_refused(f: Fixture) {
     );
     f.damage(&m, &victim).await;
     for frames in [false, true] {
-        let mut stream = if frames {
-            f.store
-                .read_frames(m.chunks.clone(), 0..m.file_size)
-                .boxed()
-        } else {
-            f.store.read(m.chunks.clone(), 0..m.size).boxed()
-        };
+        let mut stream = read_whole(&f.store, &m, frames);
         let mut delivered = 0;
         let err = loop {
             match stream

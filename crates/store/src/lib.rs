@@ -31,11 +31,16 @@ pub struct StoreConfig {
     pub zstd_level: i32,
     /// Chunks hashed at once; about one per core keeps every core busy.
     pub hash_concurrency: usize,
-    /// Frames being compressed or fetched at once: keeps the cores busy and
-    /// hides object-store latency.
+    /// Frames being compressed or fetched at once, per upload: keeps the
+    /// cores busy and hides object-store latency.
     pub upload_concurrency: usize,
     /// Chunks asked about per index query: one round trip per batch, never one
     /// per chunk.
+    ///
+    /// The chunks of a lookup batch and those being compressed are what an
+    /// upload holds in memory: 16 and 8 (rather than 64 and 16) took the
+    /// peak RSS of 32 concurrent uploads from 411 to 298 MiB at the same
+    /// throughput (BENCHMARKS.md).
     pub lookup_batch: usize,
     /// Bytes a pack grows to before it is sealed and the next one started.
     pub pack_size: u64,
@@ -53,8 +58,8 @@ impl Default for StoreConfig {
             chunker: ChunkerConfig::default(),
             zstd_level: codec::DEFAULT_LEVEL,
             hash_concurrency: cores + 1,
-            upload_concurrency: 16,
-            lookup_batch: 64,
+            upload_concurrency: 8,
+            lookup_batch: 16,
             pack_size: 16 << 20,
             read_run_bytes: 1 << 20,
             read_prefetch: 4,

@@ -8,8 +8,11 @@
 //! speed. That is how "store raw when compression does not help" is met while
 //! keeping every object a frame.
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use thiserror::Error;
+use zstd::bulk::{Compressor, Decompressor};
 
 /// Default level, chosen by measurement (see BENCHMARKS.md): level 3 keeps
 /// compression near the network speed of one core while taking most of the
@@ -24,15 +27,34 @@ pub enum CodecError {
     WrongLength { got: usize, expected: usize },
 }
 
+thread_local! {
+    /// A zstd context per thread, reused: creating one per chunk was 5 % of
+    /// a ByteStream read's server time (`ZSTD_createDCtx` in `perf`).
+    static COMPRESSOR: RefCell<Option<(i32, Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
 pub fn compress(data: &[u8], level: i32) -> Result<Bytes, CodecError> {
-    Ok(zstd::bulk::compress(data, level)?.into())
+    COMPRESSOR.with_borrow_mut(|slot| {
+        let compressor = match slot {
+            Some((at, compressor)) if *at == level => compressor,
+            _ => &mut slot.insert((level, Compressor::new(level)?)).1,
+        };
+        Ok(compressor.compress(data)?.into())
+    })
 }
 
 /// Decompresses one frame whose content size the manifest knows, rejecting
 /// anything else: a frame of the wrong size means a corrupt object.
 pub fn decompress(frame: &[u8], expected: usize) -> Result<Bytes, CodecError> {
     // One spare byte makes an oversized frame fail instead of fitting exactly.
-    let out = zstd::bulk::decompress(frame, expected + 1)?;
+    let out = DECOMPRESSOR.with_borrow_mut(|slot| {
+        let decompressor = match slot {
+            Some(decompressor) => decompressor,
+            None => slot.insert(Decompressor::new()?),
+        };
+        decompressor.decompress(frame, expected + 1)
+    })?;
     if out.len() != expected {
         return Err(CodecError::WrongLength {
             got: out.len(),

@@ -61,6 +61,20 @@ pub fn run_seed() -> u64 {
     low ^ (u64::from(std::process::id()) << 32)
 }
 
+/// A UUID-shaped upload id derived from `seed`, as a Bazel client names
+/// its ByteStream uploads.
+pub fn uuid(seed: u64) -> String {
+    let hex = garret_nix::Sha256Hash::of(&seed.to_be_bytes()).to_hex();
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}
+
 /// A process's `/proc` entries: a server's (by pid), or this one's.
 #[derive(Debug, Clone, Copy)]
 pub struct Probe(pub u32);

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::TryStreamExt as _;
 use futures::{StreamExt as _, stream};
-use garret_benches::{Probe, build_output_like, pseudo_random, run_seed};
+use garret_benches::{Probe, build_output_like, pseudo_random, run_seed, uuid};
 use garret_nix::nar::NarWriter;
 use garret_nix::narinfo::NarInfo;
 use garret_nix::{Sha256Hash, Sha256Hasher, StorePath, StorePathHash};
@@ -280,19 +280,6 @@ fn parse_args() -> Args {
 fn content_seed(base: u64, scenario: u64, run: usize) -> u64 {
     let n = scenario.wrapping_mul(1 << 32).wrapping_add(run as u64);
     base.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-}
-
-/// A UUID-shaped upload id derived from `seed`.
-fn uuid(seed: u64) -> String {
-    let hex = Sha256Hash::of(&seed.to_be_bytes()).to_hex();
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[13..16],
-        &hex[17..20],
-        &hex[20..32]
-    )
 }
 
 /// A blob as REAPI names it.
@@ -685,10 +672,8 @@ impl Ctx {
             bytes: received as u64,
             wire_bytes: received as u64,
             wall,
-            after_last: None,
             client_cpu,
             server_cpu,
-            already_stored: false,
             ..Run::default()
         })
     }
@@ -941,10 +926,8 @@ fn small_run(
         bytes,
         wire_bytes: bytes,
         wall,
-        after_last: None,
         client_cpu,
         server_cpu,
-        already_stored: false,
         ..Run::default()
     }
 }
@@ -1061,10 +1044,8 @@ async fn find_missing_10k(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
             bytes: 0,
             wire_bytes: 0,
             wall,
-            after_last: None,
             client_cpu,
             server_cpu,
-            already_stored: false,
             ..Run::default()
         };
         ctx.progress("find-missing-10k", run, &result);

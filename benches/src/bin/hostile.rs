@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt as _, stream};
-use garret_benches::{Probe, pseudo_random, run_seed};
+use garret_benches::{Probe, pseudo_random, run_seed, uuid};
 use garret_nix::{Sha256Hash, Sha256Hasher};
 use garret_proto::bytestream::WriteRequest;
 use garret_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -296,19 +296,6 @@ fn digest(hash: String, size: u64) -> Digest {
 
 fn digest_of(data: &[u8]) -> Digest {
     digest(Sha256Hash::of(data).to_hex(), data.len() as u64)
-}
-
-/// A UUID-shaped upload id.
-fn uuid(seed: u64) -> String {
-    let hex = Sha256Hash::of(&seed.to_be_bytes()).to_hex();
-    format!(
-        "{}-{}-4{}-8{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[13..16],
-        &hex[17..20],
-        &hex[20..32]
-    )
 }
 
 /// A valid store path hash (32 nix32 characters) for `n`.

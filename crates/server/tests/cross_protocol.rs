@@ -7,7 +7,8 @@ use garret_server::auth::Permission;
 use serde_json::json;
 
 mod common;
-use common::{Deployment, TestServer, random};
+use common::{Deployment, TestServer};
+use garret_store::testing::noise;
 
 async fn bazel_file_and_nix_path_share_chunks(deployment: Deployment) {
     let server = TestServer::start(deployment).await;
@@ -18,7 +19,7 @@ async fn bazel_file_and_nix_path_share_chunks(deployment: Deployment) {
     let meta = &server.state.meta;
 
     // A 4 MiB output stored by Bazel through its HTTP CAS.
-    let file = random(4 << 20, 7);
+    let file = noise(4 << 20, 7);
     let hash = Sha256Hash::of(&file).to_hex();
     let put = http
         .put(format!("{}/cas/{hash}", server.url))

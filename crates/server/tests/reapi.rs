@@ -31,8 +31,9 @@ use garret_server::reapi::MAX_BATCH_TOTAL_BYTES;
 use prost::Message as _;
 use tonic::{Code, Request};
 
+use common::Deployment;
 use common::grpc::{EMPTY_HASH, GrpcServer, digest, hex, with_token};
-use common::{Deployment, random};
+use garret_store::testing::noise;
 
 /// Runs a scenario on both deployments, each in its own test.
 macro_rules! both_deployments {
@@ -195,7 +196,7 @@ async fn digest_mismatch_is_invalid_argument(server: GrpcServer) {
         "{response:?}"
     );
 
-    let data = random(300_000, 7);
+    let data = noise(300_000, 7);
     let wrong = hex(b"not this");
     let status = server
         .write(
@@ -227,7 +228,7 @@ async fn a_batch_shares_one_pack(server: GrpcServer) {
     let packs_before = meta.packs(1000).await.unwrap().len();
     // 300 small blobs, one of them twice and one stored already: one new
     // pack holds them all, and every one reads back.
-    let mut blobs: Vec<Vec<u8>> = (0..300u64).map(|i| random(4096, i + 100)).collect();
+    let mut blobs: Vec<Vec<u8>> = (0..300u64).map(|i| noise(4096, i + 100)).collect();
     blobs.push(blobs[7].clone());
     blobs.push(stored_before.clone());
     let refs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
@@ -256,7 +257,7 @@ async fn a_batch_shares_one_pack(server: GrpcServer) {
 }
 
 async fn plain_reads_honour_offset_and_limit(server: GrpcServer) {
-    let data = random(700_000, 3);
+    let data = noise(700_000, 3);
     let hash = hex(&data);
     let size = data.len();
     let committed = server
@@ -305,7 +306,7 @@ async fn plain_reads_honour_offset_and_limit(server: GrpcServer) {
 
 async fn compressed_round_trip_across_frames(server: GrpcServer) {
     // 1 MiB of incompressible data: about 16 chunks of the 64 KiB chunker.
-    let data = random(1 << 20, 11);
+    let data = noise(1 << 20, 11);
     let hash = hex(&data);
     let size = data.len();
     let compressed = zstd::encode_all(&data[..], 1).unwrap();
@@ -376,7 +377,7 @@ async fn compressed_round_trip_across_frames(server: GrpcServer) {
 }
 
 async fn resumable_write(server: GrpcServer) {
-    let data = random(3 << 20, 5);
+    let data = noise(3 << 20, 5);
     let hash = hex(&data);
     let size = data.len();
     let name = format!("uploads/r1/blobs/{hash}/{size}");
@@ -719,7 +720,7 @@ async fn get_tree_pages(server: GrpcServer) {
 }
 
 async fn split_and_splice(server: GrpcServer) {
-    let data = random(1 << 20, 13);
+    let data = noise(1 << 20, 13);
     let size = data.len();
     server
         .write(&format!("uploads/s/blobs/{}/{size}", hex(&data)), &data, 4)
@@ -786,7 +787,7 @@ async fn split_and_splice(server: GrpcServer) {
         expected
     );
     // A digest the chunks do not make is refused, and nothing appears.
-    let wrong = digest(&random(size, 99));
+    let wrong = digest(&noise(size, 99));
     let status = server
         .cas()
         .splice_blob(server.req(SpliceBlobRequest {

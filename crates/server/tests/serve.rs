@@ -669,7 +669,7 @@ async fn read_back(server: &Server, token: &str, data: &[u8]) -> Vec<u8> {
 
 /// 40 MiB that do not compress, so chunks and records are real work.
 fn blob() -> Vec<u8> {
-    common::random(40 << 20, 0x9e37_79b9_7f4a_7c15)
+    garret_store::testing::noise(40 << 20, 0x9e37_79b9_7f4a_7c15)
 }
 
 /// A ByteStream Write that starts on one replica continues on the other:

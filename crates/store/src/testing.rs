@@ -100,17 +100,32 @@ impl ChunkIndex for MemoryIndex {
     }
 }
 
+/// An xorshift sequence: cheap, deterministic, and without a short period.
+fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
+    let mut state = seed | 1;
+    std::iter::repeat_with(move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    })
+}
+
 /// Deterministic bytes that compress about 2:1 (16 symbols of noise), so tests
 /// exercise real compression without storing much.
 pub fn text(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b"abcdefghijklmnop"[usize::try_from(state % 16).expect("below 16")]
-        })
+    xorshift(seed)
+        .take(len)
+        .map(|x| b"abcdefghijklmnop"[usize::try_from(x % 16).expect("below 16")])
+        .collect()
+}
+
+/// Deterministic bytes that do not compress, like build outputs, the same
+/// for the same seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    xorshift(seed)
+        .take(len)
+        .map(|x| x.to_le_bytes()[0])
         .collect()
 }
 

@@ -18,20 +18,6 @@ use garret_server::state::AppState;
 use garret_store::testing::S3TestServer;
 use garret_store::{Backend, ChunkStore, FsBackend, S3Backend, StoreConfig};
 
-/// Pseudo-random bytes (xorshift), incompressible like build outputs and
-/// the same for the same seed.
-pub fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()[0]
-        })
-        .collect()
-}
-
 /// The embedded deployment in `dir`: SQLite plus chunks on local disk.
 pub async fn sqlite_fs_blobs(dir: &Path) -> Blobs {
     let meta = Meta::connect(&format!("sqlite:{}", dir.join("garret.db").display()))

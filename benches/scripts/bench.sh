@@ -46,27 +46,9 @@ fi
 cargo build --release -q -p garret-benches --bin garret-bench
 bench=$target/release/garret-bench
 
-work=$(mktemp -d)
-server=""
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-
-alive() { [ -r "/proc/$server/status" ] && ! grep -qE '^State:[[:space:]]+[ZX]' "/proc/$server/status"; }
-# Started from a subshell, so a crash is not reported as a job of this script.
-(
-  GARRET_DATA_DIR=$work/data GARRET_LISTEN=127.0.0.1:0 NO_COLOR=1 \
-    "$bin" serve >"$work/out" 2>"$work/log" &
-  echo $! >"$work/pid"
-)
-server=$(cat "$work/pid")
-until grep -qs "address=" "$work/log"; do
-  alive || { cat "$work/log"; exit 2; }
-  sleep 0.1
-done
-listen=$(grep -o 'address=[^ ]*' "$work/log" | head -1 | cut -d= -f2)
+. benches/scripts/server.sh
+start_server
 url=http://$listen
-# Printed once, on first start (with the creation of the cache `default`).
-admin=$(grep '^ey' "$work/out")
 echo "garret serve at $url (SQLite + local disk in $work); ${GARRET_BIN:-$(git rev-parse --short HEAD)}; $(date -u +%FT%TZ); $(nproc) cores"
 echo
 
@@ -79,8 +61,8 @@ rc=0
   --concurrency "${CONCURRENCY:-64}" "${json_args[@]}" "$@" || rc=$?
 if ! alive; then
   echo
-  echo "- the server died: $(grep -m1 -E 'memory allocation|panicked at|ERROR' "$work/log" || echo "no message in its log")"
+  echo "- the server died: $(grep -m1 -E 'memory allocation|panicked at|ERROR' "$work/log.1" || echo "no message in its log")"
   rc=2
 fi
-[ "${KEEP_LOG:-0}" = 1 ] && cat "$work/log"
+[ "${KEEP_LOG:-0}" = 1 ] && cat "$work/log.1"
 exit "$rc"

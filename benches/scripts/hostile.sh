@@ -26,41 +26,9 @@ hostile=$target/debug/garret-hostile
 attacks=("$@")
 [ ${#attacks[@]} -gt 0 ] || attacks=(2a 2b 3 4 5 6 7a 7b 8a 8b 9 10 11)
 
-work=$(mktemp -d)
-server=""
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
-
-# Running, as opposed to gone or a zombie (an orphan nobody has reaped).
-alive() { [ -r "/proc/$server/status" ] && ! grep -qE '^State:[[:space:]]+[ZX]' "/proc/$server/status"; }
-starts=0
-listen=127.0.0.1:0
-start_server() {
-  starts=$((starts + 1))
-  # Started from a subshell, so a crash is not reported as a job of this
-  # script (in the middle of the table); the log says why it died.
-  (
-    GARRET_DATA_DIR=$work/data GARRET_LISTEN=$listen NO_COLOR=1 \
-      "$bin" serve >"$work/out.$starts" 2>"$work/log.$starts" &
-    echo $! >"$work/pid"
-  )
-  server=$(cat "$work/pid")
-  until grep -qs "address=" "$work/log.$starts"; do
-    alive || { cat "$work/log.$starts"; exit 2; }
-    sleep 0.1
-  done
-  listen=$(grep -o 'address=[^ ]*' "$work/log.$starts" | head -1 | cut -d= -f2)
-}
-stop_server() {
-  kill "$server" 2>/dev/null || true
-  for _ in $(seq 100); do alive || break; sleep 0.1; done
-  kill -9 "$server" 2>/dev/null || true
-}
+. benches/scripts/server.sh
 start_server
 url=http://$listen
-# Printed once, on first start; the token secret stays in the data dir, so
-# the token stays valid across restarts.
-admin=$(grep '^ey' "$work/out.1")
 curl -sf -o /dev/null -X POST -H "Authorization: Bearer $admin" \
   -d '{"keypair":"Generate","is_public":true}' "$url/_api/v1/cache-config/hostile"
 # The first start created `default` (private); the attacks need it public.

@@ -35,6 +35,10 @@ const POSTGRES: Embedded = Embedded(&[
         "0004_packs.sql",
         include_str!("../../../migrations/postgres/0004_packs.sql"),
     ),
+    (
+        "0005_gc.sql",
+        include_str!("../../../migrations/postgres/0005_gc.sql"),
+    ),
 ]);
 
 const SQLITE: Embedded = Embedded(&[
@@ -53,6 +57,10 @@ const SQLITE: Embedded = Embedded(&[
     (
         "0004_packs.sql",
         include_str!("../../../migrations/sqlite/0004_packs.sql"),
+    ),
+    (
+        "0005_gc.sql",
+        include_str!("../../../migrations/sqlite/0005_gc.sql"),
     ),
 ]);
 

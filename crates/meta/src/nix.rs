@@ -99,6 +99,33 @@ where
 pub(crate) const BLOB_DECREF: &str = "UPDATE blobs SET refcount = refcount - 1, \
      deletable_at = CASE WHEN refcount = 1 THEN $2 ELSE deletable_at END WHERE id = $1";
 
+/// Forgets the references of object `$2` of cache `$1` (see
+/// `nix_object_refs` in `migrations/*/0005_gc.sql`).
+pub(crate) const DELETE_REFS: &str =
+    "DELETE FROM nix_object_refs WHERE cache_id = $1 AND referrer_hash = $2";
+
+/// Records `n` references (`$3…`) of object `$2` of cache `$1`.
+fn insert_refs_sql(n: usize) -> String {
+    format!(
+        "INSERT INTO nix_object_refs (cache_id, referrer_hash, ref_hash) VALUES {}",
+        sql::rows(3, n, 1, "$1, $2, ", "")
+    )
+}
+
+/// The store path hashes `object` refers to, each once and without itself:
+/// what GC needs to keep the object's closure whole.
+fn ref_hashes(object: &NixObject) -> Vec<&str> {
+    let mut hashes: Vec<&str> = object
+        .references
+        .iter()
+        .filter_map(|name| name.get(..32))
+        .filter(|hash| *hash != object.store_path_hash)
+        .collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    hashes
+}
+
 /// Adds one reference to a blob; affects no row if the blob is gone.
 pub(crate) const BLOB_INCREF: &str =
     "UPDATE blobs SET refcount = refcount + 1, deletable_at = NULL WHERE id = $1";
@@ -119,6 +146,7 @@ impl Meta {
         let nar_size = sql::to_db(object.nar_size, "nar size")?;
         let references = join(&object.references);
         let sigs = join(&object.sigs);
+        let ref_hashes = ref_hashes(object);
         let lease = self.lease(now);
         on_writer!(self, |pool| async {
             let mut tx = pool.begin_write().await?;
@@ -203,6 +231,21 @@ impl Meta {
                     .bind(lease)
                     .execute(&mut *tx)
                     .await?;
+            }
+            sqlx::query(DELETE_REFS)
+                .bind(cache.0)
+                .bind(&object.store_path_hash)
+                .execute(&mut *tx)
+                .await?;
+            for batch in ref_hashes.chunks(sql::WRITE_BATCH) {
+                let insert = insert_refs_sql(batch.len());
+                let mut query = sqlx::query(&insert)
+                    .bind(cache.0)
+                    .bind(&object.store_path_hash);
+                for hash in batch {
+                    query = query.bind(*hash);
+                }
+                query.execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -393,6 +436,11 @@ impl Meta {
             .fetch_optional(&mut *tx)
             .await?;
             let (blob,) = deleted.ok_or(MetaError::NotFound("nix object"))?;
+            sqlx::query(DELETE_REFS)
+                .bind(cache.0)
+                .bind(store_path_hash)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(BLOB_DECREF)
                 .bind(blob)
                 .bind(lease)

@@ -66,7 +66,7 @@ pub use blobs::{
 };
 pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
-pub use gc::Expired;
+pub use gc::{Evicted, Expired};
 pub use nix::{NixObject, NixObjectRow};
 pub use packs::{NewPack, Pack, PackPlace};
 pub use redact::{Redacted, redact};

@@ -112,6 +112,28 @@ fn insert_refs_sql(n: usize) -> String {
     )
 }
 
+/// Replaces the reference rows of object `$hash` of cache `$cache` with
+/// `$refs` in transaction `$tx`. A macro so that it expands inside each
+/// backend's transaction.
+macro_rules! replace_refs {
+    ($tx:expr, $cache:expr, $hash:expr, $refs:expr) => {{
+        let refs: &[&str] = $refs;
+        sqlx::query(DELETE_REFS)
+            .bind($cache.0)
+            .bind($hash)
+            .execute(&mut *$tx)
+            .await?;
+        for batch in refs.chunks(sql::WRITE_BATCH) {
+            let insert = insert_refs_sql(batch.len());
+            let mut query = sqlx::query(&insert).bind($cache.0).bind($hash);
+            for hash in batch {
+                query = query.bind(*hash);
+            }
+            query.execute(&mut *$tx).await?;
+        }
+    }};
+}
+
 /// The store path hashes `object` refers to, each once and without itself:
 /// what GC needs to keep the object's closure whole.
 fn ref_hashes(object: &NixObject) -> Vec<&str> {
@@ -232,21 +254,7 @@ impl Meta {
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query(DELETE_REFS)
-                .bind(cache.0)
-                .bind(&object.store_path_hash)
-                .execute(&mut *tx)
-                .await?;
-            for batch in ref_hashes.chunks(sql::WRITE_BATCH) {
-                let insert = insert_refs_sql(batch.len());
-                let mut query = sqlx::query(&insert)
-                    .bind(cache.0)
-                    .bind(&object.store_path_hash);
-                for hash in batch {
-                    query = query.bind(*hash);
-                }
-                query.execute(&mut *tx).await?;
-            }
+            replace_refs!(tx, cache, &object.store_path_hash, &ref_hashes);
             tx.commit().await?;
             Ok(())
         })

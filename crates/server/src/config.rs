@@ -58,6 +58,7 @@ pub struct Config {
     /// endpoint.
     pub substituter_endpoint: Option<String>,
     pub jwt: Jwt,
+    pub gc: Gc,
     /// ByteStream uploads: live Writes, progress records, session expiry.
     /// Not configurable yet: the defaults hold, and tests change them.
     #[serde(skip)]
@@ -78,6 +79,7 @@ impl Default for Config {
             api_endpoint: None,
             substituter_endpoint: None,
             jwt: Jwt::default(),
+            gc: Gc::default(),
             uploads: UploadSettings::default(),
         }
     }
@@ -159,6 +161,83 @@ impl Default for Chunking {
             avg_size: ChunkerConfig::default().avg_size,
             zstd_level: garret_store::codec::DEFAULT_LEVEL,
         }
+    }
+}
+
+/// Garbage collection: what `garret gc` (a CronJob) and the periodic
+/// collection inside `serve` do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gc {
+    /// Collect every this many seconds inside `serve`; 0 (the default)
+    /// never, for deployments that run `garret gc` on a schedule instead.
+    pub interval_secs: u64,
+    /// Retention of the caches that set none, as Attic's
+    /// `default-retention-period`: Nix objects, CAS entries and action
+    /// results unused for this long go. 0 (the default) keeps them.
+    pub default_retention_secs: u64,
+    /// A CAS entry used within this many seconds is never evicted to meet a
+    /// cache's budget. An action-cache hit refreshes every blob it names, so
+    /// a build that got a hit (`--remote_download_minimal` downloads
+    /// outputs later, if at all) finds them for at least this long.
+    pub cas_protect_secs: u64,
+    /// How long a dead pack's object stays: a download that looked up its
+    /// chunks' places before they moved or went still reads them, for up to
+    /// this long.
+    pub pack_grace_secs: u64,
+    /// How old an object no metadata names must be before it is deleted.
+    /// Longer than the longest upload: an upload's packs are named only
+    /// when it commits.
+    pub orphan_grace_secs: u64,
+    /// A pack whose live bytes are under this percentage of its size is
+    /// rewritten, so the space of its dead frames comes back.
+    pub rewrite_below_percent: u8,
+    /// Packs rewritten per run at most, bounding a run's reads and writes.
+    pub rewrite_max_packs: u32,
+}
+
+impl Default for Gc {
+    fn default() -> Self {
+        Self {
+            interval_secs: 0,
+            default_retention_secs: 0,
+            cas_protect_secs: 3 * 3600,
+            pack_grace_secs: 6 * 3600,
+            orphan_grace_secs: 24 * 3600,
+            rewrite_below_percent: 50,
+            rewrite_max_packs: 64,
+        }
+    }
+}
+
+impl Gc {
+    /// Reads the `GARRET_GC_*` variables.
+    fn apply_env(
+        &mut self,
+        var: impl Fn(&'static str) -> Option<(&'static str, String)>,
+    ) -> Result<(), ConfigError> {
+        let fields = [
+            ("GARRET_GC_INTERVAL_SECS", &mut self.interval_secs),
+            (
+                "GARRET_GC_DEFAULT_RETENTION_SECS",
+                &mut self.default_retention_secs,
+            ),
+            ("GARRET_GC_CAS_PROTECT_SECS", &mut self.cas_protect_secs),
+            ("GARRET_GC_PACK_GRACE_SECS", &mut self.pack_grace_secs),
+            ("GARRET_GC_ORPHAN_GRACE_SECS", &mut self.orphan_grace_secs),
+        ];
+        for (name, field) in fields {
+            if let Some((name, value)) = var(name) {
+                *field = parse(name, value)?;
+            }
+        }
+        if let Some((name, value)) = var("GARRET_GC_REWRITE_BELOW_PERCENT") {
+            self.rewrite_below_percent = parse(name, value)?;
+        }
+        if let Some((name, value)) = var("GARRET_GC_REWRITE_MAX_PACKS") {
+            self.rewrite_max_packs = parse(name, value)?;
+        }
+        Ok(())
     }
 }
 
@@ -451,6 +530,7 @@ impl Config {
                 .collect();
         }
         self.limits.apply_env(var)?;
+        self.gc.apply_env(var)?;
         Ok(())
     }
 
@@ -601,7 +681,7 @@ impl Config {
             self.limits.max_decompression_ratio,
             self.limits.decompression_ratio_floor,
         ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\n",
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {} s (0: none), CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
             self.connections.max_connections,
             self.connections.header_read_timeout_secs,
             self.connections.keepalive_idle_secs,
@@ -615,6 +695,13 @@ impl Config {
                 .unwrap_or("(API endpoint + cache name)"),
             self.jwt.bound_issuer.as_deref().unwrap_or("(any)"),
             self.jwt.bound_audiences.join(", "),
+            self.gc.interval_secs,
+            self.gc.default_retention_secs,
+            self.gc.cas_protect_secs,
+            self.gc.pack_grace_secs,
+            self.gc.orphan_grace_secs,
+            self.gc.rewrite_below_percent,
+            self.gc.rewrite_max_packs,
         )
     }
 }

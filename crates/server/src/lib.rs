@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod gc;
 pub mod http;
 pub mod idle;
 pub mod reapi;

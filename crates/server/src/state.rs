@@ -79,15 +79,7 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
     private_data_dir(&config.data_dir)?;
     let (tokens, first_start) = token_authority(config)?;
     let meta = open_meta(&config.database_url()).await?;
-    let backend = match (config.s3_config(), config.local_path()) {
-        (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
-        (None, Some(path)) => Backend::Fs(FsBackend::new(path)?),
-        (None, None) => unreachable!("storage is local or s3"),
-    };
-    let blobs = Blobs::new(
-        ChunkStore::new(backend, config.store_config()),
-        meta.clone(),
-    );
+    let blobs = Blobs::new(open_store(config)?, meta.clone());
     let bazel = Core::new(
         meta.clone(),
         blobs.clone(),
@@ -106,6 +98,16 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         signatures: Signatures::default(),
     });
     Ok(Built { state, first_start })
+}
+
+/// The chunk store `config` describes.
+pub fn open_store(config: &Config) -> Result<ChunkStore<Backend>, StateError> {
+    let backend = match (config.s3_config(), config.local_path()) {
+        (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
+        (None, Some(path)) => Backend::Fs(FsBackend::new(path)?),
+        (None, None) => unreachable!("storage is local or s3"),
+    };
+    Ok(ChunkStore::new(backend, config.store_config()))
 }
 
 /// The server's token key: the configured one (`[jwt]` or its variables,

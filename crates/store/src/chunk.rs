@@ -25,6 +25,12 @@ impl ChunkHash {
         let hex = self.0.to_hex();
         format!("chunks/v1/{}/{hex}", &hex[..2])
     }
+
+    /// The chunk an object key names, if it is one [`ChunkHash::object_key`]
+    /// makes.
+    pub fn from_object_key(key: &str) -> Option<Self> {
+        parse_key(key, "chunks/v1/").map(|bytes| Self(Sha256Hash::from_bytes(bytes)))
+    }
 }
 
 impl fmt::Display for ChunkHash {
@@ -67,6 +73,30 @@ impl PackId {
         let hex = self.to_string();
         format!("packs/v1/{}/{hex}", &hex[..2])
     }
+
+    /// The pack an object key names, if it is one [`PackId::object_key`]
+    /// makes: how GC tells packs from other objects it lists.
+    pub fn from_object_key(key: &str) -> Option<Self> {
+        parse_key(key, "packs/v1/").map(Self)
+    }
+}
+
+/// The bytes of a key `{prefix}{fan-out}/{hex}`, with the fan-out equal to
+/// the first two hex digits.
+fn parse_key<const N: usize>(key: &str, prefix: &str) -> Option<[u8; N]> {
+    let (fan_out, hex) = key.strip_prefix(prefix)?.split_once('/')?;
+    if hex.len() != 2 * N || !hex.starts_with(fan_out) || fan_out.len() != 2 {
+        return None;
+    }
+    let mut bytes = [0; N];
+    for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        let pair = std::str::from_utf8(pair).ok()?;
+        if !pair.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        *byte = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(bytes)
 }
 
 impl fmt::Display for PackId {
@@ -170,4 +200,29 @@ pub struct Manifest {
     pub file_hash: Sha256Hash,
     pub file_size: u64,
     pub chunks: Vec<ChunkRef>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_parse_back() {
+        let pack = PackId([0xab; 16]);
+        assert_eq!(PackId::from_object_key(&pack.object_key()), Some(pack));
+        let chunk = ChunkHash::of(b"chunk");
+        assert_eq!(ChunkHash::from_object_key(&chunk.object_key()), Some(chunk));
+        let hex = "ab".repeat(16);
+        for other in [
+            format!("packs/v1/ab/.partial-{hex}"),
+            format!("packs/v1/cd/{hex}"),
+            format!("packs/v2/ab/{hex}"),
+            format!("packs/v1/ab/{}", "AB".repeat(16)),
+            format!("packs/v1/ab/{hex}0"),
+            chunk.object_key(),
+        ] {
+            assert_eq!(PackId::from_object_key(&other), None, "{other}");
+        }
+        assert_eq!(ChunkHash::from_object_key(&pack.object_key()), None);
+    }
 }

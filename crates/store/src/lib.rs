@@ -13,14 +13,16 @@ mod error;
 mod ingest;
 mod pack;
 mod read;
+mod repack;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use backend::{Backend, FsBackend, ObjectStore, ObjectWriter, S3Backend, S3Config};
+pub use backend::{Backend, FsBackend, Listed, ObjectStore, ObjectWriter, S3Backend, S3Config};
 pub use chunk::{ChunkHash, ChunkPlace, ChunkRef, Manifest, PackId, PackInfo};
 pub use chunker::{Chunker, ChunkerConfig};
 pub use error::StoreError;
 pub use ingest::{Batch, Checkpoint, ChunkIndex, Ingested, StoredFrame};
+pub use repack::Repacked;
 
 use std::sync::Arc;
 

@@ -6,6 +6,7 @@ mod bazel;
 mod blobs;
 mod caches;
 mod gc;
+mod gc_retention;
 mod nix;
 mod schema;
 mod uploads;

@@ -64,9 +64,24 @@ enum Command {
     Cache(cache::CacheCommand),
     /// Creates or upgrades the metadata schema (`serve` also does this at start).
     Migrate,
+    /// Runs one garbage collection and exits (for a CronJob): expires what
+    /// retention and budgets no longer keep, then frees the storage nothing
+    /// references. Exits non-zero if any step failed.
+    Gc(GcArgs),
     /// Loads and validates the configuration, then prints the effective
     /// settings with secrets hidden.
     CheckConfig,
+}
+
+/// `gc`'s flags.
+#[derive(Debug, clap::Args)]
+struct GcArgs {
+    /// Reports what retention and budgets would remove; changes nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Prints the report as one JSON object instead of a line of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `serve`'s flags; each overrides the configuration file and `GARRET_*`.
@@ -143,6 +158,10 @@ impl Cli {
                     meta.close().await;
                     result
                 })
+            }
+            Command::Gc(args) => {
+                let config = load_config(self.config.as_deref())?;
+                runtime()?.block_on(collect_garbage(&config, &args))
             }
             Command::CheckConfig => {
                 print!("{}", load_config(self.config.as_deref())?.summary());
@@ -222,6 +241,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             _ = term.recv() => {},
         }
     };
+    if config.gc.interval_secs > 0 {
+        tokio::spawn(garret_server::gc::periodically(state.clone(), config.gc));
+    }
     garret_server::serve::serve(
         listener,
         garret_server::app(state),
@@ -230,6 +252,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await;
     tracing::info!("garret stopped");
+    Ok(())
+}
+
+async fn collect_garbage(config: &Config, args: &GcArgs) -> anyhow::Result<()> {
+    let meta = open_meta(&config.database_url()).await?;
+    let store = garret_server::state::open_store(config).context("opening the chunk store")?;
+    let report = garret_server::gc::collect(
+        &meta,
+        &store,
+        &config.gc,
+        garret_server::clock::unix_now(),
+        args.dry_run,
+    )
+    .await;
+    meta.close().await;
+    let report = report.context("garbage collection")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    anyhow::ensure!(
+        report.errors == 0,
+        "{} storage operations failed; the next run retries them",
+        report.errors
+    );
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tempfile::NamedTempFile;
 
-use super::{BackendError, ObjectStore, ObjectWriter};
+use super::{BackendError, Listed, ObjectStore, ObjectWriter};
 
 /// Local-disk backend, the embedded default.
 ///
@@ -227,6 +227,60 @@ impl ObjectStore for FsBackend {
         })
         .await
     }
+
+    /// Walks the whole tree under the root and sorts it for each page: the
+    /// local disk holds a pack per 16 MiB (some thousands of files), so a
+    /// walk is cheap next to the GC run that asks, and it needs no cursor
+    /// kept between pages.
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Listed>, BackendError> {
+        let root = Arc::clone(&self.root);
+        let (prefix, after) = (prefix.to_owned(), after.map(str::to_owned));
+        blocking(&prefix.clone(), move || {
+            let mut found = Vec::new();
+            walk(&root, &root, &mut found)?;
+            let mut found: Vec<Listed> = found
+                .into_iter()
+                .filter(|o| o.key.starts_with(&prefix))
+                .filter(|o| after.as_ref().is_none_or(|a| o.key > *a))
+                .collect();
+            found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            found.truncate(limit);
+            Ok(found)
+        })
+        .await
+    }
+}
+
+/// Adds every file under `dir` to `found`, keyed by its path from `root`.
+fn walk(root: &Path, dir: &Path, found: &mut Vec<Listed>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            walk(root, &entry.path(), found)?;
+        } else if let Some(key) = entry
+            .path()
+            .strip_prefix(root)
+            .ok()
+            .and_then(|p| p.to_str())
+        {
+            let modified = meta
+                .modified()?
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            found.push(Listed {
+                key: key.to_owned(),
+                size: meta.len(),
+                modified,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

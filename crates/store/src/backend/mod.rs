@@ -73,6 +73,27 @@ pub trait ObjectStore: Send + Sync {
     /// Deletes an object; deleting a missing object succeeds, so an
     /// interrupted garbage collection can simply run again.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Up to `limit` objects whose keys start with `prefix` and sort after
+    /// `after`, in key order: one page of a listing, for GC to find objects
+    /// no metadata names. Unfinished objects a backend keeps under their
+    /// own names (the local disk's temporary files) are listed too.
+    fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Listed>, BackendError>> + Send;
+}
+
+/// An object found by [`ObjectStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// When it was last written, in unix seconds: GC leaves objects younger
+    /// than an upload could take alone.
+    pub modified: i64,
 }
 
 /// An object being written, front to back. Dropping it unfinished leaves
@@ -129,6 +150,18 @@ impl ObjectStore for Backend {
         match self {
             Self::Fs(b) => b.delete(key).await,
             Self::S3(b) => b.delete(key).await,
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Listed>, BackendError> {
+        match self {
+            Self::Fs(b) => b.list(prefix, after, limit).await,
+            Self::S3(b) => b.list(prefix, after, limit).await,
         }
     }
 }
@@ -210,9 +243,36 @@ pub(crate) mod conformance {
         drop(writer);
         assert!(missing(backend, dropped).await);
 
+        // Listing: in key order, by prefix, page by page.
+        put(backend, "packs/v1/00/first", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let all = backend.list("packs/", None, 100).await.unwrap();
+        let keys: Vec<&str> = all.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["packs/v1/00/first", pack]);
+        assert_eq!(all[1].size, len);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(all[1].modified.abs_diff(now.cast_signed()) < 600, "{all:?}");
+        let page = backend.list("packs/", None, 1).await.unwrap();
+        assert_eq!(page, all[..1]);
+        let rest = backend
+            .list("packs/", Some(&page[0].key), 10)
+            .await
+            .unwrap();
+        assert_eq!(rest, all[1..]);
+        let chunks = backend.list("chunks/", None, 10).await.unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].key, key);
+        assert!(backend.list("nothing/", None, 10).await.unwrap().is_empty());
+
         backend.delete(key).await.unwrap();
         assert!(missing(backend, key).await);
         backend.delete(key).await.unwrap();
         backend.delete(pack).await.unwrap();
+        backend.delete("packs/v1/00/first").await.unwrap();
+        assert!(backend.list("", None, 10).await.unwrap().is_empty());
     }
 }

@@ -14,7 +14,7 @@ use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
-use super::{BackendError, ObjectStore, ObjectWriter};
+use super::{BackendError, Listed, ObjectStore, ObjectWriter};
 
 /// How to reach the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +255,48 @@ impl ObjectStore for S3Backend {
             Err(e) if e.code() == Some("NoSuchKey") => Ok(()),
             Err(e) => Err(s3_error("DeleteObject", key, e)),
         }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Listed>, BackendError> {
+        // The key of the bucket's prefix itself: what every listed key
+        // starts with and loses again.
+        let strip = self.full_key("").len();
+        let mut found = Vec::new();
+        let mut start_after = after.map(|a| self.full_key(a));
+        while found.len() < limit {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.full_key(prefix))
+                .set_start_after(start_after.clone())
+                .max_keys(i32::try_from((limit - found.len()).min(1000)).unwrap_or(1000))
+                .send()
+                .await
+                .map_err(|e| s3_error("ListObjectsV2", prefix, e))?;
+            let objects = page.contents.unwrap_or_default();
+            let Some(last) = objects.last().and_then(|o| o.key.clone()) else {
+                break;
+            };
+            for object in objects {
+                let Some(key) = object.key else { continue };
+                found.push(Listed {
+                    key: key[strip.min(key.len())..].to_owned(),
+                    size: object.size.map_or(0, i64::unsigned_abs),
+                    modified: object.last_modified.map_or(0, |t| t.secs()),
+                });
+            }
+            if page.is_truncated != Some(true) {
+                break;
+            }
+            start_after = Some(last);
+        }
+        Ok(found)
     }
 }
 

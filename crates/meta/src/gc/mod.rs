@@ -19,12 +19,16 @@
 //! [`crate::MetaError::ChunkGone`]), and a later mark reclaims them.
 
 use std::collections::HashMap;
-use std::time::Duration;
+
+mod expire;
+mod packs;
+
+pub use expire::{Evicted, Expired};
 
 use crate::blobs::{Chunk, ChunkRow, chunk_from_row};
 use crate::packs::{LiveBytes, add_live_bytes};
 use crate::sql::{self, READ_BATCH};
-use crate::{BeginWrite as _, CacheId, ChunkId, Meta, Pools, Result, on_writer};
+use crate::{BeginWrite as _, ChunkId, Meta, Pools, Result, on_writer};
 
 /// The two dialects of a claim query: Postgres workers on several replicas
 /// skip each other's rows instead of queueing behind them; SQLite has a single
@@ -73,48 +77,10 @@ const CLAIM_BLOBS: (&str, &str) = claim_sql!(
     "SELECT id FROM claimed"
 );
 
-/// The oldest-accessed Nix objects of cache `$1` last accessed at or before
-/// `$2`, at most `$3`; returns the blob each one referenced.
-const EXPIRE_NIX_OBJECTS: (&str, &str) = claim_sql!(
-    "SELECT id FROM nix_objects WHERE cache_id = $1 AND accessed_at <= $2 \
-     ORDER BY accessed_at LIMIT $3",
-    "DELETE FROM nix_objects WHERE id IN (SELECT id FROM claimed) RETURNING blob_id"
-);
-
-/// As [`EXPIRE_NIX_OBJECTS`], for CAS entries.
-const EXPIRE_CAS_ENTRIES: (&str, &str) = claim_sql!(
-    "SELECT blob_id FROM cas_entries WHERE cache_id = $1 AND accessed_at <= $2 \
-     ORDER BY accessed_at LIMIT $3",
-    "DELETE FROM cas_entries WHERE cache_id = $1 AND blob_id IN (SELECT blob_id FROM claimed) \
-     RETURNING blob_id"
-);
-
-/// As [`EXPIRE_NIX_OBJECTS`], for action results, which hold no reference.
-const EXPIRE_ACTION_RESULTS: (&str, &str) = claim_sql!(
-    "SELECT action_hash FROM action_results WHERE cache_id = $1 AND accessed_at <= $2 \
-     ORDER BY accessed_at LIMIT $3",
-    "DELETE FROM action_results \
-     WHERE cache_id = $1 AND action_hash IN (SELECT action_hash FROM claimed)"
-);
-
-/// What one [`Meta::gc_expire`] call deleted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Expired {
-    pub nix_objects: u64,
-    pub cas_entries: u64,
-    pub action_results: u64,
-}
-
-impl Expired {
-    pub fn is_empty(&self) -> bool {
-        *self == Expired::default()
-    }
-}
-
 /// Groups referenced ids by how many references they lose, so that one
 /// UPDATE per group can subtract the same amount from every row (almost
 /// always a single group, of 1).
-fn by_count(ids: impl IntoIterator<Item = (i64, i64)>) -> Vec<(i64, Vec<i64>)> {
+pub(crate) fn by_count(ids: impl IntoIterator<Item = (i64, i64)>) -> Vec<(i64, Vec<i64>)> {
     let mut counts: HashMap<i64, i64> = HashMap::new();
     for (id, n) in ids {
         *counts.entry(id).or_default() += n;
@@ -128,7 +94,7 @@ fn by_count(ids: impl IntoIterator<Item = (i64, i64)>) -> Vec<(i64, Vec<i64>)> {
 
 /// Drops `$1` references from each of `n` rows of `table` (`blobs` or
 /// `chunks`); rows reaching zero become collectable at `$2`.
-fn release_sql(table: &str, n: usize) -> String {
+pub(crate) fn release_sql(table: &str, n: usize) -> String {
     format!(
         "UPDATE {table} SET refcount = refcount - $1, \
            deletable_at = CASE WHEN refcount = $1 THEN $2 ELSE deletable_at END \
@@ -136,6 +102,26 @@ fn release_sql(table: &str, n: usize) -> String {
         sql::params(3, n)
     )
 }
+
+/// Drops the references `$released` (`(id, uses)` pairs) from rows of
+/// `$table` in transaction `$tx`; rows left with none become collectable at
+/// `$lease`. A macro so that it expands inside each backend's transaction.
+macro_rules! release {
+    ($tx:expr, $table:literal, $released:expr, $lease:expr) => {{
+        for (count, ids) in $crate::gc::by_count($released) {
+            for batch in ids.chunks($crate::sql::READ_BATCH) {
+                let n = $crate::sql::in_list_len(batch.len());
+                let release = $crate::gc::release_sql($table, n);
+                let mut query = sqlx::query(&release).bind(count).bind($lease);
+                for i in 0..n {
+                    query = query.bind(*$crate::sql::padded(batch, i));
+                }
+                query.execute(&mut *$tx).await?;
+            }
+        }
+    }};
+}
+use release;
 
 impl Meta {
     pub(crate) fn dialect(&self, (postgres, sqlite): (&'static str, &'static str)) -> &'static str {
@@ -242,118 +228,9 @@ impl Meta {
                     delete.execute(&mut *tx).await?;
                 }
             }
-            for (count, chunks) in by_count(released) {
-                for batch in chunks.chunks(READ_BATCH) {
-                    let n = sql::in_list_len(batch.len());
-                    let release = release_sql("chunks", n);
-                    let mut query = sqlx::query(&release).bind(count).bind(lease);
-                    for i in 0..n {
-                        query = query.bind(*sql::padded(batch, i));
-                    }
-                    query.execute(&mut *tx).await?;
-                }
-            }
+            release!(tx, "chunks", released, lease);
             tx.commit().await?;
             Ok(blobs.len() as u64)
-        })
-    }
-
-    /// Deletes up to `limit` each of the Nix objects, CAS entries and action
-    /// results of every cache that were last accessed longer ago than the
-    /// cache's retention period (`default_retention` for caches without one;
-    /// `None` keeps them), and those of soft-deleted caches regardless. Blobs
-    /// that lose their last reference become collectable after the grace
-    /// period, so [`Meta::gc_sweep_blobs`] picks them up later.
-    ///
-    /// Action results are kept by `accessed_at`, which only a put refreshes.
-    pub async fn gc_expire(
-        &self,
-        now: i64,
-        default_retention: Option<Duration>,
-        limit: u32,
-    ) -> Result<Expired> {
-        let default_retention = default_retention.map(sql::secs);
-        let caches: Vec<(i64, Option<i64>, bool)> = crate::on_reader!(self, |pool| async {
-            sqlx::query_as(
-                "SELECT id, retention_period, deleted_at IS NOT NULL FROM caches \
-                 WHERE deleted_at IS NOT NULL OR retention_period IS NOT NULL OR $1",
-            )
-            .bind(default_retention.is_some())
-            .fetch_all(pool)
-            .await
-        })?;
-        let mut expired = Expired::default();
-        for (cache, retention, deleted) in caches {
-            let cutoff = if deleted {
-                i64::MAX
-            } else {
-                match retention.or(default_retention) {
-                    Some(retention) => now.saturating_sub(retention),
-                    None => continue,
-                }
-            };
-            let done = self
-                .expire_cache(CacheId(cache), cutoff, now, limit)
-                .await?;
-            expired.nix_objects += done.nix_objects;
-            expired.cas_entries += done.cas_entries;
-            expired.action_results += done.action_results;
-        }
-        Ok(expired)
-    }
-
-    /// One cache's share of [`Meta::gc_expire`], in one transaction.
-    async fn expire_cache(
-        &self,
-        cache: CacheId,
-        cutoff: i64,
-        now: i64,
-        limit: u32,
-    ) -> Result<Expired> {
-        let (nix_sql, cas_sql, ac_sql) = (
-            self.dialect(EXPIRE_NIX_OBJECTS),
-            self.dialect(EXPIRE_CAS_ENTRIES),
-            self.dialect(EXPIRE_ACTION_RESULTS),
-        );
-        let lease = self.lease(now);
-        on_writer!(self, |pool| async {
-            let mut tx = pool.begin_write().await?;
-            let mut released = Vec::new();
-            let mut counts = [0; 2];
-            for (sql, count) in [nix_sql, cas_sql].into_iter().zip(&mut counts) {
-                let blobs: Vec<(i64,)> = sqlx::query_as(sql)
-                    .bind(cache.0)
-                    .bind(cutoff)
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *tx)
-                    .await?;
-                *count = blobs.len() as u64;
-                released.extend(blobs.into_iter().map(|(blob,)| (blob, 1)));
-            }
-            let action_results = sqlx::query(ac_sql)
-                .bind(cache.0)
-                .bind(cutoff)
-                .bind(i64::from(limit))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            for (count, blobs) in by_count(released) {
-                for batch in blobs.chunks(READ_BATCH) {
-                    let n = sql::in_list_len(batch.len());
-                    let release = release_sql("blobs", n);
-                    let mut query = sqlx::query(&release).bind(count).bind(lease);
-                    for i in 0..n {
-                        query = query.bind(*sql::padded(batch, i));
-                    }
-                    query.execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-            Ok(Expired {
-                nix_objects: counts[0],
-                cas_entries: counts[1],
-                action_results,
-            })
         })
     }
 }

@@ -131,6 +131,47 @@ fn migrate_creates_and_upgrades_the_schema() {
 }
 
 #[test]
+fn gc_runs_once_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_garret"))
+            .arg("gc")
+            .args(args)
+            .env("GARRET_DATA_DIR", dir.path())
+            .env("GARRET_GC_DEFAULT_RETENTION_SECS", "86400")
+            .output()
+            .unwrap()
+    };
+    for (args, dry) in [
+        (&["--json"][..], false),
+        (&["--json", "--dry-run"][..], true),
+    ] {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["dry_run"], dry);
+        assert_eq!(
+            (report["nix_objects"].as_u64(), report["errors"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    let out = run(&[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 Nix objects"));
+    // A store it cannot open is a failure, not an empty report.
+    let out = Command::new(env!("CARGO_BIN_EXE_garret"))
+        .arg("gc")
+        .env("GARRET_DATABASE_URL", "mysql://nope")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
 fn check_config_validates_and_hides_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("garret.toml");

@@ -176,6 +176,11 @@ pub struct Gc {
     /// `default-retention-period`: Nix objects, CAS entries and action
     /// results unused for this long go. 0 (the default) keeps them.
     pub default_retention_secs: u64,
+    /// How long a blob or chunk that lost its last reference stays
+    /// collectable-but-present. A writer that found it stored and skipped
+    /// uploading it must commit within this, and every replica and
+    /// `garret gc` must agree on it.
+    pub grace_secs: u64,
     /// A CAS entry used within this many seconds is never evicted to meet a
     /// cache's budget. An action-cache hit refreshes every blob it names, so
     /// a build that got a hit (`--remote_download_minimal` downloads
@@ -201,6 +206,7 @@ impl Default for Gc {
         Self {
             interval_secs: 0,
             default_retention_secs: 0,
+            grace_secs: garret_meta::DEFAULT_GRACE.as_secs(),
             cas_protect_secs: 3 * 3600,
             pack_grace_secs: 6 * 3600,
             orphan_grace_secs: 24 * 3600,
@@ -211,6 +217,10 @@ impl Default for Gc {
 }
 
 impl Gc {
+    pub fn grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.grace_secs)
+    }
+
     /// Reads the `GARRET_GC_*` variables.
     fn apply_env(
         &mut self,
@@ -222,6 +232,7 @@ impl Gc {
                 "GARRET_GC_DEFAULT_RETENTION_SECS",
                 &mut self.default_retention_secs,
             ),
+            ("GARRET_GC_GRACE_SECS", &mut self.grace_secs),
             ("GARRET_GC_CAS_PROTECT_SECS", &mut self.cas_protect_secs),
             ("GARRET_GC_PACK_GRACE_SECS", &mut self.pack_grace_secs),
             ("GARRET_GC_ORPHAN_GRACE_SECS", &mut self.orphan_grace_secs),
@@ -681,7 +692,7 @@ impl Config {
             self.limits.max_decompression_ratio,
             self.limits.decompression_ratio_floor,
         ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {} s (0: none), CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {} s (0: none), grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
             self.connections.max_connections,
             self.connections.header_read_timeout_secs,
             self.connections.keepalive_idle_secs,
@@ -697,6 +708,7 @@ impl Config {
             self.jwt.bound_audiences.join(", "),
             self.gc.interval_secs,
             self.gc.default_retention_secs,
+            self.gc.grace_secs,
             self.gc.cas_protect_secs,
             self.gc.pack_grace_secs,
             self.gc.orphan_grace_secs,

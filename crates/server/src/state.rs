@@ -78,7 +78,9 @@ pub struct Built {
 pub async fn build(config: &Config) -> Result<Built, StateError> {
     private_data_dir(&config.data_dir)?;
     let (tokens, first_start) = token_authority(config)?;
-    let meta = open_meta(&config.database_url()).await?;
+    let meta = open_meta(&config.database_url())
+        .await?
+        .with_grace(config.gc.grace());
     let blobs = Blobs::new(open_store(config)?, meta.clone());
     let bazel = Core::new(
         meta.clone(),

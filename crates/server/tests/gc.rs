@@ -3,6 +3,10 @@
 //! leaves the store, what it keeps reads back intact, sparse packs are
 //! rewritten and objects no metadata names are found and removed.
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use futures::TryStreamExt;
 use garret_meta::{BlobId, CacheId, Meta, NewCache};
@@ -10,7 +14,7 @@ use garret_server::blobs::{Blobs, Expect, StoredBlob};
 use garret_server::clock::unix_now;
 use garret_server::config::Gc;
 use garret_server::gc::{GcReport, collect};
-use garret_store::testing::{S3TestServer, body, text};
+use garret_store::testing::{S3TestServer, body, noise, text};
 use garret_store::{ObjectStore, PackId};
 
 mod common;
@@ -50,6 +54,7 @@ macro_rules! on_both {
 on_both! {
     retention_frees_storage_and_keeps_closures,
     sparse_packs_rewritten_and_orphans_removed,
+    uploads_downloads_and_gc_race,
 }
 
 /// Seeds far apart, so that no two contents share a chunk.
@@ -271,5 +276,198 @@ async fn sparse_packs_rewritten_and_orphans_removed(f: Fixture) {
     assert_eq!(
         &read_all(blobs, stored[7].id, stored[7].size).await,
         &contents[7]
+    );
+}
+
+/// Shared pieces the racing writers build their blobs from, so that blobs
+/// share chunks and GC keeps deciding about chunks other blobs still use.
+fn pieces() -> Vec<Vec<u8>> {
+    (1..=6).map(|i| noise(90_000, seed(500 + i))).collect()
+}
+
+/// Writer `w`'s blob `i`: three shared pieces and a tail of its own.
+fn racing_content(pieces: &[Vec<u8>], w: u64, i: u64) -> Vec<u8> {
+    let pick = |k: u64| &pieces[usize::try_from((w * 7 + i * 3 + k * 5) % 6).unwrap()];
+    let tail = noise(5_000, seed(1000 * w + i));
+    [&pick(0)[..], &pick(1)[..], &pick(2)[..], &tail[..]].concat()
+}
+
+/// A blob and the content it must read back as.
+type Kept = (StoredBlob, Vec<u8>);
+
+/// What the racing tasks share.
+#[derive(Clone)]
+struct Race {
+    blobs: Blobs,
+    cache: CacheId,
+    pieces: Arc<Vec<Vec<u8>>>,
+    /// Blobs a writer saw referenced, with their content.
+    kept: Arc<Mutex<Vec<Kept>>>,
+    done: Arc<AtomicBool>,
+    /// Chunks collected while the writers ran: they go on until some were.
+    collected: Arc<AtomicU64>,
+}
+
+const BLOBS_EACH: u64 = 12;
+const MAX_BLOBS_EACH: u64 = 600;
+
+impl Race {
+    /// Writes blobs, each kept, expired at once or never referenced;
+    /// returns how many were refused (a race lost to GC is a refusal,
+    /// never an acknowledged loss).
+    async fn write(self, w: u64) -> u64 {
+        let meta = self.blobs.meta();
+        let mut refused = 0;
+        for i in 0..MAX_BLOBS_EACH {
+            if i >= BLOBS_EACH && self.collected.load(Relaxed) > 0 {
+                break;
+            }
+            let content = racing_content(&self.pieces, w, i);
+            let Ok(blob) = self.blobs.put(body(&content), Expect::default()).await else {
+                refused += 1;
+                continue;
+            };
+            let now = unix_now();
+            match i % 3 {
+                0 => match meta.put_cas_entry(self.cache, blob.id, now).await {
+                    Ok(_) => self.kept.lock().unwrap().push((blob, content)),
+                    Err(_) => refused += 1,
+                },
+                1 => drop(
+                    meta.put_cas_entry(self.cache, blob.id, now - 2 * 86_400)
+                        .await,
+                ),
+                _ => {}
+            }
+        }
+        refused
+    }
+
+    /// Reads every kept blob over and over until the writers are done.
+    async fn read(self) -> u64 {
+        let mut reads = 0;
+        while !self.done.load(Relaxed) {
+            let kept = self.kept.lock().unwrap().clone();
+            for (blob, content) in &kept {
+                assert_eq!(
+                    &read_all(&self.blobs, blob.id, blob.size).await,
+                    content,
+                    "a kept blob"
+                );
+                reads += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        reads
+    }
+
+    /// Collects at the real time until the writers are done.
+    async fn collect(self, settings: Gc) -> u64 {
+        let mut runs = 0;
+        while !self.done.load(Relaxed) {
+            let report = collect(
+                self.blobs.meta(),
+                self.blobs.store(),
+                &settings,
+                unix_now(),
+                false,
+            )
+            .await
+            .unwrap();
+            assert_eq!(report.errors, 0, "{report}");
+            self.collected.fetch_add(report.chunks, Relaxed);
+            runs += 1;
+            tokio::task::yield_now().await;
+        }
+        runs
+    }
+}
+
+/// Writers, readers and collectors at once over shared chunks, with a
+/// grace period of one second so that collection really happens while the
+/// others run. Every blob a writer saw referenced reads back intact
+/// throughout and afterwards; a final collection leaves no unreferenced
+/// chunk, no dead pack and no object without metadata.
+async fn uploads_downloads_and_gc_race(f: Fixture) {
+    const WRITERS: u64 = 3;
+    let meta = f
+        .blobs
+        .meta()
+        .clone()
+        .with_grace(std::time::Duration::from_secs(1));
+    let settings = Gc {
+        default_retention_secs: 86_400,
+        pack_grace_secs: 2,
+        orphan_grace_secs: 3600,
+        rewrite_below_percent: 90,
+        ..Gc::default()
+    };
+    let race = Race {
+        blobs: Blobs::new(f.blobs.store().clone(), meta.clone()),
+        cache: cache(&meta).await,
+        pieces: Arc::new(pieces()),
+        kept: Arc::default(),
+        done: Arc::default(),
+        collected: Arc::default(),
+    };
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        writers.spawn(race.clone().write(w));
+    }
+    let reader = tokio::spawn(race.clone().read());
+    let collector = tokio::spawn(race.clone().collect(settings));
+    let mut refused = 0;
+    while let Some(writer) = writers.join_next().await {
+        refused += writer.unwrap();
+    }
+    race.done.store(true, Relaxed);
+    let (reads, runs) = (reader.await.unwrap(), collector.await.unwrap());
+    let kept = race.kept.lock().unwrap().clone();
+    assert!(runs > 0 && reads > 0, "{runs} collections, {reads} reads");
+    assert!(
+        race.collected.load(Relaxed) > 0,
+        "no chunk was collected during the race"
+    );
+    assert!(
+        kept.len() > 5,
+        "only {} of the blobs kept; {refused} refused",
+        kept.len()
+    );
+    assert_only_kept_remain(&race.blobs, &settings, &kept).await;
+}
+
+/// Later, with every grace period over, a few runs finish the chains (blob,
+/// chunks, packs); then nothing is left but what is kept, and it is whole.
+async fn assert_only_kept_remain(blobs: &Blobs, settings: &Gc, kept: &[Kept]) {
+    let meta = blobs.meta();
+    let mut later = unix_now() + 7200;
+    for _ in 0..4 {
+        later += 7200;
+        let report = collect(meta, blobs.store(), settings, later, false)
+            .await
+            .unwrap();
+        assert_eq!(report.errors, 0, "{report}");
+    }
+    for (blob, content) in kept {
+        assert_eq!(&read_all(blobs, blob.id, blob.size).await, content);
+    }
+    assert!(
+        meta.gc_mark_chunks(later + 7200, 1)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an unreferenced chunk"
+    );
+    let packs = meta.packs(10_000).await.unwrap();
+    assert!(
+        packs.iter().all(|p| p.live_bytes > 0),
+        "a dead pack is left: {packs:?}"
+    );
+    let mut recorded: Vec<String> = packs.iter().map(|p| PackId(p.key).object_key()).collect();
+    recorded.sort();
+    assert_eq!(
+        pack_keys(blobs).await,
+        recorded,
+        "stored packs and recorded packs differ"
     );
 }

@@ -256,7 +256,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn collect_garbage(config: &Config, args: &GcArgs) -> anyhow::Result<()> {
-    let meta = open_meta(&config.database_url()).await?;
+    let meta = open_meta(&config.database_url())
+        .await?
+        .with_grace(config.gc.grace());
     let store = garret_server::state::open_store(config).context("opening the chunk store")?;
     let report = garret_server::gc::collect(
         &meta,

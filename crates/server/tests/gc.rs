@@ -471,3 +471,120 @@ async fn assert_only_kept_remain(blobs: &Blobs, settings: &Gc, kept: &[Kept]) {
         "stored packs and recorded packs differ"
     );
 }
+
+/// `garret gc` killed with SIGKILL at random points, again and again, then
+/// run to the end: nothing live is lost, and everything dead is gone.
+/// (SQLite + local disk: the binary opens the data directory the test
+/// filled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_collections_lose_nothing_and_finish_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = common::sqlite_fs_blobs(dir.path()).await;
+    let meta = blobs.meta();
+    let cache = cache(meta).await;
+    let now = unix_now();
+    // Eight batches of ten small blobs (a pack each) and a few large ones;
+    // a third stay referenced, the rest expired long ago.
+    let mut kept = Vec::new();
+    for batch in 0..8u64 {
+        let contents: Vec<Vec<u8>> = (0..10)
+            .map(|i| text(30_000, seed(2000 + batch * 10 + i)))
+            .collect();
+        let entries = contents
+            .iter()
+            .map(|c| (Bytes::from(c.clone()), Expect::default()))
+            .collect();
+        let stored = blobs.put_batch(entries).await.unwrap();
+        for (i, (blob, content)) in stored.into_iter().zip(contents).enumerate() {
+            let blob = blob.unwrap();
+            let fresh = i % 3 == 0;
+            let at = if fresh { now } else { now - 30 * 86_400 };
+            meta.put_cas_entry(cache, blob.id, at).await.unwrap();
+            if fresh {
+                kept.push((blob, content));
+            }
+        }
+    }
+    for i in 0..3 {
+        let content = noise(2 << 20, seed(3000 + i));
+        let blob = blobs.put(body(&content), Expect::default()).await.unwrap();
+        meta.put_cas_entry(cache, blob.id, now - 30 * 86_400)
+            .await
+            .unwrap();
+    }
+    let data_dir = dir.path().to_owned();
+    let gc = move || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_garret"));
+        command
+            .args(["gc", "--json"])
+            .env("GARRET_DATA_DIR", &data_dir)
+            .env("GARRET_LOG_LEVEL", "warn")
+            .env("GARRET_GC_DEFAULT_RETENTION_SECS", "86400")
+            .env("GARRET_GC_GRACE_SECS", "0")
+            .env("GARRET_GC_PACK_GRACE_SECS", "0")
+            .env("GARRET_GC_ORPHAN_GRACE_SECS", "0")
+            .env("GARRET_GC_REWRITE_BELOW_PERCENT", "90")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let gc = std::sync::Arc::new(gc);
+    let runner = gc.clone();
+    let killed = common::blocking(move || {
+        let gc = runner;
+        let mut killed = 0;
+        for delay in garret_store::testing::noise(10, seed(77)) {
+            let mut child = gc().spawn().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(u64::from(delay) % 120));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                killed += 1;
+            }
+            child.wait().unwrap();
+        }
+        killed
+    })
+    .await;
+    assert!(
+        killed >= 3,
+        "only {killed} of 10 runs were killed before they ended"
+    );
+    // Reads work after killed runs.
+    for (blob, content) in &kept {
+        assert_eq!(&read_all(&blobs, blob.id, blob.size).await, content);
+    }
+    let finish = gc().output().unwrap();
+    assert!(
+        finish.status.success(),
+        "{}",
+        String::from_utf8_lossy(&finish.stderr)
+    );
+    let again = gc().output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    for field in [
+        "cas_entries",
+        "blobs",
+        "chunks",
+        "packs_deleted",
+        "orphans_deleted",
+        "errors",
+    ] {
+        assert_eq!(
+            report[field], 0,
+            "{field} after a complete run: {report} ({killed} runs killed)"
+        );
+    }
+    assert_eq!(
+        meta.gc_expire_preview(unix_now(), None)
+            .await
+            .unwrap()
+            .cas_entries,
+        0
+    );
+    let settings = Gc {
+        pack_grace_secs: 0,
+        orphan_grace_secs: 0,
+        ..settings()
+    };
+    assert_only_kept_remain(&blobs, &settings, &kept).await;
+}

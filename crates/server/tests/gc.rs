@@ -482,52 +482,9 @@ async fn killed_collections_lose_nothing_and_finish_later() {
     let blobs = common::sqlite_fs_blobs(dir.path()).await;
     let meta = blobs.meta();
     let cache = cache(meta).await;
-    let now = unix_now();
-    // Eight batches of ten small blobs (a pack each) and a few large ones;
-    // a third stay referenced, the rest expired long ago.
-    let mut kept = Vec::new();
-    for batch in 0..8u64 {
-        let contents: Vec<Vec<u8>> = (0..10)
-            .map(|i| text(30_000, seed(2000 + batch * 10 + i)))
-            .collect();
-        let entries = contents
-            .iter()
-            .map(|c| (Bytes::from(c.clone()), Expect::default()))
-            .collect();
-        let stored = blobs.put_batch(entries).await.unwrap();
-        for (i, (blob, content)) in stored.into_iter().zip(contents).enumerate() {
-            let blob = blob.unwrap();
-            let fresh = i % 3 == 0;
-            let at = if fresh { now } else { now - 30 * 86_400 };
-            meta.put_cas_entry(cache, blob.id, at).await.unwrap();
-            if fresh {
-                kept.push((blob, content));
-            }
-        }
-    }
-    for i in 0..3 {
-        let content = noise(2 << 20, seed(3000 + i));
-        let blob = blobs.put(body(&content), Expect::default()).await.unwrap();
-        meta.put_cas_entry(cache, blob.id, now - 30 * 86_400)
-            .await
-            .unwrap();
-    }
+    let kept = fill(&blobs, cache).await;
     let data_dir = dir.path().to_owned();
-    let gc = move || {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_garret"));
-        command
-            .args(["gc", "--json"])
-            .env("GARRET_DATA_DIR", &data_dir)
-            .env("GARRET_LOG_LEVEL", "warn")
-            .env("GARRET_GC_DEFAULT_RETENTION_SECS", "86400")
-            .env("GARRET_GC_GRACE_SECS", "0")
-            .env("GARRET_GC_PACK_GRACE_SECS", "0")
-            .env("GARRET_GC_ORPHAN_GRACE_SECS", "0")
-            .env("GARRET_GC_REWRITE_BELOW_PERCENT", "90")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        command
-    };
+    let gc = move || gc_command(&data_dir);
     let gc = std::sync::Arc::new(gc);
     let runner = gc.clone();
     let killed = common::blocking(move || {
@@ -587,4 +544,58 @@ async fn killed_collections_lose_nothing_and_finish_later() {
         ..settings()
     };
     assert_only_kept_remain(&blobs, &settings, &kept).await;
+}
+
+/// Eight batches of ten small blobs (a pack each) and a few large ones, a
+/// third of the small ones referenced now and the rest expired long ago;
+/// returns the referenced ones.
+async fn fill(blobs: &Blobs, cache: CacheId) -> Vec<Kept> {
+    let meta = blobs.meta();
+    let now = unix_now();
+    let mut kept = Vec::new();
+    for batch in 0..8u64 {
+        let contents: Vec<Vec<u8>> = (0..10)
+            .map(|i| text(30_000, seed(2000 + batch * 10 + i)))
+            .collect();
+        let entries = contents
+            .iter()
+            .map(|c| (Bytes::from(c.clone()), Expect::default()))
+            .collect();
+        let stored = blobs.put_batch(entries).await.unwrap();
+        for (i, (blob, content)) in stored.into_iter().zip(contents).enumerate() {
+            let blob = blob.unwrap();
+            let fresh = i % 3 == 0;
+            let at = if fresh { now } else { now - 30 * 86_400 };
+            meta.put_cas_entry(cache, blob.id, at).await.unwrap();
+            if fresh {
+                kept.push((blob, content));
+            }
+        }
+    }
+    for i in 0..3 {
+        let content = noise(2 << 20, seed(3000 + i));
+        let blob = blobs.put(body(&content), Expect::default()).await.unwrap();
+        meta.put_cas_entry(cache, blob.id, now - 30 * 86_400)
+            .await
+            .unwrap();
+    }
+    kept
+}
+
+/// `garret gc --json` on `data_dir`, with every grace period zero so that
+/// one run does all of its work.
+fn gc_command(data_dir: &std::path::Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_garret"));
+    command
+        .args(["gc", "--json"])
+        .env("GARRET_DATA_DIR", data_dir)
+        .env("GARRET_LOG_LEVEL", "warn")
+        .env("GARRET_GC_DEFAULT_RETENTION_SECS", "86400")
+        .env("GARRET_GC_GRACE_SECS", "0")
+        .env("GARRET_GC_PACK_GRACE_SECS", "0")
+        .env("GARRET_GC_ORPHAN_GRACE_SECS", "0")
+        .env("GARRET_GC_REWRITE_BELOW_PERCENT", "90")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
 }

@@ -484,14 +484,10 @@ async fn killed_collections_lose_nothing_and_finish_later() {
     let cache = cache(meta).await;
     let kept = fill(&blobs, cache).await;
     let data_dir = dir.path().to_owned();
-    let gc = move || gc_command(&data_dir);
-    let gc = std::sync::Arc::new(gc);
-    let runner = gc.clone();
     let killed = common::blocking(move || {
-        let gc = runner;
         let mut killed = 0;
         for delay in garret_store::testing::noise(10, seed(77)) {
-            let mut child = gc().spawn().unwrap();
+            let mut child = gc_command(&data_dir).spawn().unwrap();
             std::thread::sleep(std::time::Duration::from_millis(u64::from(delay) % 120));
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap();
@@ -510,13 +506,13 @@ async fn killed_collections_lose_nothing_and_finish_later() {
     for (blob, content) in &kept {
         assert_eq!(&read_all(&blobs, blob.id, blob.size).await, content);
     }
-    let finish = gc().output().unwrap();
+    let finish = gc_command(dir.path()).output().unwrap();
     assert!(
         finish.status.success(),
         "{}",
         String::from_utf8_lossy(&finish.stderr)
     );
-    let again = gc().output().unwrap();
+    let again = gc_command(dir.path()).output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     for field in [
         "cas_entries",

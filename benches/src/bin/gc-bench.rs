@@ -1,0 +1,167 @@
+//! One garbage collection over a store of about a million chunk rows: how
+//! long each run of `garret_server::gc::collect` takes and the process's
+//! peak memory while it runs.
+//!
+//! `cargo run --release -p garret-benches --bin gc-bench [-- DATABASE_URL [CHUNKS]]`
+//!
+//! The metadata is real (SQLite in a temporary directory by default, or the
+//! Postgres URL given); the chunk objects are not written, since the runs
+//! measured here delete packs, which the backend treats as already gone
+//! when absent. Blobs of 100 chunks, one pack each: half are referenced by
+//! CAS entries that expired long ago, a quarter by fresh ones, and a
+//! quarter by nothing. Four runs a grace period apart take the chains to
+//! their end: expiry, blobs, chunks (and dead packs found), packs deleted.
+
+// Figures for humans: float precision and 64-bit sizes are not a concern.
+#![allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+
+use std::time::Instant;
+
+use garret_meta::{ChunkCompression, Meta, NewBlob, NewCache, NewChunkRef, NewPack, PackPlace};
+use garret_server::config::Gc;
+use garret_store::{Backend, ChunkStore, FsBackend, StoreConfig};
+
+const CHUNKS_PER_BLOB: u64 = 100;
+const DAY: i64 = 86_400;
+
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Starts a new peak-RSS window (Linux: writing 5 to `clear_refs` resets
+/// VmHWM), so that each run's peak is its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn digest(kind: u8, n: u64) -> [u8; 32] {
+    let mut out = [kind; 32];
+    out[..8].copy_from_slice(&n.to_be_bytes());
+    out
+}
+
+/// Blob `n`: `CHUNKS_PER_BLOB` chunks of 64 KiB (32 KiB stored) of its own,
+/// in one pack.
+fn blob(n: u64) -> NewBlob {
+    let pack = {
+        let mut key = [0xaa; 16];
+        key[..8].copy_from_slice(&n.to_be_bytes());
+        key
+    };
+    let chunks: Vec<NewChunkRef> = (0..CHUNKS_PER_BLOB)
+        .map(|i| NewChunkRef {
+            hash: digest(1, n * CHUNKS_PER_BLOB + i),
+            size: 65_536,
+            stored_size: 32_768,
+            frame_hash: digest(2, n * CHUNKS_PER_BLOB + i),
+            compression: ChunkCompression::Zstd,
+            offset: i * 65_536,
+            file_offset: i * 32_768,
+            uploaded: true,
+            pack: Some(PackPlace {
+                pack,
+                offset: i * 32_768,
+            }),
+        })
+        .collect();
+    NewBlob {
+        hash: digest(3, n),
+        size: CHUNKS_PER_BLOB * 65_536,
+        file_hash: digest(4, n),
+        file_size: CHUNKS_PER_BLOB * 32_768,
+        chunks,
+        packs: vec![NewPack {
+            key: pack,
+            size: CHUNKS_PER_BLOB * 32_768,
+        }],
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = std::env::args().skip(1);
+    let url = args
+        .next()
+        .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("garret.db").display()));
+    let chunks: u64 = args.next().map_or(1_000_000, |n| n.parse().unwrap());
+    let meta = Meta::connect(&url).await.unwrap();
+    meta.migrate().await.unwrap();
+    let grace = meta.grace().as_secs() as i64;
+    let store = ChunkStore::new(
+        Backend::Fs(FsBackend::new(dir.path().join("chunks")).unwrap()),
+        StoreConfig::default(),
+    );
+    let cache = meta
+        .create_cache(
+            &NewCache {
+                name: "bench".into(),
+                is_public: false,
+                store_dir: "/nix/store".into(),
+                priority: 41,
+                signing_key: "bench-1:c2VjcmV0".into(),
+                upstream_cache_key_names: Vec::new(),
+                retention_period: None,
+            },
+            0,
+        )
+        .await
+        .unwrap()
+        .id;
+
+    let now = garret_server::clock::unix_now();
+    let blobs = chunks / CHUNKS_PER_BLOB;
+    let started = Instant::now();
+    for first in (0..blobs).step_by(50) {
+        let batch: Vec<NewBlob> = (first..(first + 50).min(blobs)).map(blob).collect();
+        let committed = meta.commit_blobs(&batch, now).await.unwrap();
+        for (i, commit) in committed.iter().enumerate() {
+            match (first + i as u64) % 4 {
+                0 | 1 => drop(
+                    meta.put_cas_entry(cache, commit.blob_id, now - 30 * DAY)
+                        .await
+                        .unwrap(),
+                ),
+                2 => drop(
+                    meta.put_cas_entry(cache, commit.blob_id, now)
+                        .await
+                        .unwrap(),
+                ),
+                _ => {}
+            }
+        }
+    }
+    println!(
+        "{url}: {blobs} blobs, {} chunk rows, {blobs} packs written in {:.1} s",
+        blobs * CHUNKS_PER_BLOB,
+        started.elapsed().as_secs_f64()
+    );
+
+    let settings = Gc {
+        default_retention_secs: 7 * 86_400,
+        pack_grace_secs: 3600,
+        orphan_grace_secs: 86_400,
+        ..Gc::default()
+    };
+    let mut at = now;
+    for step in ["expiry", "blobs", "chunks", "packs"] {
+        at += grace.max(3600) + 1;
+        reset_peak_rss();
+        let started = Instant::now();
+        let report = garret_server::gc::collect(&meta, &store, &settings, at, false)
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        println!(
+            "run {step:>6}: {:>7.2} s, peak RSS {:>4} MiB; {report}",
+            took.as_secs_f64(),
+            peak_rss_mib()
+        );
+    }
+    meta.close().await;
+}

@@ -92,7 +92,7 @@ async fn main() {
     let chunks: u64 = args.next().map_or(1_000_000, |n| n.parse().unwrap());
     let meta = Meta::connect(&url).await.unwrap();
     meta.migrate().await.unwrap();
-    let grace = meta.grace().as_secs() as i64;
+    let grace = meta.grace().as_secs().cast_signed();
     let store = ChunkStore::new(
         Backend::Fs(FsBackend::new(dir.path().join("chunks")).unwrap()),
         StoreConfig::default(),

@@ -142,10 +142,11 @@ impl Meta {
         Ok(caches
             .into_iter()
             .filter_map(|(cache, retention, deleted)| {
+                // As in Attic, a retention period of 0 keeps forever.
                 let cutoff = if deleted {
                     i64::MAX
                 } else {
-                    now.saturating_sub(retention.or(default_retention)?)
+                    now.saturating_sub(retention.or(default_retention).filter(|r| *r > 0)?)
                 };
                 Some(Expiring {
                     cache: CacheId(cache),
@@ -159,7 +160,7 @@ impl Meta {
     /// Deletes up to `limit` each of the Nix objects, CAS entries and action
     /// results of every cache that were last accessed longer ago than the
     /// cache's retention period (`default_retention` for caches without one;
-    /// `None` keeps them), and those of deleted caches regardless; pinned
+    /// `None` or 0 keeps them), and those of deleted caches regardless; pinned
     /// Nix objects and those an object left in the cache refers to stay.
     /// Call it until it returns nothing: each call can free the references
     /// of the objects the previous one took. Blobs that lose their last

@@ -1,6 +1,8 @@
 //! Expiry that keeps closures whole and pinned paths, CAS budgets, and the
 //! retirement and rewrite of packs.
 
+use std::time::Duration;
+
 use garret_meta::{BlobId, CacheId, ChunkId, Evicted, Expired, NewPack, PackPlace};
 
 use crate::support::{GRACE, Raw, TestDb, blob, both, h, pack};
@@ -111,6 +113,10 @@ both! {
         set(&db, "DELETE FROM nix_pins WHERE name = 'release'").await;
         while !db.gc_expire(now, None, 1).await.unwrap().is_empty() {}
         assert_eq!(present_paths(&db, cache).await, "abc");
+        // A retention of 0 keeps everything, as in Attic.
+        set(&db, "UPDATE caches SET retention_period = 0").await;
+        assert!(db.gc_expire(10 * RETENTION, Some(Duration::from_secs(1)), 100).await.unwrap().is_empty());
+        set(&db, &format!("UPDATE caches SET retention_period = {RETENTION}")).await;
         // Nothing else expires while a is fresh, and then all of it.
         let later = 3 * RETENTION + 1;
         while !db.gc_expire(later, None, 100).await.unwrap().is_empty() {}

@@ -2,10 +2,11 @@
 //! long each run of `garret_server::gc::collect` takes and the process's
 //! peak memory while it runs.
 //!
-//! `cargo run --release -p garret-benches --bin gc-bench [-- DATABASE_URL [CHUNKS]]`
+//! `cargo run --release -p garret-benches --bin gc-bench [-- sqlite|postgres|DATABASE_URL [CHUNKS]]`
 //!
-//! The metadata is real (SQLite in a temporary directory by default, or the
-//! Postgres URL given); the chunk objects are not written, since the runs
+//! The metadata is real: SQLite in a temporary directory (the default), a
+//! throwaway Postgres 15 cluster (`postgres`, as the tests start one), or
+//! the database URL given; the chunk objects are not written, since the runs
 //! measured here delete packs, which the backend treats as already gone
 //! when absent. Blobs of 100 chunks, one pack each: half are referenced by
 //! CAS entries that expired long ago, a quarter by fresh ones, and a
@@ -86,9 +87,11 @@ fn blob(n: u64) -> NewBlob {
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = std::env::args().skip(1);
-    let url = args
-        .next()
-        .unwrap_or_else(|| format!("sqlite:{}", dir.path().join("garret.db").display()));
+    let url = match args.next().as_deref() {
+        None | Some("sqlite") => format!("sqlite:{}", dir.path().join("garret.db").display()),
+        Some("postgres") => garret_meta::testing::PgCluster::shared().fresh_database().await,
+        Some(url) => url.to_owned(),
+    };
     let chunks: u64 = args.next().map_or(1_000_000, |n| n.parse().unwrap());
     let meta = Meta::connect(&url).await.unwrap();
     meta.migrate().await.unwrap();

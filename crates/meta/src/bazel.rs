@@ -151,42 +151,6 @@ impl Meta {
         Ok(missing)
     }
 
-    /// Records that these CAS entries were just used, for retention. Rows
-    /// already touched this second are not rewritten. One transaction for
-    /// all of them: a FindMissingBlobs of 10,000 digests is one commit (one
-    /// WAL sync on SQLite), not one per batch.
-    pub async fn touch_cas(&self, cache: CacheId, hashes: &[[u8; 32]], now: i64) -> Result<()> {
-        let hashes = sql::dedup(hashes);
-        if hashes.is_empty() {
-            return Ok(());
-        }
-        on_writer!(self, |pool| async {
-            let mut tx = pool.begin_write().await?;
-            for batch in hashes.chunks(sql::WIDE_READ_BATCH) {
-                let n = sql::in_list_len(batch.len());
-                // `+accessed_at`, not `accessed_at`: with the plain column
-                // SQLite's planner (EXPLAIN QUERY PLAN) takes the (cache_id,
-                // accessed_at) retention index and visits every entry of the
-                // cache not touched this second, per batch: a cost that grows
-                // with the cache. The unary plus (valid in Postgres too) keeps
-                // that index out, so the statement goes by its keys.
-                let update = format!(
-                    "UPDATE cas_entries SET accessed_at = $2 \
-                     WHERE cache_id = $1 AND +accessed_at < $2 \
-                       AND blob_id IN (SELECT id FROM blobs WHERE hash IN ({}))",
-                    sql::params(3, n)
-                );
-                let mut query = sqlx::query(&update).bind(cache.0).bind(now);
-                for i in 0..n {
-                    query = query.bind(&sql::padded(batch, i)[..]);
-                }
-                query.execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
-    }
-
     /// The serialized `ActionResult` stored for `action_hash` in `cache`.
     pub async fn get_action_result(
         &self,
@@ -203,29 +167,6 @@ impl Meta {
             .await
         })?;
         Ok(row.map(|(result,)| result))
-    }
-
-    /// Records that a stored action result was just served, so retention
-    /// keeps results in use; a row already touched this second is not
-    /// rewritten.
-    pub async fn touch_action_result(
-        &self,
-        cache: CacheId,
-        action_hash: &[u8; 32],
-        now: i64,
-    ) -> Result<()> {
-        on_writer!(self, |pool| async {
-            sqlx::query(
-                "UPDATE action_results SET accessed_at = $3 \
-                 WHERE cache_id = $1 AND action_hash = $2 AND accessed_at < $3",
-            )
-            .bind(cache.0)
-            .bind(&action_hash[..])
-            .bind(now)
-            .execute(pool)
-            .await?;
-            Ok(())
-        })
     }
 
     /// Stores (or replaces) the serialized `ActionResult` for `action_hash`.

@@ -37,6 +37,7 @@
 //! itself could in the worst case have been deleted by GC after a concurrent
 //! writer recorded and released it.
 
+mod access;
 mod bazel;
 mod blobs;
 mod caches;

@@ -394,36 +394,6 @@ impl Meta {
         Ok(missing)
     }
 
-    /// Records that these objects were just served, for retention. Rows
-    /// already touched this second are not rewritten.
-    pub async fn touch_nix_objects(
-        &self,
-        cache: CacheId,
-        store_path_hashes: &[&str],
-        now: i64,
-    ) -> Result<()> {
-        let hashes = sql::dedup(store_path_hashes);
-        for batch in hashes.chunks(READ_BATCH) {
-            let n = sql::in_list_len(batch.len());
-            // `+accessed_at`: as in `Meta::touch_cas`, so SQLite goes by key
-            // and not by the retention index.
-            let update = format!(
-                "UPDATE nix_objects SET accessed_at = $2 \
-                 WHERE cache_id = $1 AND +accessed_at < $2 AND store_path_hash IN ({})",
-                sql::params(3, n)
-            );
-            on_writer!(self, |pool| async {
-                let mut query = sqlx::query(&update).bind(cache.0).bind(now);
-                for i in 0..n {
-                    query = query.bind(*sql::padded(batch, i));
-                }
-                query.execute(pool).await?;
-                Ok(())
-            })?;
-        }
-        Ok(())
-    }
-
     /// Removes the object at `store_path_hash` from `cache`, dropping its
     /// blob's reference in the same transaction.
     pub async fn delete_nix_object(

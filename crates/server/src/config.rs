@@ -45,6 +45,13 @@ pub struct Config {
     pub chunking: Chunking,
     pub limits: Limits,
     pub connections: Connections,
+    /// How often reads' access times are written, in seconds. Reads are
+    /// recorded in memory and written together (one transaction per kind
+    /// of row), so a cache hit costs no commit; an action-cache hit still
+    /// waits for its own write, shared with the hits beside it. Longer
+    /// means fewer commits; what a crash loses is at most this much of the
+    /// reads' recency, which GC only weighs against hours.
+    pub access_flush_interval_secs: u64,
     /// The cache that Bazel requests without an instance name use (Bazel's
     /// `--remote_instance_name` names any other cache).
     pub bazel_default_cache: String,
@@ -75,6 +82,7 @@ impl Default for Config {
             chunking: Chunking::default(),
             limits: Limits::default(),
             connections: Connections::default(),
+            access_flush_interval_secs: 5,
             bazel_default_cache: "default".into(),
             api_endpoint: None,
             substituter_endpoint: None,
@@ -511,6 +519,9 @@ impl Config {
         if let Some((name, value)) = var("GARRET_CHUNK_AVG_SIZE") {
             self.chunking.avg_size = parse(name, value)?;
         }
+        if let Some((name, value)) = var("GARRET_ACCESS_FLUSH_INTERVAL_SECS") {
+            self.access_flush_interval_secs = parse(name, value)?;
+        }
         if let Some((_, value)) = var("GARRET_BAZEL_DEFAULT_CACHE") {
             self.bazel_default_cache = value;
         }
@@ -588,6 +599,11 @@ impl Config {
                 "connections: timeouts and max_connections must be positive".into(),
             ));
         }
+        if self.access_flush_interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "access_flush_interval_secs must be positive".into(),
+            ));
+        }
         for (name, url) in [
             ("api_endpoint", &self.api_endpoint),
             ("substituter_endpoint", &self.substituter_endpoint),
@@ -601,6 +617,10 @@ impl Config {
             return Err(ConfigError::Invalid("jwt.bound_issuer is empty".into()));
         }
         Ok(())
+    }
+
+    pub fn access_flush_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.access_flush_interval_secs)
     }
 
     /// The configured endpoints, each ending in `/` so relative paths
@@ -692,12 +712,19 @@ impl Config {
             self.limits.max_decompression_ratio,
             self.limits.decompression_ratio_floor,
         ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {} s (0: none), grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s
+access times: written every {} s
+api_endpoint: {}
+substituter_endpoint: {}
+jwt: issuer {}, audiences [{}]
+gc: every {} s (0: never), default retention {} s (0: none), grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)
+",
             self.connections.max_connections,
             self.connections.header_read_timeout_secs,
             self.connections.keepalive_idle_secs,
             self.connections.h2_keepalive_interval_secs,
             self.connections.shutdown_timeout_secs,
+            self.access_flush_interval_secs,
             self.api_endpoint
                 .as_deref()
                 .unwrap_or("(from each request)"),
@@ -860,9 +887,12 @@ mod tests {
                 ("GARRET_MAX_DECOMPRESSION_RATIO", "20"),
                 ("GARRET_DECOMPRESSION_RATIO_FLOOR", "1048576"),
                 ("GARRET_MAX_DECOMPRESSION_MEMORY", "67108864"),
+                ("GARRET_ACCESS_FLUSH_INTERVAL_SECS", "2"),
             ],
         )
         .unwrap();
+        assert_eq!(config.access_flush_interval_secs, 2);
+        assert!(config.summary().contains("access times: written every 2 s"));
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
         let s3 = config.s3_config().unwrap();
         assert_eq!(
@@ -914,6 +944,11 @@ mod tests {
             (Some("[chunking]\navg_size = 1000"), &[], "power of two"),
             (Some("[chunking]\nzstd_level = 30"), &[], "zstd_level"),
             (Some("database_url = \"mysql://x\""), &[], "neither sqlite"),
+            (
+                Some("access_flush_interval_secs = 0"),
+                &[],
+                "access_flush_interval_secs must be positive",
+            ),
             (None, &[("GARRET_LISTEN", "nowhere")], "GARRET_LISTEN"),
             (None, &[("GARRET_S3_BUCKET", "b")], "set GARRET_STORAGE=s3"),
             (

@@ -1,6 +1,7 @@
 //! The garret server as a library: the pieces `garret serve` wires together,
 //! importable by end-to-end tests and benchmarks.
 
+pub mod access_times;
 pub mod auth;
 pub mod bazel_core;
 pub mod blobs;

@@ -12,6 +12,7 @@ use garret_meta::{Cache, Meta, MetaError};
 use garret_store::backend::BackendError;
 use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
 
+use crate::access_times::AccessTimes;
 use crate::auth::{AuthError, CacheName, CacheState, Permission, Token, TokenAuthority, authorize};
 use crate::bazel_core::Core;
 use crate::blobs::Blobs;
@@ -36,6 +37,9 @@ pub struct AppState {
     /// Narinfo signatures and parsed cache keys, kept (bounded) so a narinfo
     /// hit neither parses its cache's key nor signs again.
     pub signatures: Signatures,
+    /// What reads touched, written in batches for retention and GC; shut
+    /// down after the last request so its final flush is not lost.
+    pub accesses: AccessTimes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,8 @@ pub struct Built {
 
 /// Everything `config` describes, ready to serve. The data directory is
 /// created (private) if need be; see [`token_authority`] for the key.
+/// Starts the access-time writer on the current runtime: a graceful stop
+/// ends with `state.accesses.shutdown()`.
 pub async fn build(config: &Config) -> Result<Built, StateError> {
     private_data_dir(&config.data_dir)?;
     let (tokens, first_start) = token_authority(config)?;
@@ -82,9 +88,11 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         .await?
         .with_grace(config.gc.grace());
     let blobs = Blobs::new(open_store(config)?, meta.clone());
+    let accesses = AccessTimes::start(meta.clone(), config.access_flush_interval());
     let bazel = Core::new(
         meta.clone(),
         blobs.clone(),
+        accesses.clone(),
         tokens.clone(),
         CacheName::new(config.bazel_default_cache.clone()).map_err(StateError::DefaultCache)?,
         config.limits.max_nar_size,
@@ -98,6 +106,7 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         uploads: config.uploads,
         bazel,
         signatures: Signatures::default(),
+        accesses,
     });
     Ok(Built { state, first_start })
 }

@@ -53,21 +53,11 @@ both! {
             [(h(2), 5), (h(1), 5), (h(3), 5), (h(1), 6)]
         );
 
-        db.touch_cas(main, &[h(1), h(2)], 50).await.unwrap();
-        let touched: Vec<(i64,)> = match &db.raw {
-            crate::support::Raw::Postgres(p) => {
-                sqlx::query_as("SELECT accessed_at FROM cas_entries ORDER BY cache_id")
-                    .fetch_all(p)
-                    .await
-            }
-            crate::support::Raw::Sqlite(p) => {
-                sqlx::query_as("SELECT accessed_at FROM cas_entries ORDER BY cache_id")
-                    .fetch_all(p)
-                    .await
-            }
-        }
-        .unwrap();
-        assert_eq!(touched, [(50,), (3,)]);
+        // h(2) has no entry: nothing to touch.
+        assert_eq!(db.touch_cas(&[(main, h(1)), (main, h(2))], 50).await.unwrap(), 1);
+        assert_eq!(db.cas_accessed_at(main, &h(1)).await.unwrap(), Some(50));
+        assert_eq!(db.cas_accessed_at(other, &h(1)).await.unwrap(), Some(3));
+        assert_eq!(db.cas_accessed_at(main, &h(2)).await.unwrap(), None);
 
         let err = db.put_cas_entry(main, BlobId(b.0 + 100), 4).await.unwrap_err();
         assert!(matches!(err, MetaError::NotFound("blob")), "{err}");
@@ -98,19 +88,11 @@ both! {
         assert_eq!(db.count("action_results").await, 1);
 
         // Serving a result refreshes it for retention, never backwards.
-        db.touch_action_result(main, &h(1), 50).await.unwrap();
-        db.touch_action_result(main, &h(1), 40).await.unwrap();
-        db.touch_action_result(other, &h(1), 60).await.unwrap();
-        let accessed: Vec<(i64,)> = match &db.raw {
-            crate::support::Raw::Postgres(p) => {
-                sqlx::query_as("SELECT accessed_at FROM action_results").fetch_all(p).await
-            }
-            crate::support::Raw::Sqlite(p) => {
-                sqlx::query_as("SELECT accessed_at FROM action_results").fetch_all(p).await
-            }
-        }
-        .unwrap();
-        assert_eq!(accessed, [(50,)]);
+        db.touch_action_results(&[(main, h(1))], 50).await.unwrap();
+        db.touch_action_results(&[(main, h(1))], 40).await.unwrap();
+        db.touch_action_results(&[(other, h(1))], 60).await.unwrap();
+        assert_eq!(db.action_result_accessed_at(main, &h(1)).await.unwrap(), Some(50));
+        assert_eq!(db.action_result_accessed_at(other, &h(1)).await.unwrap(), None);
     }
 
     async fn unreferenced_cas_blob_expires(db: TestDb) {

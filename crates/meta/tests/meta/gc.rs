@@ -181,7 +181,7 @@ both! {
         }
         // Accessed recently in `short`: survives its retention.
         db.upsert_nix_object(short, &nix_object_at('b', b), 0).await.unwrap();
-        db.touch_nix_objects(short, &[&"b".repeat(32)], 600).await.unwrap();
+        db.touch_nix_objects(&[(short, "b".repeat(32))], 600).await.unwrap();
         assert_eq!(db.blob_state(h(1)).await.unwrap().0, 7);
 
         assert!(db.gc_expire(999, None, 100).await.unwrap().is_empty());

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod access;
 mod bazel;
 mod blobs;
 mod caches;

@@ -39,7 +39,7 @@ both! {
         assert_eq!(db.missing_store_paths(cache, &asked).await.unwrap(), [c.clone(), d.clone()]);
         assert_eq!(db.missing_store_paths(other, &asked).await.unwrap(), [c, a.clone(), d]);
 
-        db.touch_nix_objects(cache, &[a.as_str()], 50).await.unwrap();
+        db.touch_nix_objects(&[(cache, a.as_str())], 50).await.unwrap();
         let row = db.nix_object(cache, &a).await.unwrap().unwrap();
         assert_eq!((row.created_at, row.accessed_at), (10, 50));
 

@@ -10,6 +10,7 @@ use prost::Message as _;
 
 use super::digest::Digest;
 use super::{Core, MAX_MESSAGE_BYTES};
+use crate::access_times::Accessed;
 use crate::clock::unix_now;
 use crate::error::Error;
 
@@ -43,18 +44,17 @@ struct Missing(String);
 
 impl Core {
     /// Every blob `result` names, including the files inside its output
-    /// trees, or what is missing. Present blobs have their access refreshed
-    /// (REAPI asks servers to keep a served result's outputs alive).
+    /// trees, or the first tree that is missing.
     ///
     /// Trees are read as messages: each is refused unread if its digest is
     /// over [`MAX_MESSAGE_BYTES`], each distinct tree is read once, and all
     /// of them together may not exceed [`MAX_TREE_BYTES_PER_RESULT`]
     /// (RESOURCE_EXHAUSTED).
-    async fn check_complete(
+    async fn named_blobs(
         &self,
         cache: &Cache,
         result: &ActionResult,
-    ) -> Result<Result<(), Missing>, Error> {
+    ) -> Result<Result<Vec<Digest>, Missing>, Error> {
         let mut digests = Vec::new();
         let mut push = |d: Option<&garret_proto::reapi::Digest>| -> Result<(), Error> {
             if let Some(d) = d {
@@ -99,22 +99,33 @@ impl Core {
                 }
             }
         }
-        let missing = self.find_missing(cache, &digests).await?;
-        Ok(match missing.first() {
-            None => Ok(()),
-            Some(first) => Err(Missing(format!(
-                "{} referenced blob(s) are missing, e.g. {first}",
-                missing.len()
-            ))),
-        })
+        Ok(Ok(digests))
+    }
+}
+
+/// Whether any of the blobs a result names is missing, and which.
+fn complete(missing: &[Digest]) -> Result<(), Missing> {
+    match missing.first() {
+        None => Ok(()),
+        Some(first) => Err(Missing(format!(
+            "{} referenced blob(s) are missing, e.g. {first}",
+            missing.len()
+        ))),
     }
 }
 
 impl Core {
     /// The result stored for `action` in `cache`, with its encoded form,
-    /// if every blob it names is still stored (their access times and the
-    /// result's are refreshed). A missing, undecodable or incomplete result
-    /// is NOT_FOUND: to the client a miss, so Bazel re-runs the action.
+    /// if every blob it names is still stored. A missing, undecodable or
+    /// incomplete result is NOT_FOUND: to the client a miss, so Bazel
+    /// re-runs the action.
+    ///
+    /// A hit promises that the named blobs can still be downloaded (with
+    /// `--remote_download_minimal`, maybe much later), so the access times
+    /// of the result and of those blobs are written before it is answered
+    /// (see `access_times`), and only then is completeness checked: a blob
+    /// that is there after its refresh is kept by GC's access-time window,
+    /// one that GC took just before is a miss.
     pub(crate) async fn action_result(
         &self,
         cache: &Cache,
@@ -129,22 +140,49 @@ impl Core {
             tracing::warn!(action = %action.to_hex(), error = %e, "a stored action result is corrupt");
             Error::NotFound(format!("the result of action {} is unreadable", action.to_hex()))
         })?;
-        let complete = match self.check_complete(cache, &result).await {
-            Ok(complete) => complete,
+        let incomplete = |Missing(why)| {
+            Error::NotFound(format!(
+                "the result of action {} is incomplete: {why}",
+                action.to_hex()
+            ))
+        };
+        let named = match self.named_blobs(cache, &result).await {
+            Ok(named) => named.map_err(incomplete)?,
             // Stored before today's limits, or otherwise unservable.
-            Err(Error::InvalidArgument(why) | Error::ResourceExhausted(why)) => Err(Missing(why)),
+            Err(Error::InvalidArgument(why) | Error::ResourceExhausted(why)) => {
+                return Err(incomplete(Missing(why)));
+            }
             Err(e) => return Err(e),
         };
-        if let Err(Missing(why)) = complete {
+        let mut accessed = Accessed::default();
+        accessed.add_action_result(cache.id, *action.as_bytes());
+        let hashes: Vec<[u8; 32]> = named.iter().map(|d| *d.hash_bytes()).collect();
+        accessed.add_cas(cache.id, &hashes);
+        if let Err(e) = self.accesses.record_durably(accessed).await {
+            // Without the refresh the outputs might not outlive the answer:
+            // a miss costs the client a re-run, a broken hit its build.
+            tracing::warn!(action = %action.to_hex(), error = %e, "serving an action-cache hit as a miss");
             return Err(Error::NotFound(format!(
-                "the result of action {} is incomplete: {why}",
+                "the result of action {} cannot be kept alive: {e}",
                 action.to_hex()
             )));
         }
-        self.meta
-            .touch_action_result(cache.id, action.as_bytes(), unix_now())
-            .await?;
+        let (missing, _) = self.lookup(cache, &named).await?;
+        complete(&missing).map_err(incomplete)?;
         Ok((result, stored))
+    }
+
+    /// Whether every blob `result` names is stored; those that are count
+    /// as used (they are about to be named by a stored result).
+    async fn check_complete(
+        &self,
+        cache: &Cache,
+        result: &ActionResult,
+    ) -> Result<Result<(), Missing>, Error> {
+        Ok(match self.named_blobs(cache, result).await? {
+            Ok(named) => complete(&self.find_missing(cache, &named).await?),
+            Err(missing) => Err(missing),
+        })
     }
 
     /// Stores `result` for `action` in `cache`, its paths and digests

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt as _;
 use garret_meta::{Blob, Cache, Meta};
 
+use crate::access_times::AccessTimes;
 use crate::auth::{CacheName, ReapiAccess, TokenAuthority};
 use crate::blobs::{BlobError, Blobs, Expect, StoredBlob};
 use crate::clock::unix_now;
@@ -34,6 +35,8 @@ pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 pub struct Core {
     meta: Meta,
     blobs: Blobs,
+    /// Every blob lookup records a use of its CAS entry here.
+    accesses: AccessTimes,
     tokens: TokenAuthority,
     default_cache: CacheName,
     /// Largest blob accepted (`max_cas_blob_size_bytes`).
@@ -44,6 +47,7 @@ impl Core {
     pub fn new(
         meta: Meta,
         blobs: Blobs,
+        accesses: AccessTimes,
         tokens: TokenAuthority,
         default_cache: CacheName,
         max_blob_size: u64,
@@ -51,6 +55,7 @@ impl Core {
         Self {
             meta,
             blobs,
+            accesses,
             tokens,
             default_cache,
             max_blob_size,
@@ -84,10 +89,15 @@ impl Core {
     }
 
     /// The blob `digest` names in `cache`, or NOT_FOUND. A stored blob of
-    /// another size is a different digest, hence also NOT_FOUND.
+    /// another size is a different digest, hence also NOT_FOUND. Every
+    /// caller reads the blob or tells the client it is there, so the entry
+    /// counts as used.
     pub(crate) async fn blob(&self, cache: &Cache, digest: Digest) -> Result<Blob, Error> {
         match self.meta.cas_blob(cache.id, digest.hash_bytes()).await? {
-            Some(blob) if blob.size == digest.size => Ok(blob),
+            Some(blob) if blob.size == digest.size => {
+                self.accesses.cas_read(cache.id, &[blob.hash]);
+                Ok(blob)
+            }
             _ => Err(Error::NotFound(format!("blob {digest} is not in the CAS"))),
         }
     }
@@ -247,12 +257,24 @@ impl Core {
     }
 
     /// Which of `digests` `cache` lacks, in request order without repeats;
-    /// the others have their access time refreshed, as REAPI asks.
+    /// the others are recorded as used, as REAPI asks of FindMissingBlobs.
     pub(crate) async fn find_missing(
         &self,
         cache: &Cache,
         digests: &[Digest],
     ) -> Result<Vec<Digest>, Error> {
+        let (missing, found) = self.lookup(cache, digests).await?;
+        self.accesses.cas_read(cache.id, &found);
+        Ok(missing)
+    }
+
+    /// Which of `digests` `cache` lacks, in request order without repeats,
+    /// and the content hashes of the others; records nothing.
+    async fn lookup(
+        &self,
+        cache: &Cache,
+        digests: &[Digest],
+    ) -> Result<(Vec<Digest>, Vec<[u8; 32]>), Error> {
         let asked: Vec<([u8; 32], u64)> = digests
             .iter()
             .filter(|d| !d.is_empty())
@@ -269,15 +291,13 @@ impl Core {
             .filter(|d| !missing.contains(d))
             .map(|(hash, _)| hash)
             .collect();
-        if !found.is_empty() {
-            self.meta.touch_cas(cache.id, &found, unix_now()).await?;
-        }
         let mut seen = HashSet::new();
-        Ok(digests
+        let missing = digests
             .iter()
             .filter(|d| missing.contains(&(*d.hash_bytes(), d.size)) && seen.insert(**d))
             .copied()
-            .collect())
+            .collect();
+        Ok((missing, found))
     }
 }
 

@@ -246,11 +246,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     garret_server::serve::serve(
         listener,
-        garret_server::app(state),
+        garret_server::app(std::sync::Arc::clone(&state)),
         garret_server::serve::ServeLimits::new(&config.connections, config.limits.idle_timeout()),
         shutdown,
     )
     .await;
+    // The requests are done: write the access times they recorded.
+    state.accesses.shutdown().await;
     tracing::info!("garret stopped");
     Ok(())
 }

@@ -48,7 +48,6 @@ use crate::auth::ReapiAccess;
 use crate::bazel_core::digest::Digest;
 use crate::bazel_core::{MAX_ACTION_RESULT, Update};
 use crate::blobs::Expect;
-use crate::clock::unix_now;
 use crate::error::Error;
 use crate::upload::BodyError;
 
@@ -154,10 +153,7 @@ async fn cas_get(
         .cas_blob(cache.id, hash.as_bytes())
         .await?
         .ok_or_else(|| Error::NotFound(format!("cas/{}", hash.to_hex())))?;
-    state
-        .meta
-        .touch_cas(cache.id, &[blob.hash], unix_now())
-        .await?;
+    state.accesses.cas_read(cache.id, &[blob.hash]);
     if method == Method::HEAD {
         return octets(blob.size, Body::empty());
     }

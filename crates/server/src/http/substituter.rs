@@ -45,7 +45,8 @@ pub async fn cache_file(
 /// The cache called `cache` and the object a `<hash><suffix>` file name
 /// names there, in one query once the hash parses. The requester is
 /// authorized first, so a stranger learns 401 whatever the name; then a
-/// malformed hash is the client's error (400), an unknown one a 404.
+/// malformed hash is the client's error (400), an unknown one a 404. A
+/// found object counts as read (narinfo and NAR alike).
 async fn nix_object(
     state: &AppState,
     headers: &HeaderMap,
@@ -64,6 +65,9 @@ async fn nix_object(
         access::cache_and_nix_object(state, headers, cache, Permission::PULL, &hash.to_string())
             .await?;
     let row = row.ok_or_else(|| Error::NotFound(file.to_owned()))?;
+    state
+        .accesses
+        .nix_object_read(cache.id, &row.object.store_path_hash);
     Ok((cache, row))
 }
 

@@ -43,11 +43,22 @@ impl GrpcServer {
 
     /// With `uploads`, the server runs with those upload settings.
     pub async fn start_with(deployment: Deployment, uploads: Option<UploadSettings>) -> Self {
-        let http = TestServer::start_configured(deployment, |config| {
-            config.bazel_default_cache = "main".into();
+        Self::start_configured(deployment, |config| {
             if let Some(uploads) = uploads {
                 config.uploads = uploads;
             }
+        })
+        .await
+    }
+
+    /// A server whose configuration `adjust` may change.
+    pub async fn start_configured(
+        deployment: Deployment,
+        adjust: impl FnOnce(&mut garret_server::config::Config),
+    ) -> Self {
+        let http = TestServer::start_configured(deployment, |config| {
+            config.bazel_default_cache = "main".into();
+            adjust(config);
         })
         .await;
         for (name, public) in [("main", false), ("pub", true)] {

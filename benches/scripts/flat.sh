@@ -30,8 +30,9 @@
 #      prints its table and the ratios of garret's times to nginx's. No
 #      token is sent to either: both caches are public.
 #   5. With PERF=FILE, then profiles garret (`perf record -F 999 -g`) over
-#      50 more runs of path-set-narinfo against it alone, and writes the
-#      flat profile (`perf report --no-children`) to FILE.
+#      PERF_RUNS (50) more runs of PERF_SCENARIO (path-set-narinfo) against
+#      it alone, and writes the flat profile (`perf report --no-children`)
+#      to FILE.
 # Environment: RUNS (5), FLAT_DIR (/var/tmp/garret-flat), BACKEND, JSON (a
 # file for garret-bench's --json), GARRET_BIN (as in bench.sh), PERF.
 # Exit status: garret-bench's (1 if a scenario failed), 2 if a server died.
@@ -62,9 +63,13 @@ if ((${#packages[@]})); then
 fi
 
 # Nix of its own: configuration, state and store under $flat, so the host's
-# /nix is never touched and no daemon is needed.
-export NIX_CONF_DIR=$flat/nix/conf NIX_STATE_DIR=$flat/nix/state NIX_LOG_DIR=$flat/nix/log
-export XDG_CACHE_HOME=$flat/nix/cache HOME=$flat/nix
+# /nix is never touched and no daemon is needed. Only for Nix: with HOME
+# moved, cargo (server.sh builds garret-s3) would not find its toolchain.
+nix_conf=$flat/nix/conf
+with_nix() {
+  env NIX_CONF_DIR="$nix_conf" NIX_STATE_DIR="$flat/nix/state" NIX_LOG_DIR="$flat/nix/log" \
+    XDG_CACHE_HOME="$flat/nix/cache" HOME="$flat/nix" "$@"
+}
 store="local?root=$flat/root"
 
 # The path set: generated trees, added to the store, copied to the file
@@ -74,9 +79,9 @@ make_path_set() {
   # Store paths are read-only; only what this function makes is removed.
   chmod -R u+w "$flat/root" 2>/dev/null || true
   rm -rf "$flat/root" "$flat/flat" "$flat/src" "$flat/nix" "$flat/paths" "$flat"/key.*
-  mkdir -p "$NIX_CONF_DIR" "$flat/src"
+  mkdir -p "$nix_conf" "$flat/src"
   printf 'experimental-features = nix-command\nbuild-users-group =\nsandbox = false\nsubstituters =\n' \
-    >"$NIX_CONF_DIR/nix.conf"
+    >"$nix_conf/nix.conf"
   python3 - "$flat/src" <<'EOF'
 import os, random, sys
 
@@ -150,18 +155,18 @@ for n, i in enumerate(order):
         if sub == "bin":
             os.chmod(path, 0o755)
 EOF
-  nix-store --store "$store" --add "$flat"/src/* >"$flat/paths"
+  with_nix nix-store --store "$store" --add "$flat"/src/* >"$flat/paths"
   rm -rf "$flat/src"
-  nix-store --generate-binary-cache-key garret-flat-1 "$flat/key.sec" "$flat/key.pub"
+  with_nix nix-store --generate-binary-cache-key garret-flat-1 "$flat/key.sec" "$flat/key.pub"
   # shellcheck disable=SC2046 # one argument per store path
-  nix copy --from "$store" --to "file://$flat/flat?compression=zstd&secret-key=$flat/key.sec" \
+  with_nix nix copy --from "$store" --to "file://$flat/flat?compression=zstd&secret-key=$flat/key.sec" \
     $(cat "$flat/paths")
   touch "$flat/ready"
 }
 [ -e "$flat/ready" ] || make_path_set
 read -r count nar_mib small < <(
   # shellcheck disable=SC2046
-  nix path-info --store "$store" --json $(cat "$flat/paths") |
+  with_nix nix path-info --store "$store" --json $(cat "$flat/paths") |
     python3 -c 'import json, sys
 infos = json.load(sys.stdin)
 sizes = [i["narSize"] for i in infos]
@@ -218,7 +223,7 @@ curl -sf -o /dev/null -X POST -H "Authorization: Bearer $admin" \
 printf 'machine 127.0.0.1\nlogin garret\npassword %s\n' "$admin" >"$work/netrc"
 started=$(date +%s.%N)
 # shellcheck disable=SC2046
-nix copy --option netrc-file "$work/netrc" --from "$store" --to "$url/flat?compression=none" \
+with_nix nix copy --option netrc-file "$work/netrc" --from "$store" --to "$url/flat?compression=none" \
   $(cat "$flat/paths") 2>"$work/push.log" || { cat "$work/push.log"; exit 2; }
 push_s=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 
@@ -242,12 +247,12 @@ kill -0 "$nginx" 2>/dev/null || { echo "- nginx died"; rc=2; }
 if [ -n "${PERF:-}" ] && [ "$rc" = 0 ]; then
   perf record -F 999 -g -p "$server" -o "$work/perf.data" 2>"$work/perf.log" &
   perf=$!
-  "$bench" --runs 50 --path-set "$flat/paths" --substituter "garret:$server=$url/flat" \
-    path-set-narinfo >"$work/perf-run.md"
+  "$bench" --runs "${PERF_RUNS:-50}" --path-set "$flat/paths" --substituter "garret:$server=$url/flat" \
+    "${PERF_SCENARIO:-path-set-narinfo}" >"$work/perf-run.md"
   kill -INT "$perf"
   wait "$perf" || true
   perf report -i "$work/perf.data" --no-children --stdio --percent-limit 1 \
     --sort dso,symbol -g none 2>/dev/null | grep '%' | cut -c1-120 | sed 's/ *$//' >"$PERF"
-  grep -m1 'path-set-narinfo 1 connection: garret' "$work/perf-run.md" >>"$PERF"
+  grep ': garret |' "$work/perf-run.md" >>"$PERF"
 fi
 exit "$rc"

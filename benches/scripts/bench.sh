@@ -17,7 +17,9 @@
 #   REAPI AC:     ac-update, ac-get (req/s, p50/p99)
 # Builds the release `garret` and the release garret-bench (the client must
 # not be the bottleneck), starts `garret serve` on a fresh data dir
-# (embedded default: SQLite + local disk) at a free 127.0.0.1 port, and runs
+# (embedded default: SQLite + local disk; BACKEND=postgres-s3: a throwaway
+# Postgres 15 and the tests' S3 server, see server.sh) at a free 127.0.0.1
+# port, and runs
 #   garret-bench --url http://127.0.0.1:PORT --token ADMIN_JWT --pid PID \
 #       --size-mib "$SIZE_MIB" --message-kib "$MESSAGE_KIB" --runs "$RUNS" \
 #       --nar-mib "$NAR_MIB" --paths "$PATHS" --requests "$REQUESTS" \
@@ -27,7 +29,8 @@
 # create the cache `garret-bench` through the Attic API. The admin token the
 # server prints on first start is the bearer token. Prints garret-bench's Markdown table, then stops
 # the server. `garret-bench` with a bad argument lists the scenarios.
-# Environment: GARRET_BIN (a server binary to run instead of this tree's), SIZE_MIB (128), MESSAGE_KIB (1024), RUNS (3), JSON (a file
+# Environment: BACKEND (embedded or postgres-s3), GARRET_BIN (a server
+# binary to run instead of this tree's), SIZE_MIB (128), MESSAGE_KIB (1024), RUNS (3), JSON (a file
 # for garret-bench's --json), KEEP_LOG=1 prints the server's log at the end;
 # for the Nix and AC scenarios NAR_MIB (200), PATHS (1, per push and content
 # variant), REQUESTS (20000 per run) and CONCURRENCY (64).
@@ -49,7 +52,7 @@ bench=$target/release/garret-bench
 . benches/scripts/server.sh
 start_server
 url=http://$listen
-echo "garret serve at $url (SQLite + local disk in $work); ${GARRET_BIN:-$(git rev-parse --short HEAD)}; $(date -u +%FT%TZ); $(nproc) cores"
+echo "garret serve at $url ($backend_text); ${GARRET_BIN:-$(git rev-parse --short HEAD)}; $(date -u +%FT%TZ); $(nproc) cores"
 echo
 
 json_args=()

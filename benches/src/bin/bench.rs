@@ -9,7 +9,8 @@
 //! garret-bench --url http://127.0.0.1:PORT [--token JWT] [--instance NAME] [--pid PID]
 //!     [--size-mib 128] [--message-kib 1024] [--runs 3] [--seed N] [--json FILE]
 //!     [--cache garret-bench] [--nar-mib 200] [--paths 1] [--requests 20000]
-//!     [--concurrency 64] [SCENARIO... | all]
+//!     [--concurrency 64] [--substituter NAME[:PID]=URL]... [--path-set FILE]
+//!     [SCENARIO... | all]
 //! ```
 //!
 //! Each scenario runs `--runs` times and yields one [`Outcome`] per row (a
@@ -39,6 +40,15 @@
 //! scenarios (`narinfo-*`, `ac-*`) send `--requests` requests with
 //! `--concurrency` in flight, after an untimed round that opens the
 //! connections, and report p50/p99 of the per-request latencies.
+//!
+//! The `path-set-*` scenarios compare binary caches: every path of
+//! `--path-set` (a file of store paths or their hashes) is fetched from each
+//! `--substituter` (a base URL: garret's `http://HOST/CACHE`, or nginx over
+//! a `nix copy --to file://…` cache) with nothing but HTTP/1.1 GETs, so any
+//! two servers are measured the same way in one run; `--url` is then
+//! needed only for the other scenarios. The servers take turns run by run,
+//! and the report adds a table of their wall times and their ratio to the
+//! last substituter's. `benches/scripts/flat.sh` runs garret against nginx.
 //!
 //! Exit status: 0 if every scenario ran, 1 if one failed, 64 on bad usage.
 
@@ -137,6 +147,16 @@ const SCENARIOS: &[(&str, &str)] = &[
     ),
     ("nar-download-8", "the same with 8 concurrent streams"),
     (
+        "path-set-narinfo",
+        "GET <hash>.narinfo of every path of --path-set in turn over one keep-alive connection, \
+         from each --substituter (not in `all`)",
+    ),
+    (
+        "path-set-nar",
+        "GET of every --path-set path's NAR at its narinfo's URL, over 1, 4 and 16 connections, \
+         from each --substituter, each body's length checked against FileSize (not in `all`)",
+    ),
+    (
         "ac-update",
         "UpdateActionResult of --requests new actions (outputs stored first), at --concurrency",
     ),
@@ -167,6 +187,9 @@ const NARINFO_FILE_BYTES: usize = 4096;
 /// Download streams of `nar-download-8`.
 const NAR_STREAMS: usize = 8;
 
+/// Connections `path-set-nar` downloads over, one row each.
+const PATH_SET_CONNECTIONS: [usize; 3] = [1, 4, 16];
+
 /// Actions `ac-get` stores for itself (untimed) when `ac-update` did not
 /// run: distinct keys to read round robin, few enough to store quickly.
 const AC_GET_ACTIONS: usize = 1000;
@@ -176,6 +199,8 @@ const AC_GET_ACTIONS: usize = 1000;
 
 #[derive(Debug)]
 struct Args {
+    /// The server of every scenario but `path-set-*`; empty if only those
+    /// run.
     url: String,
     token: Option<String>,
     instance: String,
@@ -194,6 +219,12 @@ struct Args {
     /// flight at once.
     requests: usize,
     concurrency: usize,
+    /// The binary caches `path-set-*` compare, in order, each with a name
+    /// for the report: any substituter base URL (garret's
+    /// `http://HOST/CACHE`, or a web server over a `file://` cache).
+    substituters: Vec<Substituter>,
+    /// A file listing the store paths (or their hashes) `path-set-*` fetch.
+    path_set: Option<PathBuf>,
     scenarios: Vec<&'static str>,
 }
 
@@ -202,7 +233,8 @@ fn usage() -> ! {
         "usage: garret-bench --url http://HOST:PORT [--token JWT] [--instance NAME] [--pid PID]\n\
          \x20      [--size-mib 128] [--message-kib 1024] [--runs 3] [--seed N] [--json FILE]\n\
          \x20      [--cache garret-bench] [--nar-mib 200] [--paths 1] [--requests 20000]\n\
-         \x20      [--concurrency 64] [SCENARIO... | all]   (default: all)\nscenarios:"
+         \x20      [--concurrency 64] [--substituter NAME=URL]... [--path-set FILE]\n\
+         \x20      [SCENARIO... | all]   (default: all)\nscenarios:"
     );
     for (name, what) in SCENARIOS {
         eprintln!("  {name:<22} {what}");
@@ -229,6 +261,8 @@ fn parse_args() -> Args {
         paths: 1,
         requests: 20_000,
         concurrency: 64,
+        substituters: Vec::new(),
+        path_set: None,
         scenarios: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -249,6 +283,8 @@ fn parse_args() -> Args {
             "--paths" => args.paths = number(&value()),
             "--requests" => args.requests = number(&value()),
             "--concurrency" => args.concurrency = number(&value()),
+            "--substituter" => args.substituters.push(substituter(&value())),
+            "--path-set" => args.path_set = Some(value().into()),
             "all" => args.scenarios.extend(in_all()),
             name => match SCENARIOS.iter().find(|(n, _)| *n == name) {
                 Some((n, _)) => args.scenarios.push(n),
@@ -256,7 +292,13 @@ fn parse_args() -> Args {
             },
         }
     }
-    if args.url.is_empty()
+    if args.scenarios.is_empty() {
+        args.scenarios = in_all().collect();
+    }
+    let path_set_only = args.scenarios.iter().all(|s| s.starts_with("path-set-"));
+    let path_set_any = args.scenarios.iter().any(|s| s.starts_with("path-set-"));
+    if (args.url.is_empty() && !path_set_only)
+        || (path_set_any && (args.substituters.is_empty() || args.path_set.is_none()))
         || args.message == 0
         || args.runs == 0
         || args.paths == 0
@@ -266,10 +308,44 @@ fn parse_args() -> Args {
     {
         usage();
     }
-    if args.scenarios.is_empty() {
-        args.scenarios = in_all().collect();
-    }
     args
+}
+
+/// A binary cache `path-set-*` measures.
+#[derive(Debug, Clone)]
+struct Substituter {
+    name: String,
+    /// With a trailing slash, so `<hash>.narinfo` and a narinfo's `URL`
+    /// land inside it, as Nix appends them.
+    base: Url,
+    /// The processes serving it, whose CPU each run reports (nginx: its
+    /// workers; the master only accepts).
+    pids: Vec<Probe>,
+}
+
+/// `NAME=URL` or `NAME:PID[,PID...]=URL` of `--substituter`.
+fn substituter(text: &str) -> Substituter {
+    let Some((label, url)) = text.split_once('=') else {
+        usage()
+    };
+    let (name, pids) = match label.split_once(':') {
+        Some((name, pids)) => (
+            name,
+            pids.split(',')
+                .map(|pid| Probe(pid.parse().unwrap_or_else(|_| usage())))
+                .collect(),
+        ),
+        None => (label, Vec::new()),
+    };
+    let slash = if url.ends_with('/') { "" } else { "/" };
+    match Url::parse(&format!("{url}{slash}")) {
+        Ok(base) if !name.is_empty() => Substituter {
+            name: name.to_owned(),
+            base,
+            pids,
+        },
+        _ => usage(),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -403,8 +479,10 @@ impl Run {
 #[derive(Debug)]
 struct Outcome {
     scenario: &'static str,
-    /// The content variant of scenarios with several rows.
-    variant: Option<&'static str>,
+    /// The variant of scenarios with several rows (content, connections).
+    variant: Option<String>,
+    /// The `--substituter` measured, for `path-set-*`.
+    server: Option<String>,
     runs: Vec<Run>,
     /// Server `VmHWM` after the scenario, in KiB, and whether it was reset
     /// before it (else it is the peak since the server started).
@@ -427,10 +505,14 @@ fn median(values: &[f64]) -> Option<f64> {
 impl Outcome {
     /// The row's name in the report.
     fn name(&self) -> String {
-        match self.variant {
-            Some(variant) => format!("{} {variant}", self.scenario),
-            None => self.scenario.to_owned(),
+        let mut name = self.scenario.to_owned();
+        if let Some(variant) = &self.variant {
+            let _ = write!(name, " {variant}");
         }
+        if let Some(server) = &self.server {
+            let _ = write!(name, ": {server}");
+        }
+        name
     }
 
     fn rates(&self) -> Vec<f64> {
@@ -456,7 +538,9 @@ impl Outcome {
 #[derive(Debug)]
 struct Ctx {
     args: Args,
-    channel: Channel,
+    /// The gRPC connection to `--url`; `None` without it (only the
+    /// `path-set-*` scenarios, which speak plain HTTP/1.1, may run then).
+    channel: Option<Channel>,
     server: Option<Probe>,
     progress: bool,
     /// The last blob `bytestream-write` stored, for `bytestream-read`.
@@ -482,11 +566,16 @@ struct Ctx {
 
 impl Ctx {
     async fn connect(args: Args) -> Result<Self, String> {
-        let channel = Channel::from_shared(args.url.clone())
-            .map_err(|e| format!("--url {}: {e}", args.url))?
-            .connect()
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", args.url))?;
+        let channel = if args.url.is_empty() {
+            None
+        } else {
+            let channel = Channel::from_shared(args.url.clone())
+                .map_err(|e| format!("--url {}: {e}", args.url))?
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to {}: {e}", args.url))?;
+            Some(channel)
+        };
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .build()
@@ -511,20 +600,28 @@ impl Ctx {
         content_seed(self.args.seed, scenario, run)
     }
 
+    /// The gRPC channel; `parse_args` requires `--url` for every scenario
+    /// that asks for it.
+    fn channel(&self) -> Channel {
+        self.channel
+            .clone()
+            .expect("--url is required by every gRPC scenario")
+    }
+
     fn cas(&self) -> ContentAddressableStorageClient<Channel> {
-        ContentAddressableStorageClient::new(self.channel.clone())
+        ContentAddressableStorageClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel.clone())
+        ByteStreamClient::new(self.channel())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
     fn ac(&self) -> ActionCacheClient<Channel> {
-        ActionCacheClient::new(self.channel.clone())
+        ActionCacheClient::new(self.channel())
     }
 
     /// An HTTP request with the token, if any, as a bearer token.
@@ -723,12 +820,13 @@ async fn bytestream_write(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
 }
 
 /// The scenarios `all` runs: every one but the memory test, which moves
-/// tens of GiB.
+/// tens of GiB, and the path-set comparison, which needs a path set and
+/// the caches that hold it.
 fn in_all() -> impl Iterator<Item = &'static str> {
     SCENARIOS
         .iter()
         .map(|(n, _)| *n)
-        .filter(|n| *n != "bytestream-write-32")
+        .filter(|n| *n != "bytestream-write-32" && !n.starts_with("path-set-"))
 }
 
 /// Writers of `bytestream-write-32`.
@@ -1224,6 +1322,14 @@ fn new_paths(
 
 /// A scenario's rows: one per content variant, or one unnamed.
 type Rows = Vec<(Option<&'static str>, Vec<Run>)>;
+
+/// A row of the report: a scenario's variant against one server.
+#[derive(Debug)]
+struct Row {
+    variant: Option<String>,
+    server: Option<String>,
+    runs: Vec<Run>,
+}
 
 /// A timed push or download of the NARs of `paths`, counted in NAR bytes.
 fn nar_run(paths: &[NixPath], wire_bytes: u64, timed: Timed<()>) -> Run {
@@ -1819,6 +1925,286 @@ async fn nar_download(ctx: &mut Ctx, scenario: &str, streams: usize) -> Result<R
 }
 
 // ---------------------------------------------------------------------------
+// A path set against several binary caches.
+
+/// The store path hashes `--path-set` lists: one a line, as a store path,
+/// a base name or a bare hash (the first 32 characters of the line's last
+/// `/` component); empty lines and `#` comments are skipped.
+fn read_path_set(file: &std::path::Path) -> Result<Vec<StorePathHash>, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("--path-set {}: {e}", file.display());
+    let text = std::fs::read_to_string(file).map_err(|e| fail(&e))?;
+    let hashes = text
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let base = line.rsplit('/').next().unwrap_or(line);
+            base.get(..32)
+                .unwrap_or(base)
+                .parse::<StorePathHash>()
+                .map_err(|e| fail(&format!("{line:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if hashes.is_empty() {
+        return Err(fail(&"no store paths"));
+    }
+    Ok(hashes)
+}
+
+/// A client of its own for one timed section, so every run opens its
+/// connections afresh and none is shared between servers. HTTP/1.1, as
+/// Nix (curl) fetches from a substituter; no token: the caches compared
+/// are public, and Nix sends none to a public cache.
+fn fresh_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+/// Runs `section` as one timed section against `server`: wall time, this
+/// process's CPU and, if its pids are known, the server's.
+async fn timed_on<T>(
+    server: &Substituter,
+    section: impl Future<Output = Result<T, String>>,
+) -> Result<Timed<T>, String> {
+    let server_cpu = || -> Option<f64> {
+        if server.pids.is_empty() {
+            return None;
+        }
+        server.pids.iter().map(|p| p.cpu_secs()).sum()
+    };
+    let client_before = Probe::own().cpu_secs();
+    let server_before = server_cpu();
+    let started = Instant::now();
+    let value = section.await?;
+    let wall = started.elapsed();
+    let client = Probe::own()
+        .cpu_secs()
+        .zip(client_before)
+        .map(|(a, b)| a - b);
+    let server = server_cpu().zip(server_before).map(|(a, b)| a - b);
+    Ok((value, wall, client, server))
+}
+
+/// The narinfo at `url`, which must describe the path `hash`.
+fn parse_narinfo(url: &Url, hash: &StorePathHash, body: &[u8]) -> Result<NarInfo, String> {
+    let info = std::str::from_utf8(body)
+        .map_err(|e| e.to_string())
+        .and_then(|text| NarInfo::parse(text, STORE_DIR).map_err(|e| e.to_string()))
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if info.store_path.hash() == hash {
+        Ok(info)
+    } else {
+        Err(format!("GET {url}: the narinfo of {}", info.store_path))
+    }
+}
+
+/// `path-set-narinfo`: every narinfo of the path set, one after the other
+/// over one keep-alive connection (opened by an untimed GET of the first),
+/// as Nix asks a substituter about a closure. The servers take turns run by
+/// run, so a change in the machine's load falls on both. The bodies are
+/// parsed after the timing, so the client's share of the figure is the
+/// HTTP exchange alone.
+async fn path_set_narinfo(ctx: &mut Ctx) -> Result<Vec<Row>, String> {
+    let hashes = read_path_set(ctx.args.path_set.as_deref().expect("parse_args"))?;
+    let mut rows: Vec<Row> = ctx
+        .args
+        .substituters
+        .iter()
+        .map(|s| Row {
+            variant: Some("1 connection".into()),
+            server: Some(s.name.clone()),
+            runs: Vec::new(),
+        })
+        .collect();
+    for run in 0..ctx.args.runs {
+        for (server, row) in ctx.args.substituters.iter().zip(&mut rows) {
+            let urls = hashes
+                .iter()
+                .map(|h| server.base.join(&format!("{h}.narinfo")))
+                .collect::<Result<Vec<Url>, _>>()
+                .map_err(|e| format!("{}: {e}", server.name))?;
+            let client = fresh_client()?;
+            fetch_ok(client.get(urls[0].clone()))
+                .await
+                .map_err(|e| format!("GET {}: {e}", urls[0]))?;
+            let ((bodies, latencies), wall, client_cpu, server_cpu) = timed_on(server, async {
+                let mut bodies = Vec::with_capacity(urls.len());
+                let mut latencies = Vec::with_capacity(urls.len());
+                for url in &urls {
+                    let started = Instant::now();
+                    let body = fetch_ok(client.get(url.clone()))
+                        .await
+                        .map_err(|e| format!("GET {url}: {e}"))?;
+                    latencies.push(started.elapsed());
+                    bodies.push(body);
+                }
+                Ok((bodies, latencies))
+            })
+            .await?;
+            for ((url, hash), body) in urls.iter().zip(&hashes).zip(&bodies) {
+                parse_narinfo(url, hash, body)?;
+            }
+            let result = Run {
+                ops: urls.len() as u64,
+                wire_bytes: bodies.iter().map(|b| b.len() as u64).sum(),
+                wall,
+                client_cpu,
+                server_cpu,
+                latency: Latency::of(latencies),
+                ..Run::default()
+            };
+            ctx.progress(&format!("path-set-narinfo: {}", server.name), run, &result);
+            row.runs.push(result);
+        }
+    }
+    Ok(rows)
+}
+
+/// A NAR file of the path set, as a server's narinfo names it.
+#[derive(Debug, Clone)]
+struct NarFile {
+    url: Url,
+    nar_size: u64,
+    /// `FileSize`, which the body must match, when the narinfo gives it.
+    file_size: Option<u64>,
+}
+
+/// Every path's NAR file on `server`, from its narinfos (untimed), which
+/// must agree with `expected`'s NAR hash and size if it is given: the
+/// servers compared must hold the same paths.
+async fn nar_files(
+    server: &Substituter,
+    hashes: &[StorePathHash],
+    expected: Option<&[(Sha256Hash, u64)]>,
+) -> Result<(Vec<NarFile>, Vec<(Sha256Hash, u64)>), String> {
+    let client = fresh_client()?;
+    let mut files = Vec::with_capacity(hashes.len());
+    let mut nars = Vec::with_capacity(hashes.len());
+    for (i, hash) in hashes.iter().enumerate() {
+        let url = server
+            .base
+            .join(&format!("{hash}.narinfo"))
+            .map_err(|e| format!("{}: {e}", server.name))?;
+        let body = fetch_ok(client.get(url.clone()))
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let info = parse_narinfo(&url, hash, &body)?;
+        if let Some(expected) = expected
+            && expected[i] != (info.nar_hash, info.nar_size)
+        {
+            return Err(format!("GET {url}: another NAR than the first server's"));
+        }
+        nars.push((info.nar_hash, info.nar_size));
+        files.push(NarFile {
+            url: server
+                .base
+                .join(&info.url)
+                .map_err(|e| format!("GET {url}: URL {:?}: {e}", info.url))?,
+            nar_size: info.nar_size,
+            file_size: info.file_size,
+        });
+    }
+    Ok((files, nars))
+}
+
+/// Downloads `file` through `client`, counting its bytes without keeping
+/// or hashing them (so the client's share of the figure stays small); the
+/// count must be the narinfo's `FileSize` when it has one.
+async fn download_counted(client: reqwest::Client, file: NarFile) -> Result<u64, String> {
+    let fail = |e: &dyn std::fmt::Display| format!("GET {}: {e}", file.url);
+    let mut response = client
+        .get(file.url.clone())
+        .send()
+        .await
+        .map_err(|e| fail(&e))?;
+    if response.status() != StatusCode::OK {
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        return Err(fail(&unexpected(status, &body)));
+    }
+    let mut received = 0;
+    while let Some(piece) = response.chunk().await.map_err(|e| fail(&e))? {
+        received += piece.len() as u64;
+    }
+    match file.file_size {
+        Some(size) if size != received => Err(fail(&format!(
+            "{received} bytes, the narinfo's FileSize is {size}"
+        ))),
+        _ => Ok(received),
+    }
+}
+
+/// `path-set-nar`: every path's NAR file, in the path set's order, over
+/// each of `PATH_SET_CONNECTIONS` connections (a fresh client per run, so
+/// the connections are opened inside the timing, alike for every server),
+/// the servers taking turns run by run. A row per connection count and
+/// server; throughput counts NAR bytes, and the wire bytes are reported
+/// beside them (each server compresses in its own way).
+async fn path_set_nar(ctx: &mut Ctx) -> Result<Vec<Row>, String> {
+    let hashes = read_path_set(ctx.args.path_set.as_deref().expect("parse_args"))?;
+    let mut files = Vec::new();
+    let mut first: Option<Vec<(Sha256Hash, u64)>> = None;
+    for server in &ctx.args.substituters {
+        let (nar_files, nars) = nar_files(server, &hashes, first.as_deref()).await?;
+        first.get_or_insert(nars);
+        files.push(nar_files);
+    }
+    let mut rows = Vec::new();
+    for connections in PATH_SET_CONNECTIONS {
+        let first_row = rows.len();
+        for server in &ctx.args.substituters {
+            rows.push(Row {
+                variant: Some(format!(
+                    "{connections} connection{}",
+                    if connections == 1 { "" } else { "s" }
+                )),
+                server: Some(server.name.clone()),
+                runs: Vec::new(),
+            });
+        }
+        for run in 0..ctx.args.runs {
+            for (i, (server, files)) in ctx.args.substituters.iter().zip(&files).enumerate() {
+                let client = fresh_client()?;
+                let (received, wall, client_cpu, server_cpu) = timed_on(
+                    server,
+                    stream::iter(files)
+                        .map(|file| {
+                            let task = download_counted(client.clone(), file.clone());
+                            async move { tokio::spawn(task).await.map_err(|e| e.to_string())? }
+                        })
+                        .buffer_unordered(connections)
+                        .try_collect::<Vec<u64>>(),
+                )
+                .await?;
+                let result = Run {
+                    ops: files.len() as u64,
+                    bytes: files.iter().map(|f| f.nar_size).sum(),
+                    wire_bytes: received.iter().sum(),
+                    wall,
+                    client_cpu,
+                    server_cpu,
+                    ..Run::default()
+                };
+                let row: &mut Row = &mut rows[first_row + i];
+                ctx.progress(
+                    &format!(
+                        "path-set-nar {}: {}",
+                        row.variant.as_deref().unwrap_or_default(),
+                        server.name
+                    ),
+                    run,
+                    &result,
+                );
+                row.runs.push(result);
+            }
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------
 // Action cache.
 
 /// The stored blobs every benchmark action result names (two output files
@@ -1940,11 +2326,54 @@ async fn ac_get(ctx: &mut Ctx) -> Result<Vec<Run>, String> {
 
 /// Runs `scenario`: its rows, or one row with what stopped it.
 async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Vec<Outcome> {
-    fn one(runs: Result<Vec<Run>, String>) -> Result<Rows, String> {
-        runs.map(|runs| vec![(None, runs)])
+    fn named(rows: Result<Rows, String>) -> Result<Vec<Row>, String> {
+        Ok(rows?
+            .into_iter()
+            .map(|(variant, runs)| Row {
+                variant: variant.map(str::to_owned),
+                server: None,
+                runs,
+            })
+            .collect())
     }
     let reset = ctx.server.is_some_and(Probe::reset_peak);
     let rows = match scenario {
+        "path-set-narinfo" => path_set_narinfo(ctx).await,
+        "path-set-nar" => path_set_nar(ctx).await,
+        _ => named(grpc_or_nix_scenario(ctx, scenario).await),
+    };
+    let server_peak_kib = ctx.server.and_then(Probe::peak_kib).map(|kib| (kib, reset));
+    match rows {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|row| Outcome {
+                scenario,
+                // `--pid` is one server's: no figure for a row that may be
+                // another's.
+                server_peak_kib: server_peak_kib.filter(|_| row.server.is_none()),
+                variant: row.variant,
+                server: row.server,
+                runs: row.runs,
+                error: None,
+            })
+            .collect(),
+        Err(e) => vec![Outcome {
+            scenario,
+            variant: None,
+            server: None,
+            runs: Vec::new(),
+            server_peak_kib,
+            error: Some(e),
+        }],
+    }
+}
+
+/// The rows of a scenario against `--url`.
+async fn grpc_or_nix_scenario(ctx: &mut Ctx, scenario: &'static str) -> Result<Rows, String> {
+    fn one(runs: Result<Vec<Run>, String>) -> Result<Rows, String> {
+        runs.map(|runs| vec![(None, runs)])
+    }
+    match scenario {
         "bytestream-write" => one(bytestream_write(ctx).await),
         "bytestream-write-32" => one(bytestream_write_parallel(ctx).await),
         "bytestream-write-zstd" => one(bytestream_write_zstd(ctx).await),
@@ -1961,26 +2390,6 @@ async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Vec<Outcome> {
         "ac-update" => one(ac_update(ctx).await),
         "ac-get" => one(ac_get(ctx).await),
         other => Err(format!("no scenario {other}")),
-    };
-    let server_peak_kib = ctx.server.and_then(Probe::peak_kib).map(|kib| (kib, reset));
-    match rows {
-        Ok(rows) => rows
-            .into_iter()
-            .map(|(variant, runs)| Outcome {
-                scenario,
-                variant,
-                runs,
-                server_peak_kib,
-                error: None,
-            })
-            .collect(),
-        Err(e) => vec![Outcome {
-            scenario,
-            variant: None,
-            runs: Vec::new(),
-            server_peak_kib,
-            error: Some(e),
-        }],
     }
 }
 
@@ -1989,19 +2398,32 @@ async fn run_scenario(ctx: &mut Ctx, scenario: &'static str) -> Vec<Outcome> {
 
 fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{} MiB per blob in {} KiB messages; {} path(s) of {} MiB per NAR push; {} requests \
+    if args.scenarios.iter().all(|s| s.starts_with("path-set-")) {
+        let _ = writeln!(
+            out,
+            "the paths of {} from {} substituter(s); {} run(s) per scenario\n",
+            args.path_set
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display(),
+            args.substituters.len(),
+            args.runs
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "{} MiB per blob in {} KiB messages; {} path(s) of {} MiB per NAR push; {} requests \
          per run at {} in flight; {} run(s) per scenario, seed {}\n",
-        args.size / MIB,
-        args.message / 1024,
-        args.paths,
-        args.nar_size / MIB,
-        args.requests,
-        args.concurrency,
-        args.runs,
-        args.seed
-    );
+            args.size / MIB,
+            args.message / 1024,
+            args.paths,
+            args.nar_size / MIB,
+            args.requests,
+            args.concurrency,
+            args.runs,
+            args.seed
+        );
+    }
     out.push_str(
         "| scenario | runs | median MB/s | min MB/s | max MB/s | median MiB/s | median ops/s \
          | median wall | median after last message | median p50 | median p99 \
@@ -2049,11 +2471,77 @@ fn markdown(args: &Args, outcomes: &[Outcome]) -> String {
         );
     }
     out.push('\n');
+    comparison(&mut out, args, outcomes);
     for o in outcomes.iter().filter(|o| !o.runs.is_empty()) {
         let runs: Vec<String> = o.runs.iter().map(Run::summary).collect();
         let _ = writeln!(out, "- {}: {}", o.name(), runs.join("; "));
     }
     out
+}
+
+/// The `path-set-*` rows side by side: per scenario and variant, each
+/// server's median wall time, and its ratio to the last `--substituter`'s
+/// (the reference, e.g. a plain web server over a file cache).
+fn comparison(out: &mut String, args: &Args, outcomes: &[Outcome]) {
+    let names: Vec<&str> = args.substituters.iter().map(|s| s.name.as_str()).collect();
+    let Some((reference, others)) = names.split_last() else {
+        return;
+    };
+    let mut keys: Vec<(&str, Option<&str>)> = Vec::new();
+    for o in outcomes.iter().filter(|o| o.server.is_some()) {
+        let key = (o.scenario, o.variant.as_deref());
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    if keys.is_empty() {
+        return;
+    }
+    let _ = write!(out, "| path set (median of {} runs) |", args.runs);
+    for name in &names {
+        let _ = write!(out, " {name} |");
+    }
+    for name in others {
+        let _ = write!(out, " {name} / {reference} |");
+    }
+    out.push_str("\n|");
+    out.push_str(&" --- |".repeat(1 + names.len() + others.len()));
+    out.push('\n');
+    for (scenario, variant) in keys {
+        let wall = |name: &str| {
+            outcomes
+                .iter()
+                .find(|o| {
+                    o.scenario == scenario
+                        && o.variant.as_deref() == variant
+                        && o.server.as_deref() == Some(name)
+                })
+                .and_then(|o| Some((o, o.median_of(|r| Some(r.wall.as_secs_f64()))?)))
+        };
+        let _ = write!(out, "| {scenario} {} |", variant.unwrap_or_default());
+        for name in &names {
+            let cell = wall(name).map_or("—".into(), |(o, secs)| {
+                let per = o.runs.first().map_or(0, |r| r.ops.max(1));
+                let wire = o.median_of(|r| Some(r.wire_bytes as f64 / r.wall.as_secs_f64() / 1e6));
+                if o.runs.iter().any(|r| r.bytes > 0) {
+                    format!("{secs:.3} s, {:.0} MB/s on the wire", wire.unwrap_or(0.0))
+                } else {
+                    format!("{secs:.3} s, {:.3} ms each", secs * 1e3 / per as f64)
+                }
+            });
+            let _ = write!(out, " {cell} |");
+        }
+        let base = wall(reference).map(|(_, secs)| secs);
+        for name in others {
+            let ratio = wall(name)
+                .map(|(_, secs)| secs)
+                .zip(base)
+                .map_or("—".into(), |(a, b)| format!("**{:.2}×**", a / b));
+            let _ = write!(out, " {ratio} |");
+        }
+        out.push('\n');
+    }
+    out.push('\n');
 }
 
 fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
@@ -2086,6 +2574,7 @@ fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
             serde_json::json!({
                 "scenario": o.scenario,
                 "variant": o.variant,
+                "server": o.server,
                 "runs": runs,
                 "median_mb_per_s": o.median_of(Run::mb_per_s),
                 "min_mb_per_s": min,
@@ -2113,6 +2602,12 @@ fn json(args: &Args, outcomes: &[Outcome]) -> serde_json::Value {
         "paths": args.paths,
         "requests": args.requests,
         "concurrency": args.concurrency,
+        "substituters": args
+            .substituters
+            .iter()
+            .map(|s| serde_json::json!({ "name": s.name, "url": s.base.as_str() }))
+            .collect::<Vec<_>>(),
+        "path_set": args.path_set,
         "runs": args.runs,
         "seed": args.seed,
         "scenarios": scenarios,

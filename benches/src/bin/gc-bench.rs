@@ -89,7 +89,11 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let url = match args.next().as_deref() {
         None | Some("sqlite") => format!("sqlite:{}", dir.path().join("garret.db").display()),
-        Some("postgres") => garret_meta::testing::PgCluster::shared().fresh_database().await,
+        Some("postgres") => {
+            garret_meta::testing::PgCluster::shared()
+                .fresh_database()
+                .await
+        }
         Some(url) => url.to_owned(),
     };
     let chunks: u64 = args.next().map_or(1_000_000, |n| n.parse().unwrap());

@@ -7,5 +7,6 @@ mod blobs;
 mod caches;
 mod gc;
 mod nix;
+mod pins;
 mod schema;
 mod uploads;

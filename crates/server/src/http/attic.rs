@@ -298,6 +298,9 @@ pub struct CacheConfig {
     retention_period: RetentionPeriod,
 }
 
+/// Attic's retention setting: `Global` follows the server's
+/// `gc.default_retention`, `Period(0)` keeps objects however long they go
+/// unaccessed, `Period(secs)` lets GC take them after `secs` unaccessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RetentionPeriod {
     Global,
@@ -505,6 +508,8 @@ pub async fn patch_cache(
             .transpose()?,
         upstream_cache_key_names: request.upstream_cache_key_names,
         retention_period: request.retention_period.map(RetentionPeriod::to_meta),
+        // Not an Attic setting: `garret cache configure --cas-budget`.
+        cas_budget_bytes: None,
     };
     if let Some(dir) = &patch.store_dir {
         validate_store_dir(dir)?;

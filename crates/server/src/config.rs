@@ -58,6 +58,7 @@ pub struct Config {
     /// endpoint.
     pub substituter_endpoint: Option<String>,
     pub jwt: Jwt,
+    pub gc: Gc,
     /// ByteStream uploads: live Writes, progress records, session expiry.
     /// Not configurable yet: the defaults hold, and tests change them.
     #[serde(skip)]
@@ -78,6 +79,7 @@ impl Default for Config {
             api_endpoint: None,
             substituter_endpoint: None,
             jwt: Jwt::default(),
+            gc: Gc::default(),
             uploads: UploadSettings::default(),
         }
     }
@@ -295,6 +297,45 @@ impl std::fmt::Debug for Jwt {
     }
 }
 
+/// Garbage collection, the `[gc]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gc {
+    /// How long a Nix object may go unaccessed before GC may take it, in
+    /// caches whose own retention is "Global" (Attic's
+    /// `default-retention-period`), written as `garret cache configure
+    /// --retention` takes it: `default_retention = "30d"`. Unset (the
+    /// default) keeps such objects however long they go unaccessed, so that
+    /// turning GC on deletes nothing an operator did not ask to lose.
+    #[serde(deserialize_with = "human_duration")]
+    pub default_retention: Option<std::time::Duration>,
+}
+
+impl Gc {
+    /// Reads the `GARRET_GC_*` variables.
+    fn apply_env(
+        &mut self,
+        var: impl Fn(&'static str) -> Option<(&'static str, String)>,
+    ) -> Result<(), ConfigError> {
+        if let Some((name, value)) = var("GARRET_GC_DEFAULT_RETENTION") {
+            let retention = crate::units::parse_duration(&value)
+                .map_err(|e| env_error(name, value, &e.to_string()))?;
+            self.default_retention = Some(retention);
+        }
+        Ok(())
+    }
+}
+
+/// An optional [`crate::units::parse_duration`] string.
+fn human_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::units::parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 /// How long connections may live without doing useful work, so idle and
 /// half-open clients cannot hold sockets (and file descriptors) forever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -450,6 +491,7 @@ impl Config {
                 .map(str::to_owned)
                 .collect();
         }
+        self.gc.apply_env(var)?;
         self.limits.apply_env(var)?;
         Ok(())
     }
@@ -601,7 +643,7 @@ impl Config {
             self.limits.max_decompression_ratio,
             self.limits.decompression_ratio_floor,
         ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\n",
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: default retention {}\n",
             self.connections.max_connections,
             self.connections.header_read_timeout_secs,
             self.connections.keepalive_idle_secs,
@@ -615,6 +657,9 @@ impl Config {
                 .unwrap_or("(API endpoint + cache name)"),
             self.jwt.bound_issuer.as_deref().unwrap_or("(any)"),
             self.jwt.bound_audiences.join(", "),
+            self.gc
+                .default_retention
+                .map_or_else(|| "none (keep)".to_owned(), crate::units::format_duration),
         )
     }
 }
@@ -788,6 +833,30 @@ mod tests {
                 .contains("postgres://garret:<redacted>@db-rw:5432/garret")
         );
         assert!(!config.summary().contains("s3cret"));
+    }
+
+    #[test]
+    fn gc_default_retention_from_file_or_environment() {
+        assert_eq!(load(None, &[]).unwrap().gc.default_retention, None);
+        let config = load(Some("[gc]\ndefault_retention = \"30d\"\n"), &[]).unwrap();
+        assert_eq!(
+            config.gc.default_retention,
+            Some(std::time::Duration::from_hours(30 * 24))
+        );
+        assert!(config.summary().contains("gc: default retention 30d"));
+        let config = load(
+            Some("[gc]\ndefault_retention = \"30d\"\n"),
+            &[("GARRET_GC_DEFAULT_RETENTION", "12h")],
+        )
+        .unwrap();
+        assert_eq!(
+            config.gc.default_retention,
+            Some(std::time::Duration::from_hours(12))
+        );
+        let err = load(Some("[gc]\ndefault_retention = \"soon\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("invalid duration `soon`"), "{err}");
+        let err = load(None, &[("GARRET_GC_DEFAULT_RETENTION", "0s")]).unwrap_err();
+        assert!(err.to_string().contains("longer than zero"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod request_log;
 pub mod serve;
 pub mod signatures;
 pub mod state;
+pub mod units;
 pub mod upload;
 
 /// Everything `garret serve` answers on its one port: the Nix and Attic

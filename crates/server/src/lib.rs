@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod idle;
+pub mod pins;
 pub mod reapi;
 pub mod request_log;
 pub mod serve;

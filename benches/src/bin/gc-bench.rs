@@ -150,7 +150,7 @@ async fn main() {
     );
 
     let settings = Gc {
-        default_retention_secs: 7 * 86_400,
+        default_retention: Some(std::time::Duration::from_hours(7 * 24)),
         pack_grace_secs: 3600,
         orphan_grace_secs: 86_400,
         ..Gc::default()

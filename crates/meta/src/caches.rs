@@ -7,6 +7,7 @@ use std::fmt;
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use crate::redact::{Redacted, redact};
+use crate::sql;
 use crate::{CacheId, Meta, MetaError, Result, on_reader, on_writer};
 
 /// A cache to create.
@@ -21,7 +22,7 @@ pub struct NewCache {
     /// Nix secret key text, `name:base64`, that signs the narinfos served.
     pub signing_key: String,
     pub upstream_cache_key_names: Vec<String>,
-    /// Seconds an object may go unaccessed before it expires; `None` keeps it.
+    /// See [`Cache::retention_period`].
     pub retention_period: Option<i64>,
 }
 
@@ -35,7 +36,15 @@ pub struct Cache {
     pub priority: i32,
     pub signing_key: String,
     pub upstream_cache_key_names: Vec<String>,
+    /// Seconds a Nix object may go unaccessed before GC may take it, with
+    /// Attic's meaning, so `attic cache configure` means the same here:
+    /// `None` follows the server's default (`gc.default_retention`), and
+    /// `Some(0)` keeps objects however long they go unaccessed.
     pub retention_period: Option<i64>,
+    /// Logical bytes the cache's CAS entries may hold before GC evicts the
+    /// least recently used; `None`: no budget. Never zero (a budget of
+    /// nothing is a cache that cannot hold anything: delete it instead).
+    pub cas_budget_bytes: Option<u64>,
     pub created_at: i64,
 }
 
@@ -47,8 +56,10 @@ pub struct CachePatch {
     pub priority: Option<i32>,
     pub signing_key: Option<String>,
     pub upstream_cache_key_names: Option<Vec<String>>,
-    /// `Some(None)` clears the retention period.
+    /// `Some(None)` returns the cache to the server's default.
     pub retention_period: Option<Option<i64>>,
+    /// `Some(None)` removes the budget.
+    pub cas_budget_bytes: Option<Option<u64>>,
 }
 
 // Debug by hand so that logging a cache never logs its secret key.
@@ -77,6 +88,7 @@ impl fmt::Debug for Cache {
             .field("signing_key", &Redacted)
             .field("upstream_cache_key_names", &self.upstream_cache_key_names)
             .field("retention_period", &self.retention_period)
+            .field("cas_budget_bytes", &self.cas_budget_bytes)
             .field("created_at", &self.created_at)
             .finish()
     }
@@ -91,6 +103,7 @@ impl fmt::Debug for CachePatch {
             .field("signing_key", &redact(self.signing_key.as_ref()))
             .field("upstream_cache_key_names", &self.upstream_cache_key_names)
             .field("retention_period", &self.retention_period)
+            .field("cas_budget_bytes", &self.cas_budget_bytes)
             .finish()
     }
 }
@@ -104,7 +117,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 pub(crate) const CACHE_COLUMNS: &str = "id, name, is_public, store_dir, priority, signing_key, \
-     upstream_cache_key_names, retention_period, created_at";
+     upstream_cache_key_names, retention_period, created_at, cas_budget_bytes";
 
 type CacheRow = (
     i64,
@@ -116,11 +129,22 @@ type CacheRow = (
     String,
     Option<i64>,
     i64,
+    Option<i64>,
 );
 
 fn cache_from_row(row: CacheRow) -> Result<Cache> {
-    let (id, name, is_public, store_dir, priority, signing_key, upstream, retention, created_at) =
-        row;
+    let (
+        id,
+        name,
+        is_public,
+        store_dir,
+        priority,
+        signing_key,
+        upstream,
+        retention,
+        created_at,
+        budget,
+    ) = row;
     let upstream_cache_key_names = serde_json::from_str(&upstream)
         .map_err(|e| MetaError::Corrupt(format!("cache {name}: upstream_cache_key_names: {e}")))?;
     Ok(Cache {
@@ -132,12 +156,15 @@ fn cache_from_row(row: CacheRow) -> Result<Cache> {
         signing_key,
         upstream_cache_key_names,
         retention_period: retention,
+        cas_budget_bytes: budget
+            .map(|b| sql::from_db(b, "cas_budget_bytes"))
+            .transpose()?,
         created_at,
     })
 }
 
 /// [`cache_from_row`] for a row that goes on past `CACHE_COLUMNS` (its
-/// first nine columns), decoded by index for either backend.
+/// first ten columns), decoded by index for either backend.
 pub(crate) fn cache_from_columns<R>(row: &R) -> Result<Cache>
 where
     R: Row,
@@ -157,11 +184,12 @@ where
         row.try_get(6)?,
         row.try_get(7)?,
         row.try_get(8)?,
+        row.try_get(9)?,
     ))
 }
 
 /// Columns [`cache_from_columns`] reads.
-pub(crate) const CACHE_COLUMN_COUNT: usize = 9;
+pub(crate) const CACHE_COLUMN_COUNT: usize = 10;
 
 fn key_names_json(names: &[String]) -> String {
     serde_json::to_string(names).expect("a list of strings always serializes")
@@ -216,6 +244,20 @@ impl Meta {
 
     /// Applies `patch` to the live cache called `name` and returns the result.
     pub async fn update_cache(&self, name: &str, patch: &CachePatch) -> Result<Cache> {
+        if patch.retention_period.flatten().is_some_and(|p| p < 0) {
+            return Err(MetaError::Invalid(
+                "a retention period cannot be negative".into(),
+            ));
+        }
+        let budget = match patch.cas_budget_bytes.flatten() {
+            Some(0) => {
+                return Err(MetaError::Invalid(
+                    "a CAS budget must be positive; remove it instead".into(),
+                ));
+            }
+            Some(bytes) => Some(sql::to_db(bytes, "CAS budget")?),
+            None => None,
+        };
         let upstream = patch
             .upstream_cache_key_names
             .as_deref()
@@ -227,7 +269,8 @@ impl Meta {
                priority = COALESCE($4, priority), \
                signing_key = COALESCE($5, signing_key), \
                upstream_cache_key_names = COALESCE($6, upstream_cache_key_names), \
-               retention_period = CASE WHEN $7 THEN $8 ELSE retention_period END \
+               retention_period = CASE WHEN $7 THEN $8 ELSE retention_period END, \
+               cas_budget_bytes = CASE WHEN $9 THEN $10 ELSE cas_budget_bytes END \
              WHERE name = $1 AND deleted_at IS NULL RETURNING {CACHE_COLUMNS}"
         );
         let row: Option<CacheRow> = on_writer!(self, |pool| async {
@@ -240,6 +283,8 @@ impl Meta {
                 .bind(&upstream)
                 .bind(patch.retention_period.is_some())
                 .bind(patch.retention_period.flatten())
+                .bind(patch.cas_budget_bytes.is_some())
+                .bind(budget)
                 .fetch_optional(pool)
                 .await?;
             Ok(row)

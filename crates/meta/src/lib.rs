@@ -46,6 +46,7 @@ mod gc;
 mod migrations;
 mod nix;
 mod packs;
+mod pins;
 mod redact;
 mod sql;
 #[cfg(feature = "testing")]
@@ -70,6 +71,7 @@ pub use error::{DatabaseError, MetaError};
 pub use gc::{Evicted, Expired};
 pub use nix::{NixObject, NixObjectRow};
 pub use packs::{NewPack, Pack, PackPlace};
+pub use pins::{InvalidPinName, MAX_PIN_NAME_LEN, MAX_PINS_PAGE, Pin, PinName};
 pub use redact::{Redacted, redact};
 pub use uploads::UploadSession;
 

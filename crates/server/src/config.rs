@@ -180,10 +180,14 @@ pub struct Gc {
     /// Collect every this many seconds inside `serve`; 0 (the default)
     /// never, for deployments that run `garret gc` on a schedule instead.
     pub interval_secs: u64,
-    /// Retention of the caches that set none, as Attic's
-    /// `default-retention-period`: Nix objects, CAS entries and action
-    /// results unused for this long go. 0 (the default) keeps them.
-    pub default_retention_secs: u64,
+    /// How long a Nix object, CAS entry or action result may go unaccessed
+    /// before GC may take it, in caches whose own retention is "Global"
+    /// (Attic's `default-retention-period`), written as `garret cache
+    /// configure --retention` takes it: `default_retention = "30d"`. Unset
+    /// (the default) keeps them however long they go unaccessed, so that
+    /// turning GC on deletes nothing an operator did not ask to lose.
+    #[serde(deserialize_with = "human_duration")]
+    pub default_retention: Option<std::time::Duration>,
     /// How long a blob or chunk that lost its last reference stays
     /// collectable-but-present. A writer that found it stored and skipped
     /// uploading it must commit within this, and every replica and
@@ -213,7 +217,7 @@ impl Default for Gc {
     fn default() -> Self {
         Self {
             interval_secs: 0,
-            default_retention_secs: 0,
+            default_retention: None,
             grace_secs: garret_meta::DEFAULT_GRACE.as_secs(),
             cas_protect_secs: 3 * 3600,
             pack_grace_secs: 6 * 3600,
@@ -236,10 +240,6 @@ impl Gc {
     ) -> Result<(), ConfigError> {
         let fields = [
             ("GARRET_GC_INTERVAL_SECS", &mut self.interval_secs),
-            (
-                "GARRET_GC_DEFAULT_RETENTION_SECS",
-                &mut self.default_retention_secs,
-            ),
             ("GARRET_GC_GRACE_SECS", &mut self.grace_secs),
             ("GARRET_GC_CAS_PROTECT_SECS", &mut self.cas_protect_secs),
             ("GARRET_GC_PACK_GRACE_SECS", &mut self.pack_grace_secs),
@@ -249,6 +249,11 @@ impl Gc {
             if let Some((name, value)) = var(name) {
                 *field = parse(name, value)?;
             }
+        }
+        if let Some((name, value)) = var("GARRET_GC_DEFAULT_RETENTION") {
+            let retention = crate::units::parse_duration(&value)
+                .map_err(|e| env_error(name, value, &e.to_string()))?;
+            self.default_retention = Some(retention);
         }
         if let Some((name, value)) = var("GARRET_GC_REWRITE_BELOW_PERCENT") {
             self.rewrite_below_percent = parse(name, value)?;
@@ -391,6 +396,16 @@ impl std::fmt::Debug for Jwt {
             .field("rs256_pubkey_pem", &self.rs256_pubkey_pem)
             .finish()
     }
+}
+
+/// An optional [`crate::units::parse_duration`] string.
+fn human_duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    crate::units::parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// How long connections may live without doing useful work, so idle and
@@ -712,13 +727,7 @@ impl Config {
             self.limits.max_decompression_ratio,
             self.limits.decompression_ratio_floor,
         ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s
-access times: written every {} s
-api_endpoint: {}
-substituter_endpoint: {}
-jwt: issuer {}, audiences [{}]
-gc: every {} s (0: never), default retention {} s (0: none), grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)
-",
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\naccess times: written every {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {}, grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
             self.connections.max_connections,
             self.connections.header_read_timeout_secs,
             self.connections.keepalive_idle_secs,
@@ -734,7 +743,9 @@ gc: every {} s (0: never), default retention {} s (0: none), grace {} s, CAS pro
             self.jwt.bound_issuer.as_deref().unwrap_or("(any)"),
             self.jwt.bound_audiences.join(", "),
             self.gc.interval_secs,
-            self.gc.default_retention_secs,
+            self.gc
+                .default_retention
+                .map_or_else(|| "none (keep)".to_owned(), crate::units::format_duration),
             self.gc.grace_secs,
             self.gc.cas_protect_secs,
             self.gc.pack_grace_secs,
@@ -917,6 +928,30 @@ mod tests {
                 .contains("postgres://garret:<redacted>@db-rw:5432/garret")
         );
         assert!(!config.summary().contains("s3cret"));
+    }
+
+    #[test]
+    fn gc_default_retention_from_file_or_environment() {
+        assert_eq!(load(None, &[]).unwrap().gc.default_retention, None);
+        let config = load(Some("[gc]\ndefault_retention = \"30d\"\n"), &[]).unwrap();
+        assert_eq!(
+            config.gc.default_retention,
+            Some(std::time::Duration::from_hours(30 * 24))
+        );
+        assert!(config.summary().contains("gc: default retention 30d"));
+        let config = load(
+            Some("[gc]\ndefault_retention = \"30d\"\n"),
+            &[("GARRET_GC_DEFAULT_RETENTION", "12h")],
+        )
+        .unwrap();
+        assert_eq!(
+            config.gc.default_retention,
+            Some(std::time::Duration::from_hours(12))
+        );
+        let err = load(Some("[gc]\ndefault_retention = \"soon\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("invalid duration `soon`"), "{err}");
+        let err = load(None, &[("GARRET_GC_DEFAULT_RETENTION", "0s")]).unwrap_err();
+        assert!(err.to_string().contains("longer than zero"), "{err}");
     }
 
     #[test]

@@ -88,8 +88,7 @@ pub async fn collect(
         dry_run,
         ..GcReport::default()
     };
-    let retention =
-        Some(Duration::from_secs(settings.default_retention_secs)).filter(|d| !d.is_zero());
+    let retention = settings.default_retention;
     let protect_after = now.saturating_sub(secs(settings.cas_protect_secs));
     let evicted = meta
         .gc_evict_cas(now, protect_after, BATCH, dry_run)

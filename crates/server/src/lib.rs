@@ -11,11 +11,13 @@ pub mod error;
 pub mod gc;
 pub mod http;
 pub mod idle;
+pub mod pins;
 pub mod reapi;
 pub mod request_log;
 pub mod serve;
 pub mod signatures;
 pub mod state;
+pub mod units;
 pub mod upload;
 
 /// Everything `garret serve` answers on its one port: the Nix and Attic

@@ -18,19 +18,11 @@ use garret_nix::signing::{SigningKey, VerifyingKey};
 use garret_nix::{Sha256Hash, StorePathHash};
 use garret_server::auth::{AtticAccess, Claims, Permission, TokenAuthority, TokenSpec};
 use garret_server::config::Limits;
-use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 mod common;
 
-use common::{Deployment, Nix, TestServer, blocking, chroot_store};
-
-macro_rules! on_both {
-    ($($name:ident,)*) => {
-        mod sqlite_fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Deployment::SqliteFs).await } )* }
-        mod postgres_s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Deployment::PostgresS3).await } )* }
-    };
-}
+use common::{Deployment, Nix, Reply, TestServer, assert_error, blocking, chroot_store, on_both};
 
 on_both! {
     attic_push_then_nix_substitutes,
@@ -217,9 +209,6 @@ struct Api {
     token: Option<String>,
 }
 
-/// Status and JSON body (`null` when the body is empty).
-type Reply = (StatusCode, Value);
-
 impl Api {
     fn new(server: &TestServer, token: Option<String>) -> Self {
         Self {
@@ -267,20 +256,7 @@ impl Api {
     }
 
     async fn send(request: reqwest::RequestBuilder) -> Reply {
-        let response = request.send().await.unwrap();
-        let status = response.status();
-        let bytes = response.bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!(
-                    "{status}: body is not JSON ({e}): {}",
-                    String::from_utf8_lossy(&bytes)
-                )
-            })
-        };
-        (status, body)
+        common::send_json(request).await
     }
 
     async fn get(&self, path: &str) -> Reply {
@@ -338,22 +314,6 @@ impl Api {
             InfoIn::Header
         }
     }
-}
-
-/// Attic's error body: `{"code": status, "error": kind, "message": ...}`.
-#[track_caller]
-fn assert_error(reply: &Reply, status: u16, kind: Option<&str>) {
-    let (got, body) = reply;
-    assert_eq!(got.as_u16(), status, "{body}");
-    assert_eq!(body["code"], status, "{body}");
-    let error = body["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no `error` kind in {body}"));
-    assert!(!error.is_empty(), "{body}");
-    if let Some(kind) = kind {
-        assert_eq!(error, kind, "{body}");
-    }
-    assert!(body["message"].is_string(), "{body}");
 }
 
 fn now() -> u64 {

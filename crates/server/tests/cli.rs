@@ -138,7 +138,7 @@ fn gc_runs_once_and_reports() {
             .arg("gc")
             .args(args)
             .env("GARRET_DATA_DIR", dir.path())
-            .env("GARRET_GC_DEFAULT_RETENTION_SECS", "86400")
+            .env("GARRET_GC_DEFAULT_RETENTION", "1d")
             .output()
             .unwrap()
     };
@@ -621,17 +621,43 @@ fn token_create_refuses_bad_grants_and_durations() {
     }
 }
 
+/// `garret ARGS` on the database at `url` with the variables `env`; the
+/// caller judges the exit.
+fn garret_on(url: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_garret"))
+        .args(args)
+        .env("GARRET_DATABASE_URL", url)
+        .env_remove("GARRET_GC_DEFAULT_RETENTION")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// The standard output of a run that must succeed.
+fn stdout_of(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The standard error of a run that must fail.
+fn failure_of(out: std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
 #[test]
 fn cache_commands_manage_caches() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("fresh/garret.db").display());
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_garret"))
-            .args(args)
-            .env("GARRET_DATABASE_URL", &url)
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| garret_on(&url, args, &[]);
     let created = run(&["cache", "create", "team-ci", "--public", "--priority", "30"]);
     assert!(
         created.status.success(),
@@ -671,4 +697,174 @@ fn cache_commands_manage_caches() {
     // The name is free again, with a new key.
     let again = String::from_utf8(run(&["cache", "create", "team-ci"]).stdout).unwrap();
     assert!(again.contains("public: false") && !again.contains(public_key));
+}
+
+#[test]
+fn cache_configure_sets_retention_and_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("garret.db").display());
+    let run = |args: &[&str]| garret_on(&url, args, &[]);
+    stdout_of(run(&["cache", "create", "bazel"]));
+    let info = stdout_of(run(&["cache", "info", "bazel"]));
+    assert!(
+        info.contains("retention: global default (keep forever)\n"),
+        "{info}"
+    );
+    assert!(info.contains("cas budget: none\n"), "{info}");
+
+    let set = [
+        "cache",
+        "configure",
+        "bazel",
+        "--retention",
+        "30d",
+        "--cas-budget",
+        "50GiB",
+        "--public",
+    ];
+    let info = stdout_of(run(&set));
+    for line in ["retention: 30d\n", "cas budget: 50GiB\n", "public: true\n"] {
+        assert!(info.contains(line), "{line}: {info}");
+    }
+    let info = stdout_of(run(&[
+        "cache",
+        "configure",
+        "bazel",
+        "--no-retention",
+        "--no-cas-budget",
+    ]));
+    assert!(info.contains("retention: keep forever\n"), "{info}");
+    assert!(info.contains("cas budget: none\n"), "{info}");
+    stdout_of(run(&[
+        "cache",
+        "configure",
+        "bazel",
+        "--global-retention",
+        "--private",
+    ]));
+    let with_default = [("GARRET_GC_DEFAULT_RETENTION", "14d")];
+    let info = stdout_of(garret_on(&url, &["cache", "info", "bazel"], &with_default));
+    assert!(info.contains("retention: global default (14d)\n"), "{info}");
+    assert!(info.contains("public: false\n"), "{info}");
+
+    for (args, expected) in [
+        (&["cache", "configure", "bazel"][..], "nothing to change"),
+        (
+            &[
+                "cache",
+                "configure",
+                "bazel",
+                "--retention",
+                "1d",
+                "--no-retention",
+            ][..],
+            "cannot be used with",
+        ),
+        (
+            &["cache", "configure", "bazel", "--cas-budget", "0GiB"][..],
+            "larger than zero",
+        ),
+        (
+            &["cache", "configure", "bazel", "--cas-budget", "lots"][..],
+            "invalid size",
+        ),
+        (
+            &["cache", "configure", "bazel", "--retention", "forever"][..],
+            "invalid duration",
+        ),
+        (
+            &["cache", "configure", "nope", "--no-retention"][..],
+            "no cache named nope",
+        ),
+    ] {
+        let stderr = failure_of(run(args));
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn pin_and_path_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("garret.db").display());
+    let run = |args: &[&str]| garret_on(&url, args, &[]);
+    stdout_of(run(&["cache", "create", "nix"]));
+    let hash = "0c1k2qm3ff6j1lgk8ailbxdwqg0cvlb8";
+    let path = format!("/nix/store/{hash}-hello-2.12");
+
+    let added = stdout_of(run(&[
+        "pin",
+        "add",
+        "nix",
+        "release",
+        &path,
+        "--expires-in",
+        "1d",
+    ]));
+    assert!(
+        added.starts_with(&format!("release {path} (expires at ")),
+        "{added}"
+    );
+    let base = format!("{hash}-hello-2.12");
+    let added = stdout_of(run(&["pin", "add", "nix", "forever", &base]));
+    assert_eq!(added, format!("forever {path}\n"));
+    let listed = stdout_of(run(&["pin", "list", "nix"]));
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(
+        listed.starts_with(&format!("forever {path}\nrelease {path} (expires at ")),
+        "{listed}"
+    );
+
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout_of(run(&["pin", "list", "nix", "--json"]))).unwrap();
+    let pins = json["pins"].as_array().unwrap();
+    assert_eq!(pins.len(), 2, "{json}");
+    assert_eq!(pins[0]["name"], "forever");
+    assert_eq!(pins[0]["expires_at"], serde_json::Value::Null);
+    assert_eq!(pins[1]["store_path_hash"], hash);
+    assert_eq!(pins[1]["expired"], false);
+    assert!(json.get("next").is_none(), "{json}");
+
+    assert_eq!(
+        stdout_of(run(&["pin", "remove", "nix", "release"])),
+        "removed pin release from cache nix\n"
+    );
+    let listed = stdout_of(run(&["pin", "list", "nix"]));
+    assert_eq!(listed, format!("forever {path}\n"));
+    stdout_of(run(&["pin", "remove", "nix", "forever"]));
+    assert_eq!(
+        stdout_of(run(&["pin", "list", "nix"])),
+        "cache nix has no pins\n"
+    );
+
+    let missing = format!("cache nix has no path {hash}");
+
+    for (args, expected) in [
+        (
+            &["pin", "remove", "nix", "release"][..],
+            "has no pin release",
+        ),
+        (
+            &["pin", "add", "nix", "-x", &base][..],
+            "unexpected argument",
+        ),
+        (&["pin", "add", "nix", "a/b", &base][..], "invalid pin name"),
+        (
+            &["pin", "add", "nix", "p", "/elsewhere/x"][..],
+            "invalid store path",
+        ),
+        (
+            &["pin", "add", "nix", "p", &base, "--expires-in", "soon"][..],
+            "invalid duration",
+        ),
+        (&["pin", "list", "nope"][..], "no cache named nope"),
+        (&["path", "delete", "nix", hash][..], missing.as_str()),
+        (&["path", "delete", "nix", &path][..], "has no path"),
+        (
+            &["path", "delete", "nix", "hello"][..],
+            "invalid store path",
+        ),
+    ] {
+        let stderr = failure_of(run(args));
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
 }

@@ -15,14 +15,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Deployment, Nix, TestServer, blocking, chroot_store};
-
-macro_rules! on_both {
-    ($($name:ident,)*) => {
-        mod sqlite_fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Deployment::SqliteFs).await } )* }
-        mod postgres_s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Deployment::PostgresS3).await } )* }
-    };
-}
+use common::{Deployment, Nix, TestServer, blocking, chroot_store, on_both};
 
 on_both! {
     zstd_closure_round_trips,

@@ -9,7 +9,7 @@ use garret_server::auth::Permission;
 use reqwest::StatusCode;
 
 mod common;
-use common::{Deployment, TestServer};
+use common::{Deployment, TestServer, on_both};
 
 struct Fixture {
     server: TestServer,
@@ -204,13 +204,6 @@ async fn json_api_refusals(deployment: Deployment) {
         .await
         .unwrap();
     assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
-}
-
-macro_rules! on_both {
-    ($($name:ident,)*) => {
-        mod sqlite_fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Deployment::SqliteFs).await } )* }
-        mod postgres_s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::Deployment::PostgresS3).await } )* }
-    };
 }
 
 on_both! {

@@ -78,6 +78,7 @@ both_deployments!(
     split_and_splice,
     find_missing_ten_thousand,
     auth_rules,
+    budget_eviction_ends_action_cache_hits,
 );
 
 async fn capabilities_and_health(server: GrpcServer) {
@@ -906,4 +907,81 @@ async fn auth_rules(server: GrpcServer) {
         find("a/b", Some(&server.token)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+}
+
+/// A cache over its CAS budget loses its least recently used blobs to GC,
+/// and an action result naming one of them is a miss from then on; the
+/// result whose outputs stayed is still a hit.
+async fn budget_eviction_ends_action_cache_hits(server: GrpcServer) {
+    let (old, new) = (noise(4000, 1), noise(4000, 2));
+    server.put(&[&old]).await;
+    server.put(&[&new]).await;
+    let result = |out: &[u8]| ActionResult {
+        output_files: vec![OutputFile {
+            path: "out".into(),
+            digest: Some(digest(out)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let ac = |action: &[u8], out: &[u8], update: bool| {
+        let mut client = server.ac();
+        let (action, result) = (digest(action), result(out));
+        let (get, put) = (
+            server.req(GetActionResultRequest {
+                action_digest: Some(action.clone()),
+                ..Default::default()
+            }),
+            server.req(UpdateActionResultRequest {
+                action_digest: Some(action),
+                action_result: Some(result),
+                ..Default::default()
+            }),
+        );
+        async move {
+            if update {
+                client.update_action_result(put).await.map(drop)
+            } else {
+                client.get_action_result(get).await.map(drop)
+            }
+        }
+    };
+    ac(b"old action", &old, true).await.unwrap();
+    ac(b"new action", &new, true).await.unwrap();
+
+    let state = &server.http.state;
+    let patch = garret_meta::CachePatch {
+        cas_budget_bytes: Some(Some(5000)),
+        ..Default::default()
+    };
+    state.meta.update_cache("main", &patch).await.unwrap();
+    // `old` was stored and last used no later than `new` (in the same
+    // second, the older row goes first). Nothing is protected at this
+    // `now`.
+    let settings = garret_server::config::Gc {
+        cas_protect_secs: 0,
+        ..Default::default()
+    };
+    let now = garret_server::clock::unix_now() + 10;
+    let report =
+        garret_server::gc::collect(&state.meta, state.blobs.store(), &settings, now, false)
+            .await
+            .unwrap();
+    assert_eq!(
+        (report.cas_evicted, report.cas_evicted_bytes),
+        (1, 4000),
+        "{report}"
+    );
+    assert_eq!(
+        server.missing(&[digest(&old), digest(&new)]).await,
+        [digest(&old)]
+    );
+    let miss = ac(b"old action", &old, false).await.unwrap_err();
+    assert_eq!(miss.code(), Code::NotFound, "{miss:?}");
+    ac(b"new action", &new, false).await.unwrap();
+    // Within budget now: another run evicts nothing.
+    let again = garret_server::gc::collect(&state.meta, state.blobs.store(), &settings, now, false)
+        .await
+        .unwrap();
+    assert_eq!(again.cas_evicted, 0, "{again}");
 }

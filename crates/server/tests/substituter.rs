@@ -6,11 +6,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use garret_meta::NixObject;
+use garret_nix::StorePathHash;
 use garret_nix::signing::SigningKey;
-use garret_nix::{Sha256Hash, StorePathHash};
-use garret_server::blobs::Expect;
 use garret_server::state::AppState;
 use garret_store::ObjectStore;
 
@@ -43,41 +40,9 @@ async fn start() -> Server {
 async fn publish(server: &Server, cache: &str, tree: &Path, hash_seed: u8) -> String {
     let mut nar = Vec::new();
     garret_nix::nar::dump_path(tree, &mut nar).unwrap();
-    let nar_hash = Sha256Hash::of(&nar);
-    let blob = server
-        .state
-        .blobs
-        .put(
-            futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(nar.clone()))]),
-            Expect {
-                hash: Some(nar_hash),
-                size: Some(nar.len() as u64),
-                max_size: None,
-            },
-        )
-        .await
-        .unwrap();
     let hash = StorePathHash::from_bytes([hash_seed; 20]);
     let base = format!("{hash}-garret-demo");
-    let cache = server.state.meta.cache(cache).await.unwrap();
-    let object = NixObject {
-        store_path_hash: hash.to_string(),
-        store_path: base.clone(),
-        blob_id: blob.id,
-        nar_hash: *nar_hash.as_bytes(),
-        nar_size: nar.len() as u64,
-        references: vec![],
-        deriver: None,
-        sigs: vec![],
-        ca: None,
-        system: None,
-    };
-    server
-        .state
-        .meta
-        .upsert_nix_object(cache.id, &object, 0)
-        .await
-        .unwrap();
+    common::publish_nar(&server.state, cache, &base, nar).await;
     base
 }
 

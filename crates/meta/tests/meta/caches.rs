@@ -40,6 +40,34 @@ both! {
         assert!(matches!(db.delete_cache("main", 21).await, Err(MetaError::NotFound("cache"))));
     }
 
+    async fn cas_budget_set_read_cleared(db: TestDb) {
+        let created = db.create_cache(&new_cache("bazel"), 0).await.unwrap();
+        assert_eq!(created.cas_budget_bytes, None);
+        let budget = CachePatch { cas_budget_bytes: Some(Some(50 << 30)), ..CachePatch::default() };
+        let updated = db.update_cache("bazel", &budget).await.unwrap();
+        assert_eq!(updated.cas_budget_bytes, Some(50 << 30));
+        assert_eq!(db.cache("bazel").await.unwrap(), updated);
+        // The one-query lookup decodes the same columns.
+        assert_eq!(db.cache_and_nix_object("bazel", &"a".repeat(32)).await.unwrap().0, updated);
+
+        // Retention 0 (keep forever) is a value of its own, not a clear.
+        let forever = CachePatch { retention_period: Some(Some(0)), ..CachePatch::default() };
+        let updated = db.update_cache("bazel", &forever).await.unwrap();
+        assert_eq!((updated.retention_period, updated.cas_budget_bytes), (Some(0), Some(50 << 30)));
+
+        for bad in [
+            CachePatch { cas_budget_bytes: Some(Some(0)), ..CachePatch::default() },
+            CachePatch { cas_budget_bytes: Some(Some(u64::MAX)), ..CachePatch::default() },
+            CachePatch { retention_period: Some(Some(-1)), ..CachePatch::default() },
+        ] {
+            let err = db.update_cache("bazel", &bad).await.unwrap_err();
+            assert!(matches!(err, MetaError::Invalid(_)), "{bad:?}: {err}");
+        }
+        let cleared = CachePatch { cas_budget_bytes: Some(None), ..CachePatch::default() };
+        let updated = db.update_cache("bazel", &cleared).await.unwrap();
+        assert_eq!((updated.retention_period, updated.cas_budget_bytes), (Some(0), None));
+    }
+
     async fn duplicate_live_name_already_exists(db: TestDb) {
         let first = db.create_cache(&new_cache("dup"), 0).await.unwrap();
         let err = db.create_cache(&new_cache("dup"), 1).await.unwrap_err();

@@ -9,5 +9,6 @@ mod caches;
 mod gc;
 mod gc_retention;
 mod nix;
+mod pins;
 mod schema;
 mod uploads;

@@ -24,14 +24,12 @@
 //! - **HS256 secrets shorter than 32 bytes are refused** (RFC 7518 §3.2 makes
 //!   that a MUST); Attic's documented `openssl rand 64 | base64` secrets pass.
 
-mod duration;
 mod header;
 mod keys;
 mod name;
 mod permission;
 mod token;
 
-pub use duration::{ParseDurationError, parse_duration};
 pub use header::jwt_from_authorization;
 pub use name::{CacheName, CacheNamePattern, MAX_NAME_LEN};
 pub use permission::{CacheState, Permission, ReapiAccess, Requester, authorize, authorize_reapi};

@@ -1,12 +1,18 @@
-//! `garret cache`: create, inspect and delete caches from the command line,
-//! for operators bootstrapping a deployment before any token exists.
+//! `garret cache`: create, inspect, configure and delete caches from the
+//! command line, for operators bootstrapping a deployment before any token
+//! exists, and for settings no Attic client sends (a Bazel cache's CAS
+//! budget).
+
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use garret_meta::{Cache, Meta, MetaError, NewCache};
+use garret_meta::{Cache, CachePatch, Meta, MetaError, NewCache};
 use garret_nix::signing::SigningKey;
 use garret_nix::store_path::DEFAULT_STORE_DIR;
 use garret_server::clock::unix_now;
+use garret_server::config::Config;
+use garret_server::units::{format_duration, format_size, parse_duration, parse_size};
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
@@ -14,6 +20,8 @@ pub enum CacheCommand {
     Create(CreateArgs),
     /// Prints a cache's settings and public key.
     Info { name: String },
+    /// Changes a cache's settings; what is not given stays as it is.
+    Configure(ConfigureArgs),
     /// Deletes a cache; its objects become garbage for GC, and the name is
     /// free again at once.
     Delete { name: String },
@@ -33,6 +41,76 @@ pub struct CreateArgs {
     /// Name of the signing key; defaults to the cache name, as Attic does.
     #[arg(long)]
     key_name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "clap flags, at most one of each group set"
+)]
+#[command(group = clap::ArgGroup::new("retention_choice").multiple(false))]
+#[command(group = clap::ArgGroup::new("budget_choice").multiple(false))]
+#[command(group = clap::ArgGroup::new("visibility").multiple(false))]
+pub struct ConfigureArgs {
+    name: String,
+    /// Nix objects unaccessed for this long may be collected (e.g. 30d, 12h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, group = "retention_choice")]
+    retention: Option<Duration>,
+    /// Keep Nix objects however long they go unaccessed (Attic's period 0).
+    #[arg(long, group = "retention_choice")]
+    no_retention: bool,
+    /// Follow the server's `gc.default_retention` (Attic's "Global").
+    #[arg(long, group = "retention_choice")]
+    global_retention: bool,
+    /// GC evicts the least recently used CAS entries beyond this many
+    /// bytes (e.g. 50GiB, 500MB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "budget_choice")]
+    cas_budget: Option<u64>,
+    /// Removes the CAS budget.
+    #[arg(long, group = "budget_choice")]
+    no_cas_budget: bool,
+    /// Anyone may pull without a token.
+    #[arg(long, group = "visibility")]
+    public: bool,
+    /// Only tokens may pull.
+    #[arg(long, group = "visibility")]
+    private: bool,
+    /// Substituter priority advertised in `nix-cache-info` (lower wins).
+    #[arg(long)]
+    priority: Option<i32>,
+}
+
+impl ConfigureArgs {
+    fn patch(&self) -> CachePatch {
+        let retention = if let Some(period) = self.retention {
+            Some(Some(i64::try_from(period.as_secs()).unwrap_or(i64::MAX)))
+        } else if self.no_retention {
+            Some(Some(0))
+        } else if self.global_retention {
+            Some(None)
+        } else {
+            None
+        };
+        let budget = if self.no_cas_budget {
+            Some(None)
+        } else {
+            self.cas_budget.map(Some)
+        };
+        let public = if self.public {
+            Some(true)
+        } else if self.private {
+            Some(false)
+        } else {
+            None
+        };
+        CachePatch {
+            is_public: public,
+            priority: self.priority,
+            retention_period: retention,
+            cas_budget_bytes: budget,
+            ..CachePatch::default()
+        }
+    }
 }
 
 impl CreateArgs {
@@ -74,15 +152,28 @@ pub async fn create(meta: &Meta, args: &CreateArgs) -> anyhow::Result<Option<Cac
 }
 
 impl CacheCommand {
-    pub async fn run(self, meta: &Meta) -> anyhow::Result<()> {
+    pub async fn run(self, meta: &Meta, config: &Config) -> anyhow::Result<()> {
         match self {
             Self::Create(args) => {
                 let cache = create(meta, &args)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("cache {} already exists", args.name))?;
-                print_info(&cache)
+                print_info(&cache, config)
             }
-            Self::Info { name } => print_info(&find(meta, &name).await?),
+            Self::Info { name } => print_info(&find(meta, &name).await?, config),
+            Self::Configure(args) => {
+                let patch = args.patch();
+                anyhow::ensure!(
+                    patch != CachePatch::default(),
+                    "nothing to change: give at least one setting (see --help)"
+                );
+                find(meta, &args.name).await?;
+                let cache = meta
+                    .update_cache(&args.name, &patch)
+                    .await
+                    .context("configuring the cache")?;
+                print_info(&cache, config)
+            }
             Self::Delete { name } => {
                 find(meta, &name).await?;
                 meta.delete_cache(&name, unix_now())
@@ -95,14 +186,15 @@ impl CacheCommand {
     }
 }
 
-async fn find(meta: &Meta, name: &str) -> anyhow::Result<garret_meta::Cache> {
+/// The live cache called `name`, or an error that says so.
+pub(super) async fn find(meta: &Meta, name: &str) -> anyhow::Result<garret_meta::Cache> {
     meta.cache(name).await.map_err(|e| match e {
         MetaError::NotFound(_) => anyhow::anyhow!("no cache named {name}"),
         other => anyhow::Error::new(other).context("looking up the cache"),
     })
 }
 
-fn print_info(cache: &garret_meta::Cache) -> anyhow::Result<()> {
+fn print_info(cache: &garret_meta::Cache, config: &Config) -> anyhow::Result<()> {
     let key: SigningKey = cache
         .signing_key
         .parse()
@@ -112,5 +204,28 @@ fn print_info(cache: &garret_meta::Cache) -> anyhow::Result<()> {
     println!("priority: {}", cache.priority);
     println!("store dir: {}", cache.store_dir);
     println!("public key: {}", key.verifying_key());
+    println!(
+        "retention: {}",
+        retention(cache.retention_period, config.gc.default_retention)
+    );
+    println!(
+        "cas budget: {}",
+        cache
+            .cas_budget_bytes
+            .map_or_else(|| "none".to_owned(), format_size)
+    );
     Ok(())
+}
+
+/// A cache's retention as it applies, with where it comes from.
+fn retention(period: Option<i64>, default: Option<Duration>) -> String {
+    let keep = "keep forever";
+    match period {
+        Some(0) => keep.to_owned(),
+        Some(secs) => format_duration(Duration::from_secs(secs.unsigned_abs())),
+        None => format!(
+            "global default ({})",
+            default.map_or_else(|| keep.to_owned(), format_duration)
+        ),
+    }
 }

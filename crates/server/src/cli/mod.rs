@@ -10,6 +10,8 @@ use garret_nix::signing::SigningKey;
 use garret_server::config::Config;
 
 mod cache;
+mod path;
+mod pin;
 mod token;
 
 #[derive(Debug, Parser)]
@@ -59,9 +61,15 @@ enum Command {
     /// token secret, prints an admin token and creates the private cache
     /// Bazel uses without an instance name (`bazel_default_cache`).
     Serve(ServeArgs),
-    /// Caches: create, inspect, delete.
+    /// Caches: create, inspect, configure (retention, CAS budget), delete.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+    /// Pins: named GC roots that keep a store path and its closure.
+    #[command(subcommand)]
+    Pin(pin::PinCommand),
+    /// Single store paths of a Nix cache.
+    #[command(subcommand)]
+    Path(path::PathCommand),
     /// Creates or upgrades the metadata schema (`serve` also does this at start).
     Migrate,
     /// Runs one garbage collection and exits (for a CronJob): expires what
@@ -152,12 +160,15 @@ impl Cli {
             }
             Command::Cache(command) => {
                 let config = load_config(self.config.as_deref())?;
-                runtime()?.block_on(async {
-                    let meta = open_meta(&config.database_url()).await?;
-                    let result = command.run(&meta).await;
-                    meta.close().await;
-                    result
-                })
+                with_meta(&config, async |meta| command.run(meta, &config).await)
+            }
+            Command::Pin(command) => {
+                let config = load_config(self.config.as_deref())?;
+                with_meta(&config, async |meta| command.run(meta).await)
+            }
+            Command::Path(command) => {
+                let config = load_config(self.config.as_deref())?;
+                with_meta(&config, async |meta| command.run(meta).await)
             }
             Command::Gc(args) => {
                 let config = load_config(self.config.as_deref())?;
@@ -199,6 +210,20 @@ impl Cli {
 
 fn load_config(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
     Ok(Config::load(file, |name| std::env::var(name).ok())?)
+}
+
+/// Runs an offline command on the configured database, closed afterwards
+/// whatever the outcome.
+fn with_meta(
+    config: &Config,
+    command: impl AsyncFnOnce(&garret_meta::Meta) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let meta = open_meta(&config.database_url()).await?;
+        let result = command(&meta).await;
+        meta.close().await;
+        result
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

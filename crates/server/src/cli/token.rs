@@ -13,8 +13,9 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Arg, ArgAction, ArgMatches, Args, FromArgMatches, Subcommand};
 use garret_server::auth::{
-    AtticAccess, CacheName, CacheNamePattern, Permission, TokenAuthority, TokenSpec, parse_duration,
+    AtticAccess, CacheName, CacheNamePattern, Permission, TokenAuthority, TokenSpec,
 };
+use garret_server::units::parse_duration;
 
 /// Attic's `token-hs256-secret-base64`, under our prefix.
 const HS256_ENV: &str = "GARRET_TOKEN_HS256_SECRET_BASE64";

@@ -16,8 +16,8 @@ use garret_nix::store_path::DEFAULT_STORE_DIR;
 use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 use serde::{Deserialize, Serialize};
 
-use super::body::{BodyStream, idle_limited, read_small, within_request_timeout};
-use super::{AppState, MAX_JSON_BODY, access};
+use super::body::{BodyStream, idle_limited, read_json, within_request_timeout};
+use super::{AppState, access};
 use crate::auth::{CacheName, Permission, Token};
 use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
@@ -28,19 +28,6 @@ use garret_store::StoreError;
 
 const NAR_INFO_HEADER: &str = "x-attic-nar-info";
 const PREAMBLE_SIZE_HEADER: &str = "x-attic-nar-info-preamble-size";
-
-/// Reads and parses a JSON request body within the request limits;
-/// whatever the `Content-Type`, as Attic does, and with errors in Attic's
-/// JSON shape. Callers authorize as far as they can before calling this.
-async fn json<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<T, Error> {
-    let body = read_small(body, headers, MAX_JSON_BODY as u64, &state.limits).await?;
-    serde_json::from_slice(&body)
-        .map_err(|e| Error::InvalidArgument(format!("invalid JSON body: {e}")))
-}
 
 #[derive(Debug, Deserialize)]
 pub struct GetMissingPathsRequest {
@@ -62,7 +49,7 @@ pub async fn get_missing_paths(
     body: Body,
 ) -> Result<Json<GetMissingPathsResponse>, Error> {
     let token = access::token_that_could(&state, &headers, Permission::PUSH)?;
-    let request: GetMissingPathsRequest = json(&state, &headers, body).await?;
+    let request: GetMissingPathsRequest = read_json(body, &headers, &state.limits).await?;
     let cache = access::cache(&state, token.as_ref(), &request.cache, Permission::PUSH)
         .await?
         .cache;
@@ -298,6 +285,9 @@ pub struct CacheConfig {
     retention_period: RetentionPeriod,
 }
 
+/// Attic's retention setting: `Global` follows the server's
+/// `gc.default_retention`, `Period(0)` keeps objects however long they go
+/// unaccessed, `Period(secs)` lets GC take them after `secs` unaccessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RetentionPeriod {
     Global,
@@ -433,7 +423,7 @@ pub async fn create_cache(
     body: Body,
 ) -> Result<Response, Error> {
     access::cache_for_create(&state, &headers, &name)?;
-    let request: CreateCacheRequest = json(&state, &headers, body).await?;
+    let request: CreateCacheRequest = read_json(body, &headers, &state.limits).await?;
     let name = CacheName::new(name)?;
     if name.is_reserved() {
         return Err(Error::InvalidArgument(format!(
@@ -486,7 +476,7 @@ pub async fn patch_cache(
 ) -> Result<Response, Error> {
     let token = access::token(&state, &headers)?;
     let granted = access::cache(&state, token.as_ref(), &name, Permission::CONFIGURE_CACHE).await?;
-    let request: PatchCacheRequest = json(&state, &headers, body).await?;
+    let request: PatchCacheRequest = read_json(body, &headers, &state.limits).await?;
     if request.retention_period.is_some() {
         granted.require(
             token.as_ref(),
@@ -505,6 +495,8 @@ pub async fn patch_cache(
             .transpose()?,
         upstream_cache_key_names: request.upstream_cache_key_names,
         retention_period: request.retention_period.map(RetentionPeriod::to_meta),
+        // Not an Attic setting: `garret cache configure --cas-budget`.
+        cas_budget_bytes: None,
     };
     if let Some(dir) = &patch.store_dir {
         validate_store_dir(dir)?;

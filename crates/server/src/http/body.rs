@@ -89,6 +89,20 @@ pub async fn read_small(
     read_small_within(&SMALL_BODY_BUDGET, body, headers, max, limits).await
 }
 
+/// Reads and parses a JSON request body of at most
+/// [`super::MAX_JSON_BODY`] bytes within the request limits; whatever the
+/// `Content-Type`, as Attic does, and with errors in Attic's JSON shape.
+/// Callers authorize as far as they can before calling this.
+pub async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Body,
+    headers: &HeaderMap,
+    limits: &Limits,
+) -> Result<T, crate::error::Error> {
+    let body = read_small(body, headers, super::MAX_JSON_BODY as u64, limits).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| crate::error::Error::InvalidArgument(format!("invalid JSON body: {e}")))
+}
+
 async fn read_small_within(
     budget: &tokio::sync::Semaphore,
     body: Body,

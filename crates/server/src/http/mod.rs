@@ -6,18 +6,19 @@ mod attic;
 mod bazel;
 mod body;
 mod nix_upload;
+mod pins;
 mod substituter;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 
 use crate::state::AppState;
 
 /// Largest JSON request body (a missing-paths query for a 100 000-path
-/// closure is about 4 MiB), read by `body::read_small` once the request is
+/// closure is about 4 MiB), read by `body::read_json` once the request is
 /// authorized. Uploads stream and are bounded by `Limits`.
 const MAX_JSON_BODY: usize = 16 << 20;
 
@@ -31,6 +32,15 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .post(attic::create_cache)
                 .patch(attic::patch_cache)
                 .delete(attic::delete_cache),
+        )
+        .route("/_api/v1/pins/{cache}", get(pins::list))
+        .route(
+            "/_api/v1/pins/{cache}/{name}",
+            put(pins::put).delete(pins::delete),
+        )
+        .route(
+            "/_api/v1/objects/{cache}/{store_path_hash}",
+            delete(pins::delete_object),
         );
     let uploads = Router::new()
         .route("/_api/v1/upload-path", put(attic::upload_path))

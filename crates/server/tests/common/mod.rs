@@ -60,6 +60,19 @@ pub fn spawn_serve(listener: tokio::net::TcpListener, app: axum::Router, limits:
     ));
 }
 
+/// One test per deployment, `sqlite_fs::NAME` and `postgres_s3::NAME`, on
+/// a multi-threaded runtime, each running the file's `async fn
+/// NAME(Deployment)`.
+#[allow(unused_macros)] // Each test binary uses its own part of this module.
+macro_rules! on_both {
+    ($($name:ident,)*) => {
+        mod sqlite_fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::common::Deployment::SqliteFs).await } )* }
+        mod postgres_s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name($crate::common::Deployment::PostgresS3).await } )* }
+    };
+}
+#[allow(unused_imports)] // Each test binary uses its own part of this module.
+pub(crate) use on_both;
+
 /// Which deployment a server runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Deployment {
@@ -203,6 +216,82 @@ impl TestServer {
         }
         files
     }
+}
+
+/// Status and JSON body (`null` when the body is empty).
+pub type Reply = (reqwest::StatusCode, serde_json::Value);
+
+/// Sends `request` and reads its answer as JSON, which every API answer
+/// is (Attic's and garret's own, errors included).
+pub async fn send_json(request: reqwest::RequestBuilder) -> Reply {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            panic!(
+                "{status}: body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
+    };
+    (status, body)
+}
+
+/// Attic's error body: `{"code": status, "error": kind, "message": ...}`.
+#[track_caller]
+pub fn assert_error(reply: &Reply, status: u16, kind: Option<&str>) {
+    let (got, body) = reply;
+    assert_eq!(got.as_u16(), status, "{body}");
+    assert_eq!(body["code"], status, "{body}");
+    let error = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no `error` kind in {body}"));
+    assert!(!error.is_empty(), "{body}");
+    if let Some(kind) = kind {
+        assert_eq!(error, kind, "{body}");
+    }
+    assert!(body["message"].is_string(), "{body}");
+}
+
+/// Stores `nar` through the chunk store as the NAR of `base`
+/// (`<hash>-<name>`) in `cache`, as an upload would, without references or
+/// signatures.
+pub async fn publish_nar(state: &AppState, cache: &str, base: &str, nar: Vec<u8>) {
+    let nar_hash = garret_nix::Sha256Hash::of(&nar);
+    let nar_size = nar.len() as u64;
+    let blob = state
+        .blobs
+        .put(
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(nar))]),
+            garret_server::blobs::Expect {
+                hash: Some(nar_hash),
+                size: Some(nar_size),
+                max_size: None,
+            },
+        )
+        .await
+        .unwrap();
+    let cache = state.meta.cache(cache).await.unwrap();
+    let object = garret_meta::NixObject {
+        store_path_hash: base[..32].to_owned(),
+        store_path: base.to_owned(),
+        blob_id: blob.id,
+        nar_hash: *nar_hash.as_bytes(),
+        nar_size,
+        references: vec![],
+        deriver: None,
+        sigs: vec![],
+        ca: None,
+        system: None,
+    };
+    state
+        .meta
+        .upsert_nix_object(cache.id, &object, 0)
+        .await
+        .unwrap();
 }
 
 /// Runs blocking work (a `nix` or `curl` process) off the runtime's threads.

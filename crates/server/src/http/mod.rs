@@ -63,10 +63,15 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// A request refused before its body was read leaves the rest of the body
-/// on the connection, so the server must close it after answering. Saying
-/// so (`Connection: close`) keeps keep-alive clients from sending their
-/// next request on a connection that is about to go away. HTTP/1 only:
-/// HTTP/2 streams end on their own.
+/// on the connection. Closing with unread data there makes the kernel reset
+/// the connection, and a client still sending its body (an `attic push`
+/// with a bad token) then sees a broken pipe instead of the answer. So an
+/// error answer first drains what the handler left, bounded in bytes and
+/// time ([`DRAIN_BYTES`], [`DRAIN_TIME`]): a small refused upload is read
+/// whole and answered cleanly, a large one costs little. The answer then
+/// says `Connection: close`, so keep-alive clients do not send their next
+/// request on a connection that is about to go away. HTTP/1 only: HTTP/2
+/// streams end on their own.
 async fn close_after_refused_body(
     request: axum::extract::Request,
     next: axum::middleware::Next,
@@ -78,12 +83,76 @@ async fn close_after_refused_body(
                 .headers()
                 .get(header::CONTENT_LENGTH)
                 .is_some_and(|len| len != "0"));
+    if !has_body {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let shared = SharedBody(Arc::new(std::sync::Mutex::new(body)));
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::new(shared.clone()));
     let mut response = next.run(request).await;
     let status = response.status();
-    if has_body && (status.is_client_error() || status.is_server_error()) {
+    if status.is_client_error() || status.is_server_error() {
+        // A body that timed out has nothing to drain: its client stalled.
+        if status != axum::http::StatusCode::REQUEST_TIMEOUT {
+            let _ = tokio::time::timeout(DRAIN_TIME, drain(shared, DRAIN_BYTES)).await;
+        }
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// Most bytes of a refused body read (and dropped) before the answer.
+const DRAIN_BYTES: usize = 1 << 20;
+
+/// Longest wait for them: a client still sending has its next bytes on the
+/// wire already.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Reads and drops up to about `limit` bytes of what is left of `body`.
+async fn drain(body: SharedBody, limit: usize) {
+    use futures::StreamExt as _;
+    let mut data = axum::body::Body::new(body).into_data_stream();
+    let mut read = 0;
+    while read < limit {
+        match data.next().await {
+            Some(Ok(bytes)) => read += bytes.len(),
+            _ => return,
+        }
+    }
+}
+
+/// A request body that the handler reads while the middleware keeps a
+/// handle to what is left of it.
+#[derive(Clone)]
+struct SharedBody(Arc<std::sync::Mutex<axum::body::Body>>);
+
+impl http_body::Body for SharedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let mut body = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::pin::Pin::new(&mut *body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0
+            .lock()
+            .map_or(true, |body| http_body::Body::is_end_stream(&*body))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0
+            .lock()
+            .map(|body| http_body::Body::size_hint(&*body))
+            .unwrap_or_default()
+    }
 }

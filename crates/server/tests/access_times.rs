@@ -61,6 +61,7 @@ both_deployments!(
     an_action_cache_hit_is_written_before_it_is_answered,
     the_interval_writes_reads,
     shutdown_writes_what_is_pending,
+    paths_a_push_finds_present_are_used,
 );
 
 async fn start(deployment: Deployment, flush_interval_secs: u64) -> GrpcServer {
@@ -428,4 +429,26 @@ async fn shutdown_writes_what_is_pending(deployment: Deployment) {
         .await
         .unwrap_err();
     assert_eq!(miss.code(), Code::NotFound, "{miss:?}");
+}
+
+/// `get-missing-paths` is how `attic push` learns what not to send: a path
+/// it finds present is one the push relies on, and counts as used.
+async fn paths_a_push_finds_present_are_used(deployment: Deployment) {
+    let server = start(deployment, NEVER).await;
+    let nix = publish(&server, b"a NAR a push relies on").await;
+    let absent = StorePathHash::from_bytes([9; 20]).to_string();
+    let reply: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/_api/v1/get-missing-paths", server.http.url))
+        .bearer_auth(&server.token)
+        .json(&serde_json::json!({ "cache": "main", "store_path_hashes": [nix, absent] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["missing_paths"], serde_json::json!([absent]));
+    let accesses = &server.http.state.accesses;
+    accesses.flush().await.unwrap();
+    assert!(nix_accessed_at(&server, &nix).await > LONG_AGO);
 }

@@ -64,6 +64,13 @@ pub async fn get_missing_paths(
         .map(String::as_str)
         .collect();
     let missing_paths = state.meta.missing_store_paths(cache.id, &hashes).await?;
+    // The client will not push what it was told is here, and what it pushes
+    // next may refer to it: a use, so GC keeps it as it keeps a download.
+    let missing: std::collections::HashSet<&str> =
+        missing_paths.iter().map(String::as_str).collect();
+    for hash in hashes.iter().filter(|h| !missing.contains(*h)) {
+        state.accesses.nix_object_read(cache.id, hash);
+    }
     Ok(Json(GetMissingPathsResponse { missing_paths }))
 }
 

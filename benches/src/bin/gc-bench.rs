@@ -18,27 +18,13 @@
 
 use std::time::Instant;
 
+use garret_benches::Probe;
 use garret_meta::{ChunkCompression, Meta, NewBlob, NewCache, NewChunkRef, NewPack, PackPlace};
 use garret_server::config::Gc;
 use garret_store::{Backend, ChunkStore, FsBackend, StoreConfig};
 
 const CHUNKS_PER_BLOB: u64 = 100;
 const DAY: i64 = 86_400;
-
-fn peak_rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kib| kib / 1024)
-}
-
-/// Starts a new peak-RSS window (Linux: writing 5 to `clear_refs` resets
-/// VmHWM), so that each run's peak is its own.
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
 
 fn digest(kind: u8, n: u64) -> [u8; 32] {
     let mut out = [kind; 32];
@@ -158,7 +144,7 @@ async fn main() {
     let mut at = now;
     for step in ["expiry", "blobs", "chunks", "packs"] {
         at += grace.max(3600) + 1;
-        reset_peak_rss();
+        Probe::own().reset_peak();
         let started = Instant::now();
         let report = garret_server::gc::collect(&meta, &store, &settings, at, false)
             .await
@@ -167,7 +153,7 @@ async fn main() {
         println!(
             "run {step:>6}: {:>7.2} s, peak RSS {:>4} MiB; {report}",
             took.as_secs_f64(),
-            peak_rss_mib()
+            Probe::own().peak_kib().unwrap_or(0) / 1024
         );
     }
     meta.close().await;

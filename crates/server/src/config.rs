@@ -938,7 +938,7 @@ mod tests {
             config.gc.default_retention,
             Some(std::time::Duration::from_hours(30 * 24))
         );
-        assert!(config.summary().contains("gc: default retention 30d"));
+        assert!(config.summary().contains("default retention 30d,"));
         let config = load(
             Some("[gc]\ndefault_retention = \"30d\"\n"),
             &[("GARRET_GC_DEFAULT_RETENTION", "12h")],

@@ -69,6 +69,25 @@ pub struct GcReport {
     pub duration_ms: u64,
 }
 
+impl GcReport {
+    /// Deletes the stored object `key` of `size` bytes; a failure is
+    /// logged and counted, and its work left for the next run. Returns
+    /// whether the object went.
+    async fn delete(&mut self, store: &ChunkStore<Backend>, key: &str, size: u64) -> bool {
+        match store.backend().delete(key).await {
+            Ok(()) => {
+                self.bytes_freed += size;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%key, %error, "could not delete an object; the next run retries");
+                self.errors += 1;
+                false
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GcError {
     #[error("metadata: {0}")]
@@ -156,12 +175,9 @@ async fn sweep_chunks(
         for chunk in &marked {
             if chunk.pack.is_none() {
                 let key = ChunkHash(garret_nix::Sha256Hash::from_bytes(chunk.hash)).object_key();
-                if let Err(error) = store.backend().delete(&key).await {
-                    tracing::warn!(%key, %error, "could not delete a chunk object; the next run retries");
-                    report.errors += 1;
+                if !report.delete(store, &key, chunk.stored_size).await {
                     continue;
                 }
-                report.bytes_freed += chunk.stored_size;
             }
             deleted.push(chunk.id);
         }
@@ -192,16 +208,11 @@ async fn retire_packs(
         }
         let mut deleted = Vec::with_capacity(dead.len());
         for pack in &dead {
-            let key = PackId(pack.key).object_key();
-            match store.backend().delete(&key).await {
-                Ok(()) => {
-                    deleted.push(pack.key);
-                    report.bytes_freed += pack.size;
-                }
-                Err(error) => {
-                    tracing::warn!(%key, %error, "could not delete a dead pack; the next run retries");
-                    report.errors += 1;
-                }
+            if report
+                .delete(store, &PackId(pack.key).object_key(), pack.size)
+                .await
+            {
+                deleted.push(pack.key);
             }
         }
         report.packs_deleted += meta.gc_forget_packs(&deleted).await?;
@@ -360,16 +371,9 @@ async fn delete_orphans(
                 if known {
                     continue;
                 }
-                match store.backend().delete(&object.key).await {
-                    Ok(()) => {
-                        tracing::info!(key = %object.key, size = object.size, "deleted an orphan object");
-                        report.orphans_deleted += 1;
-                        report.bytes_freed += object.size;
-                    }
-                    Err(error) => {
-                        tracing::warn!(key = %object.key, %error, "could not delete an orphan object");
-                        report.errors += 1;
-                    }
+                if report.delete(store, &object.key, object.size).await {
+                    tracing::info!(key = %object.key, size = object.size, "deleted an orphan object");
+                    report.orphans_deleted += 1;
                 }
             }
         }

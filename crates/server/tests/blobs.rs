@@ -10,42 +10,12 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use garret_nix::Sha256Hash;
 use garret_server::blobs::{BlobError, Blobs, Expect, StoredBlob, chunk_ref};
-use garret_store::testing::{S3TestServer, body, text};
+use garret_store::testing::{body, text};
 use garret_store::{ObjectStore, StoreError};
 
 mod common;
 
-struct Fixture {
-    blobs: Blobs,
-    _s3: Option<S3TestServer>,
-    _dir: tempfile::TempDir,
-}
-
-async fn sqlite_fs() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    Fixture {
-        blobs: common::sqlite_fs_blobs(dir.path()).await,
-        _s3: None,
-        _dir: dir,
-    }
-}
-
-async fn postgres_s3() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let (blobs, s3) = common::postgres_s3_blobs(dir.path()).await;
-    Fixture {
-        blobs,
-        _s3: Some(s3),
-        _dir: dir,
-    }
-}
-
-macro_rules! on_both {
-    ($($name:ident,)*) => {
-        mod sqlite_fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::sqlite_fs().await).await } )* }
-        mod postgres_s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::postgres_s3().await).await } )* }
-    };
-}
+use common::{BlobStore, Deployment, on_both};
 
 on_both! {
     round_trips,
@@ -70,7 +40,8 @@ async fn put(blobs: &Blobs, content: &[u8]) -> StoredBlob {
     blobs.put(body(content), Expect::default()).await.unwrap()
 }
 
-async fn round_trips(f: Fixture) {
+async fn round_trips(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let max = f.blobs.store().config().chunker.max_size as usize;
     for len in [0, 1, 1000, max, max + 1, 5 * max + 17] {
         let content = text(len, len as u64 + 7);
@@ -110,7 +81,8 @@ async fn round_trips(f: Fixture) {
     }
 }
 
-async fn range_reads_at_every_boundary(f: Fixture) {
+async fn range_reads_at_every_boundary(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let content = text(1 << 20, 3);
     let b = put(&f.blobs, &content).await;
     let chunks = f.blobs.meta().blob_chunks(b.id, None).await.unwrap();
@@ -173,7 +145,8 @@ async fn range_reads_at_every_boundary(f: Fixture) {
     }
 }
 
-async fn dedups_across_blobs(f: Fixture) {
+async fn dedups_across_blobs(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let first = text(4 << 20, 5);
     let mut second = first.clone();
     second.splice(1 << 20..1 << 20, text(64, 77));
@@ -190,7 +163,8 @@ async fn dedups_across_blobs(f: Fixture) {
     assert_eq!(read_all(&f.blobs, &b, 0..b.size).await.unwrap(), second);
 }
 
-async fn missing_chunk_fails_loudly(f: Fixture) {
+async fn missing_chunk_fails_loudly(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let content = text(1 << 20, 9);
     let b = put(&f.blobs, &content).await;
     let chunks = f.blobs.meta().blob_chunks(b.id, None).await.unwrap();
@@ -221,7 +195,8 @@ async fn missing_chunk_fails_loudly(f: Fixture) {
     assert!(matches!(frames, Err(StoreError::MissingChunk(_))));
 }
 
-async fn concurrent_writers_store_once(f: Fixture) {
+async fn concurrent_writers_store_once(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let content = text(3 << 20, 13);
     let (a, b) = tokio::join!(put(&f.blobs, &content), put(&f.blobs, &content));
     assert_eq!(a.id, b.id);
@@ -238,7 +213,8 @@ async fn concurrent_writers_store_once(f: Fixture) {
     assert_eq!(read_all(&f.blobs, &a, 0..a.size).await.unwrap(), content);
 }
 
-async fn rejects_lies_and_stores_nothing(f: Fixture) {
+async fn rejects_lies_and_stores_nothing(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let content = text(600_000, 17);
     let wrong_hash = Expect {
         hash: Some(Sha256Hash::of(b"something else")),
@@ -283,8 +259,9 @@ async fn rejects_lies_and_stores_nothing(f: Fixture) {
     assert_eq!(f.blobs.meta().chunk_stats().await.unwrap().count, 0);
 }
 
-async fn streams_one_gibibyte(f: Fixture) {
+async fn streams_one_gibibyte(deployment: Deployment) {
     const GIB: u64 = 1 << 30;
+    let f = BlobStore::on(deployment).await;
     let pattern = Bytes::from(text(8 << 20, 41));
     let pieces = (GIB / pattern.len() as u64) as usize;
     let input = stream::iter((0..pieces).map(move |_| Ok::<_, std::io::Error>(pattern.clone())));

@@ -14,42 +14,12 @@ use garret_server::blobs::{Blobs, Expect, StoredBlob};
 use garret_server::clock::unix_now;
 use garret_server::config::Gc;
 use garret_server::gc::{GcReport, collect};
-use garret_store::testing::{S3TestServer, body, noise, text};
+use garret_store::testing::{body, noise, text};
 use garret_store::{ObjectStore, PackId};
 
 mod common;
 
-struct Fixture {
-    blobs: Blobs,
-    _s3: Option<S3TestServer>,
-    _dir: tempfile::TempDir,
-}
-
-async fn sqlite_fs() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    Fixture {
-        blobs: common::sqlite_fs_blobs(dir.path()).await,
-        _s3: None,
-        _dir: dir,
-    }
-}
-
-async fn postgres_s3() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let (blobs, s3) = common::postgres_s3_blobs(dir.path()).await;
-    Fixture {
-        blobs,
-        _s3: Some(s3),
-        _dir: dir,
-    }
-}
-
-macro_rules! on_both {
-    ($($name:ident,)*) => {
-        mod sqlite_fs { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::sqlite_fs().await).await } )* }
-        mod postgres_s3 { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $name() { super::$name(super::postgres_s3().await).await } )* }
-    };
-}
+use common::{BlobStore, Deployment, on_both};
 
 on_both! {
     retention_frees_storage_and_keeps_closures,
@@ -132,7 +102,8 @@ async fn run(blobs: &Blobs, now: i64) -> GcReport {
     report
 }
 
-async fn retention_frees_storage_and_keeps_closures(f: Fixture) {
+async fn retention_frees_storage_and_keeps_closures(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let blobs = &f.blobs;
     let meta = blobs.meta();
     let cache = cache(meta).await;
@@ -200,7 +171,8 @@ async fn retention_frees_storage_and_keeps_closures(f: Fixture) {
     );
 }
 
-async fn sparse_packs_rewritten_and_orphans_removed(f: Fixture) {
+async fn sparse_packs_rewritten_and_orphans_removed(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let blobs = &f.blobs;
     let meta = blobs.meta();
     let cache = cache(meta).await;
@@ -308,6 +280,7 @@ struct Race {
     collected: Arc<AtomicU64>,
 }
 
+const WRITERS: u64 = 3;
 const BLOBS_EACH: u64 = 12;
 const MAX_BLOBS_EACH: u64 = 600;
 
@@ -388,8 +361,8 @@ impl Race {
 /// others run. Every blob a writer saw referenced reads back intact
 /// throughout and afterwards; a final collection leaves no unreferenced
 /// chunk, no dead pack and no object without metadata.
-async fn uploads_downloads_and_gc_race(f: Fixture) {
-    const WRITERS: u64 = 3;
+async fn uploads_downloads_and_gc_race(deployment: Deployment) {
+    let f = BlobStore::on(deployment).await;
     let meta = f
         .blobs
         .meta()

@@ -46,6 +46,33 @@ pub async fn postgres_s3_blobs(dir: &Path) -> (Blobs, S3TestServer) {
     )
 }
 
+/// The chunk store and metadata of one deployment, without a server, for
+/// tests of `Blobs` and of GC; the temporary directory and the S3 server
+/// live as long as it does.
+pub struct BlobStore {
+    pub blobs: Blobs,
+    _s3: Option<S3TestServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl BlobStore {
+    pub async fn on(deployment: Deployment) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (blobs, s3) = match deployment {
+            Deployment::SqliteFs => (sqlite_fs_blobs(dir.path()).await, None),
+            Deployment::PostgresS3 => {
+                let (blobs, s3) = postgres_s3_blobs(dir.path()).await;
+                (blobs, Some(s3))
+            }
+        };
+        Self {
+            blobs,
+            _s3: s3,
+            _dir: dir,
+        }
+    }
+}
+
 /// Serves `app` on `listener` in the background until the test ends, the
 /// way `garret serve` does: default connection bounds, and `limits`' idle
 /// time for stalled connections.

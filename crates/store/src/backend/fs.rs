@@ -257,10 +257,20 @@ impl ObjectStore for FsBackend {
 }
 
 /// Adds every file under `dir` to `found`, keyed by its path from `root`.
+/// Writers keep creating, renaming and deleting files meanwhile: an entry
+/// gone between the directory read and its `stat` is simply not listed.
 fn walk(root: &Path, dir: &Path, found: &mut Vec<Listed>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if gone(&e) => return Ok(()),
+        entries => entries?,
+    };
+    for entry in entries {
         let entry = entry?;
-        let meta = entry.metadata()?;
+        let meta = match entry.metadata() {
+            Err(e) if gone(&e) => continue,
+            meta => meta?,
+        };
         if meta.is_dir() {
             walk(root, &entry.path(), found)?;
         } else if let Some(key) = entry

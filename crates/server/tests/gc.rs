@@ -124,6 +124,14 @@ async fn retention_frees_storage_and_keeps_closures(deployment: Deployment) {
     meta.upsert_nix_object(cache, &object('a', &stored[0], &['b']), t0 + week)
         .await
         .unwrap();
+    // d is as old as c, but was read a week later (as a narinfo or NAR
+    // read records it): the read keeps it.
+    meta.upsert_nix_object(cache, &object('d', &stored[0], &[]), t0)
+        .await
+        .unwrap();
+    meta.touch_nix_objects(&[(cache, "d".repeat(32))], t0 + week)
+        .await
+        .unwrap();
     let packs_before = pack_keys(blobs).await;
     assert_eq!(packs_before.len(), 3, "one pack per upload");
 
@@ -153,6 +161,13 @@ async fn retention_frees_storage_and_keeps_closures(deployment: Deployment) {
     assert!(report.bytes_freed > 0);
     assert_eq!(pack_keys(blobs).await.len(), 2);
 
+    for kept in ['a', 'b', 'd'] {
+        let hash = kept.to_string().repeat(32);
+        assert!(
+            meta.nix_object(cache, &hash).await.unwrap().is_some(),
+            "{kept} is gone"
+        );
+    }
     // What is kept reads back whole; nothing is left to collect.
     for (blob, content) in stored.iter().zip(&contents).take(2) {
         assert_eq!(&read_all(blobs, blob.id, blob.size).await, content);
@@ -356,7 +371,7 @@ impl Race {
     }
 }
 
-/// Writers, readers and collectors at once over shared chunks, with a
+/// Writers, a reader and two collectors at once over shared chunks, with a
 /// grace period of one second so that collection really happens while the
 /// others run. Every blob a writer saw referenced reads back intact
 /// throughout and afterwards; a final collection leaves no unreferenced
@@ -388,13 +403,21 @@ async fn uploads_downloads_and_gc_race(deployment: Deployment) {
         writers.spawn(race.clone().write(w));
     }
     let reader = tokio::spawn(race.clone().read());
-    let collector = tokio::spawn(race.clone().collect(settings));
+    // Two collectors, as two replicas (or a replica and the CronJob) run.
+    let collectors = [
+        tokio::spawn(race.clone().collect(settings)),
+        tokio::spawn(race.clone().collect(settings)),
+    ];
     let mut refused = 0;
     while let Some(writer) = writers.join_next().await {
         refused += writer.unwrap();
     }
     race.done.store(true, Relaxed);
-    let (reads, runs) = (reader.await.unwrap(), collector.await.unwrap());
+    let reads = reader.await.unwrap();
+    let mut runs = 0;
+    for collector in collectors {
+        runs += collector.await.unwrap();
+    }
     let kept = race.kept.lock().unwrap().clone();
     assert!(runs > 0 && reads > 0, "{runs} collections, {reads} reads");
     assert!(

@@ -49,6 +49,8 @@ pub struct GcReport {
     pub nix_objects: u64,
     pub cas_entries: u64,
     pub action_results: u64,
+    /// Pins past their expiry, removed.
+    pub pins_expired: u64,
     /// CAS entries evicted to meet a cache's budget, and their logical bytes.
     pub cas_evicted: u64,
     pub cas_evicted_bytes: u64,
@@ -132,6 +134,7 @@ pub async fn collect(
         report.cas_entries += expired.cas_entries;
         report.action_results += expired.action_results;
     }
+    report.pins_expired = meta.gc_forget_expired_pins(now).await?;
     report.upload_sessions = until_done(|| meta.expire_uploads(now, BATCH)).await?;
     report.blobs = until_done(|| meta.gc_sweep_blobs(now, BATCH)).await?;
     sweep_chunks(meta, store, now, &mut report).await?;
@@ -393,7 +396,7 @@ impl std::fmt::Display for GcReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{}{} Nix objects, {} CAS entries, {} action results expired; \
+            "{}{} Nix objects, {} CAS entries, {} action results, {} pins expired; \
              {} CAS entries ({} B) evicted for budgets; {} upload sessions, {} blobs, \
              {} chunks collected; packs: {} found dead, {} deleted, {} rewritten \
              ({} chunks moved); {} orphan objects deleted; {} B freed; {} errors; {} ms",
@@ -401,6 +404,7 @@ impl std::fmt::Display for GcReport {
             self.nix_objects,
             self.cas_entries,
             self.action_results,
+            self.pins_expired,
             self.cas_evicted,
             self.cas_evicted_bytes,
             self.upload_sessions,

@@ -298,6 +298,19 @@ impl Meta {
         })
     }
 
+    /// Deletes the pins that expired at or before `now`; returns how many.
+    /// An expired pin already keeps nothing (expiry ignores it), so this
+    /// only keeps the list an operator reads honest.
+    pub async fn gc_forget_expired_pins(&self, now: i64) -> Result<u64> {
+        on_writer!(self, |pool| async {
+            Ok(sqlx::query("DELETE FROM nix_pins WHERE expires_at <= $1")
+                .bind(now)
+                .execute(pool)
+                .await?
+                .rows_affected())
+        })
+    }
+
     /// Brings every live cache with a CAS budget within it: evicts its least
     /// recently used CAS entries, `batch` per transaction, until the logical
     /// bytes left fit, but never one accessed after `protect_after` (an

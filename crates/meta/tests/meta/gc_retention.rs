@@ -107,6 +107,9 @@ both! {
         }
         assert_eq!((total.nix_objects, calls), (3, 2));
         assert_eq!(present_paths(&db, cache).await, "abcpq");
+        // The expired pin kept nothing; GC removes it, and only it.
+        assert_eq!(db.gc_forget_expired_pins(now).await.unwrap(), 1);
+        assert_eq!(db.count("nix_pins").await, 1);
         assert_eq!(db.count("nix_object_refs").await, 3, "a→b, b→c, p→q");
 
         // Unpinned, p and q go; a fresh root keeps its closure still.

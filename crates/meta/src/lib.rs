@@ -290,6 +290,14 @@ impl Meta {
         Ok(())
     }
 
+    /// One round trip to the database, for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        on_reader!(self, |pool| async {
+            sqlx::query("SELECT 1").execute(pool).await.map(drop)
+        })?;
+        Ok(())
+    }
+
     /// Closes every connection, waiting for those in use. SQLite checkpoints
     /// its WAL when the last connection closes.
     pub async fn close(&self) {

@@ -52,6 +52,9 @@ pub struct Config {
     /// means fewer commits; what a crash loses is at most this much of the
     /// reads' recency, which GC only weighs against hours.
     pub access_flush_interval_secs: u64,
+    /// How often this replica checks that its database and blob store
+    /// answer, in seconds; `/readyz` and gRPC health report the last check.
+    pub readiness_interval_secs: u64,
     /// The cache that Bazel requests without an instance name use (Bazel's
     /// `--remote_instance_name` names any other cache).
     pub bazel_default_cache: String,
@@ -83,6 +86,7 @@ impl Default for Config {
             limits: Limits::default(),
             connections: Connections::default(),
             access_flush_interval_secs: 5,
+            readiness_interval_secs: 5,
             bazel_default_cache: "default".into(),
             api_endpoint: None,
             substituter_endpoint: None,
@@ -479,6 +483,56 @@ impl Config {
         if let Some((_, value)) = var("GARRET_DATABASE_URL") {
             self.database_url = Some(value);
         }
+        self.apply_storage_env(&var)?;
+        if let Some((name, value)) = var("GARRET_CHUNK_AVG_SIZE") {
+            self.chunking.avg_size = parse(name, value)?;
+        }
+        if let Some((name, value)) = var("GARRET_ACCESS_FLUSH_INTERVAL_SECS") {
+            self.access_flush_interval_secs = parse(name, value)?;
+        }
+        if let Some((name, value)) = var("GARRET_READINESS_INTERVAL_SECS") {
+            self.readiness_interval_secs = parse(name, value)?;
+        }
+        if let Some((_, value)) = var("GARRET_BAZEL_DEFAULT_CACHE") {
+            self.bazel_default_cache = value;
+        }
+        if let Some((name, value)) = var("GARRET_ZSTD_LEVEL") {
+            self.chunking.zstd_level = parse(name, value)?;
+        }
+        if let Some((_, value)) = var("GARRET_API_ENDPOINT") {
+            self.api_endpoint = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_SUBSTITUTER_ENDPOINT") {
+            self.substituter_endpoint = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_HS256_SECRET_BASE64") {
+            self.jwt.hs256_secret_base64 = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_RS256_PUBKEY_PEM") {
+            self.jwt.rs256_pubkey_pem = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_BOUND_ISSUER") {
+            self.jwt.bound_issuer = Some(value);
+        }
+        if let Some((_, value)) = var("GARRET_TOKEN_BOUND_AUDIENCES") {
+            self.jwt.bound_audiences = value
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        self.limits.apply_env(var)?;
+        self.gc.apply_env(var)?;
+        Ok(())
+    }
+
+    /// Reads the `GARRET_STORAGE`, `GARRET_LOCAL_PATH` and `GARRET_S3_*`
+    /// variables.
+    fn apply_storage_env(
+        &mut self,
+        var: &impl Fn(&'static str) -> Option<(&'static str, String)>,
+    ) -> Result<(), ConfigError> {
         if let Some((name, value)) = var("GARRET_STORAGE") {
             match value.as_str() {
                 "local" => self.storage = Storage::Local { path: None },
@@ -531,43 +585,6 @@ impl Config {
                 _ => s3.path_style = parse(name, value)?,
             }
         }
-        if let Some((name, value)) = var("GARRET_CHUNK_AVG_SIZE") {
-            self.chunking.avg_size = parse(name, value)?;
-        }
-        if let Some((name, value)) = var("GARRET_ACCESS_FLUSH_INTERVAL_SECS") {
-            self.access_flush_interval_secs = parse(name, value)?;
-        }
-        if let Some((_, value)) = var("GARRET_BAZEL_DEFAULT_CACHE") {
-            self.bazel_default_cache = value;
-        }
-        if let Some((name, value)) = var("GARRET_ZSTD_LEVEL") {
-            self.chunking.zstd_level = parse(name, value)?;
-        }
-        if let Some((_, value)) = var("GARRET_API_ENDPOINT") {
-            self.api_endpoint = Some(value);
-        }
-        if let Some((_, value)) = var("GARRET_SUBSTITUTER_ENDPOINT") {
-            self.substituter_endpoint = Some(value);
-        }
-        if let Some((_, value)) = var("GARRET_TOKEN_HS256_SECRET_BASE64") {
-            self.jwt.hs256_secret_base64 = Some(value);
-        }
-        if let Some((_, value)) = var("GARRET_TOKEN_RS256_PUBKEY_PEM") {
-            self.jwt.rs256_pubkey_pem = Some(value);
-        }
-        if let Some((_, value)) = var("GARRET_TOKEN_BOUND_ISSUER") {
-            self.jwt.bound_issuer = Some(value);
-        }
-        if let Some((_, value)) = var("GARRET_TOKEN_BOUND_AUDIENCES") {
-            self.jwt.bound_audiences = value
-                .split(',')
-                .map(str::trim)
-                .filter(|a| !a.is_empty())
-                .map(str::to_owned)
-                .collect();
-        }
-        self.limits.apply_env(var)?;
-        self.gc.apply_env(var)?;
         Ok(())
     }
 
@@ -614,6 +631,11 @@ impl Config {
                 "connections: timeouts and max_connections must be positive".into(),
             ));
         }
+        if self.readiness_interval_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "readiness_interval_secs must be positive".into(),
+            ));
+        }
         if self.access_flush_interval_secs == 0 {
             return Err(ConfigError::Invalid(
                 "access_flush_interval_secs must be positive".into(),
@@ -636,6 +658,10 @@ impl Config {
 
     pub fn access_flush_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.access_flush_interval_secs)
+    }
+
+    pub fn readiness_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.readiness_interval_secs)
     }
 
     /// The configured endpoints, each ending in `/` so relative paths
@@ -727,13 +753,14 @@ impl Config {
             self.limits.max_decompression_ratio,
             self.limits.decompression_ratio_floor,
         ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\naccess times: written every {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {}, grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
+            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\naccess times: written every {} s\nreadiness: checked every {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {}, grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
             self.connections.max_connections,
             self.connections.header_read_timeout_secs,
             self.connections.keepalive_idle_secs,
             self.connections.h2_keepalive_interval_secs,
             self.connections.shutdown_timeout_secs,
             self.access_flush_interval_secs,
+            self.readiness_interval_secs,
             self.api_endpoint
                 .as_deref()
                 .unwrap_or("(from each request)"),

@@ -12,6 +12,7 @@ pub mod gc;
 pub mod http;
 pub mod idle;
 pub mod pins;
+pub mod readiness;
 pub mod reapi;
 pub mod request_log;
 pub mod serve;

@@ -18,6 +18,7 @@ use crate::bazel_core::Core;
 use crate::blobs::Blobs;
 use crate::config::{Config, Endpoints, Limits, UploadSettings};
 use crate::error::Error;
+use crate::readiness::Readiness;
 use crate::signatures::Signatures;
 
 /// What every handler of both front ends shares.
@@ -40,6 +41,8 @@ pub struct AppState {
     /// What reads touched, written in batches for retention and GC; shut
     /// down after the last request so its final flush is not lost.
     pub accesses: AccessTimes,
+    /// Whether the database and blob store answered the last check.
+    pub readiness: Readiness,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,11 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         .with_grace(config.gc.grace());
     let blobs = Blobs::new(open_store(config)?, meta.clone());
     let accesses = AccessTimes::start(meta.clone(), config.access_flush_interval());
+    let readiness = Readiness::start(
+        meta.clone(),
+        blobs.store().backend().clone(),
+        config.readiness_interval(),
+    );
     let bazel = Core::new(
         meta.clone(),
         blobs.clone(),
@@ -107,6 +115,7 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         bazel,
         signatures: Signatures::default(),
         accesses,
+        readiness,
     });
     Ok(Built { state, first_start })
 }

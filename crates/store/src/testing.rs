@@ -19,35 +19,24 @@ const ACCESS_KEY: &str = "garret-test-access";
 const SECRET_KEY: &str = "garret-test-secret-key";
 
 /// An s3s-fs server over loopback HTTP with SigV4 auth, serving `root`. It
-/// stops when the tokio runtime that started it shuts down.
+/// serves until [`S3TestServer::stop`] or until the tokio runtime that
+/// started it shuts down, whether or not the handle is kept.
 #[derive(Debug)]
 pub struct S3TestServer {
     pub config: S3Config,
+    root: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+    /// Accepts connections and owns their tasks: aborting it closes them all.
+    serving: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl S3TestServer {
     /// Starts the server with one bucket, `bucket`.
     pub async fn start(root: &Path, bucket: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(root.join(bucket))?;
-        let fs = s3s_fs::FileSystem::new(root)
-            .map_err(|e| std::io::Error::other(format!("s3s-fs: {e:?}")))?;
-        let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let _ = socket.set_nodelay(true);
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let _ = ConnBuilder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
-        Ok(Self {
+        let mut server = Self {
             config: S3Config {
                 endpoint: Some(format!("http://{addr}")),
                 bucket: bucket.to_owned(),
@@ -56,7 +45,48 @@ impl S3TestServer {
                 max_attempts: 2,
                 ..S3Config::default()
             },
-        })
+            root: root.to_owned(),
+            addr,
+            serving: None,
+        };
+        server.serve(listener)?;
+        Ok(server)
+    }
+
+    /// Stops serving and closes every connection, as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            serving.abort();
+        }
+    }
+
+    /// Serves again, at the same address and with the same objects.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        self.stop();
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
+        self.serve(listener)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let fs = s3s_fs::FileSystem::new(&self.root)
+            .map_err(|e| std::io::Error::other(format!("s3s-fs: {e:?}")))?;
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+        self.serving = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                while connections.try_join_next().is_some() {}
+                let _ = socket.set_nodelay(true);
+                let service = service.clone();
+                connections.spawn(async move {
+                    let _ = ConnBuilder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        }));
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@ pub mod access;
 mod attic;
 mod bazel;
 mod body;
+mod health;
 mod nix_upload;
 mod pins;
 mod substituter;
@@ -54,6 +55,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(DefaultBodyLimit::disable());
     Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .route("/{cache}/attic-cache-info", get(attic::get_cache_config))
         .merge(json_api)
         .merge(uploads)

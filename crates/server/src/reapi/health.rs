@@ -1,5 +1,6 @@
-//! grpc.health.v1: the server is serving whenever it answers. Per-service
-//! names are accepted for the services garret implements.
+//! grpc.health.v1: every service garret implements is serving while the
+//! database and blob store answered the last readiness check (see
+//! `crate::readiness`), and not serving otherwise.
 
 use std::pin::Pin;
 
@@ -9,8 +10,10 @@ use garret_proto::health::health_server::Health;
 use garret_proto::health::{HealthCheckRequest, HealthCheckResponse};
 use tonic::{Request, Response, Status};
 
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct HealthService;
+use crate::readiness::Readiness;
+
+#[derive(Debug, Clone)]
+pub(crate) struct HealthService(pub(crate) Readiness);
 
 const SERVICES: &[&str] = &[
     "",
@@ -20,10 +23,17 @@ const SERVICES: &[&str] = &[
     "google.bytestream.ByteStream",
 ];
 
-fn status(service: &str) -> Option<HealthCheckResponse> {
-    SERVICES.contains(&service).then_some(HealthCheckResponse {
-        status: ServingStatus::Serving as i32,
-    })
+impl HealthService {
+    fn status(&self, service: &str) -> Option<HealthCheckResponse> {
+        let status = if self.0.status().ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        SERVICES.contains(&service).then_some(HealthCheckResponse {
+            status: status as i32,
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -32,22 +42,24 @@ impl Health for HealthService {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<HealthCheckResponse>, Status> {
-        status(&request.get_ref().service)
+        self.status(&request.get_ref().service)
             .map(Response::new)
             .ok_or_else(|| Status::not_found("unknown service"))
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
-    /// One answer, then the stream stays open: the status never changes
-    /// while the process runs.
+    /// The current status, then the stream stays open. (Changes are not
+    /// pushed: clients that watch re-check on their own schedule.)
     async fn watch(
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let current = status(&request.get_ref().service).unwrap_or(HealthCheckResponse {
-            status: ServingStatus::ServiceUnknown as i32,
-        });
+        let current = self
+            .status(&request.get_ref().service)
+            .unwrap_or(HealthCheckResponse {
+                status: ServingStatus::ServiceUnknown as i32,
+            });
         Ok(Response::new(
             stream::once(async move { Ok(current) })
                 .chain(stream::pending())

@@ -142,6 +142,7 @@ impl Reapi {
 /// router is dropped.
 pub fn services(state: Arc<AppState>) -> Router {
     let uploads = upload_sessions::Uploads::start(state.meta.clone(), state.uploads);
+    let readiness = state.readiness.clone();
     let reapi = Arc::new(Reapi { state, uploads });
     let router = Router::new();
     let router = route(
@@ -175,7 +176,7 @@ pub fn services(state: Arc<AppState>) -> Router {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     );
-    route(router, HealthServer::new(health::HealthService))
+    route(router, HealthServer::new(health::HealthService(readiness)))
 }
 
 /// Bounds reading a unary request's body as every other body is bounded

@@ -114,7 +114,8 @@ pub struct TestServer {
     pub state: Arc<AppState>,
     pub tokens: TokenAuthority,
     pub dir: tempfile::TempDir,
-    _s3: Option<S3TestServer>,
+    /// The S3 server of a Postgres + S3 deployment, for outage tests.
+    pub s3: Option<S3TestServer>,
 }
 
 /// A fixed 64-byte secret, base64: tests mint tokens with `TestServer::tokens`.
@@ -173,7 +174,7 @@ impl TestServer {
             state,
             tokens,
             dir,
-            _s3: s3,
+            s3,
         }
     }
 

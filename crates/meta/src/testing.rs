@@ -205,6 +205,45 @@ impl PgCluster {
         self.url(&name)
     }
 
+    /// Freezes every process of the cluster (SIGSTOP): to its clients the
+    /// database is unreachable, connections open but nothing answering,
+    /// as across a network partition. [`PgCluster::resume`] thaws it.
+    ///
+    /// # Panics
+    /// If the server's pid file cannot be read or `kill` fails.
+    pub fn pause(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Undoes [`PgCluster::pause`].
+    ///
+    /// # Panics
+    /// As [`PgCluster::pause`].
+    pub fn resume(&self) {
+        self.signal_all("-CONT");
+    }
+
+    /// Sends `signal` to the postmaster and every process it started.
+    fn signal_all(&self, signal: &str) {
+        let pid_file = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .expect("the postmaster's pid file");
+        let postmaster = pid_file.lines().next().expect("a pid").trim().to_owned();
+        let mut pids = vec![postmaster.clone()];
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // After the command name in parentheses: state, then the ppid.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if ppid == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        run(Command::new("kill").arg(signal).args(&pids));
+    }
+
     /// A Postgres program, run as the `postgres` user if `as_postgres`.
     /// `setpriv` execs rather than forks, so the program stays the direct
     /// child of whoever spawns it.

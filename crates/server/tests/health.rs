@@ -1,7 +1,8 @@
 //! Liveness and readiness against a real server: `/healthz` answers
 //! whenever the process serves; `/readyz` and gRPC health follow whether
 //! the database and blob store answer, turning unready when the S3 server
-//! stops and ready again when it returns, without a restart of garret.
+//! stops or Postgres stops answering, and ready again when they return,
+//! without a restart of garret.
 
 use std::time::Duration;
 
@@ -100,4 +101,41 @@ async fn readiness_follows_an_s3_outage() {
         grpc_status(&server, "").await,
         ServingStatus::Serving as i32
     );
+}
+
+/// Postgres stops answering (its processes frozen, as behind a partition)
+/// and comes back: readiness follows. A cluster of its own, since the
+/// shared one serves the other tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_postgres_outage() {
+    let cluster = garret_meta::testing::PgCluster::start();
+    let url = cluster.fresh_database().await;
+    let server = TestServer::start_configured(Deployment::SqliteFs, |config| {
+        config.readiness_interval_secs = 1;
+        config.database_url = Some(url);
+    })
+    .await;
+    until_readyz(&server, 200).await;
+    let paused = Paused::new(&cluster);
+    let body = until_readyz(&server, 503).await;
+    drop(paused);
+    assert!(body["problems"].to_string().contains("database"), "{body}");
+    until_readyz(&server, 200).await;
+}
+
+/// A paused cluster, resumed when dropped, a failed assertion included: a
+/// frozen Postgres would hang the cluster's own teardown.
+struct Paused<'a>(&'a garret_meta::testing::PgCluster);
+
+impl<'a> Paused<'a> {
+    fn new(cluster: &'a garret_meta::testing::PgCluster) -> Self {
+        cluster.pause();
+        Self(cluster)
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.0.resume();
+    }
 }

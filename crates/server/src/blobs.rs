@@ -208,13 +208,18 @@ pub fn new_chunk_ref(c: &ChunkRef, uploaded: bool) -> NewChunkRef {
         file_offset: c.file_offset,
         frame_hash: *c.frame_hash.as_bytes(),
         uploaded,
-        pack: match c.place {
-            ChunkPlace::Object => None,
-            ChunkPlace::Pack { pack, offset } => Some(PackPlace {
-                pack: pack.0,
-                offset,
-            }),
-        },
+        pack: pack_place(c.place),
+    }
+}
+
+/// A store place as the metadata records it: the inverse of [`place`].
+pub fn pack_place(place: ChunkPlace) -> Option<PackPlace> {
+    match place {
+        ChunkPlace::Object => None,
+        ChunkPlace::Pack { pack, offset } => Some(PackPlace {
+            pack: pack.0,
+            offset,
+        }),
     }
 }
 

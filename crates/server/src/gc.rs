@@ -20,12 +20,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use garret_meta::{ChunkId, Meta, MetaError, NewPack, PackPlace};
-use garret_store::{
-    Backend, ChunkHash, ChunkPlace, ChunkRef, ChunkStore, ObjectStore as _, PackId, StoreError,
-};
+use garret_meta::{BlobChunk, ChunkId, Meta, MetaError, PackPlace};
+use garret_store::{Backend, ChunkHash, ChunkStore, ObjectStore as _, PackId};
 use serde::Serialize;
 
+use crate::blobs::{BlobError, chunk_ref, new_packs, pack_place};
 use crate::config::Gc;
 
 /// Rows per claim or delete: small enough that no transaction holds locks
@@ -69,25 +68,6 @@ pub struct GcReport {
     /// Storage operations that failed; their work is left for the next run.
     pub errors: u64,
     pub duration_ms: u64,
-}
-
-impl GcReport {
-    /// Deletes the stored object `key` of `size` bytes; a failure is
-    /// logged and counted, and its work left for the next run. Returns
-    /// whether the object went.
-    async fn delete(&mut self, store: &ChunkStore<Backend>, key: &str, size: u64) -> bool {
-        match store.backend().delete(key).await {
-            Ok(()) => {
-                self.bytes_freed += size;
-                true
-            }
-            Err(error) => {
-                tracing::warn!(%key, %error, "could not delete an object; the next run retries");
-                self.errors += 1;
-                false
-            }
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,12 +117,29 @@ pub async fn collect(
     report.pins_expired = meta.gc_forget_expired_pins(now).await?;
     report.upload_sessions = until_done(|| meta.expire_uploads(now, BATCH)).await?;
     report.blobs = until_done(|| meta.gc_sweep_blobs(now, BATCH)).await?;
-    sweep_chunks(meta, store, now, &mut report).await?;
-    retire_packs(meta, store, settings, now, &mut report).await?;
-    rewrite_sparse_packs(meta, store, settings, now, &mut report).await?;
-    delete_orphans(meta, store, settings, now, &mut report).await?;
-    report.duration_ms = elapsed_ms(started);
-    Ok(report)
+    let mut run = Run {
+        meta,
+        store,
+        settings,
+        now,
+        report,
+    };
+    run.sweep_chunks().await?;
+    run.retire_packs().await?;
+    run.rewrite_sparse_packs().await?;
+    run.delete_orphans().await?;
+    run.report.duration_ms = elapsed_ms(started);
+    Ok(run.report)
+}
+
+/// The storage steps of one run: what each reads, and the tally they all
+/// add to.
+struct Run<'a> {
+    meta: &'a Meta,
+    store: &'a ChunkStore<Backend>,
+    settings: &'a Gc,
+    now: i64,
+    report: GcReport,
 }
 
 /// Calls `step` until it reports nothing done; returns the total.
@@ -160,108 +157,174 @@ where
     }
 }
 
-/// Marks unreferenced chunks, deletes the objects of those stored on their
-/// own, and forgets them. A chunk whose object could not be deleted stays
-/// marked, for the next run.
-async fn sweep_chunks(
-    meta: &Meta,
-    store: &ChunkStore<Backend>,
-    now: i64,
-    report: &mut GcReport,
-) -> Result<(), GcError> {
-    loop {
-        let marked = meta.gc_mark_chunks(now, CHUNK_BATCH).await?;
-        if marked.is_empty() {
-            return Ok(());
+impl Run<'_> {
+    /// Deletes the stored object `key` of `size` bytes; a failure is
+    /// logged and counted, and its work left for the next run. Returns
+    /// whether the object went.
+    async fn delete(&mut self, key: &str, size: u64) -> bool {
+        match self.store.backend().delete(key).await {
+            Ok(()) => {
+                self.report.bytes_freed += size;
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%key, %error, "could not delete an object; the next run retries");
+                self.report.errors += 1;
+                false
+            }
         }
-        let mut deleted = Vec::with_capacity(marked.len());
-        for chunk in &marked {
-            if chunk.pack.is_none() {
-                let key = ChunkHash(garret_nix::Sha256Hash::from_bytes(chunk.hash)).object_key();
-                if !report.delete(store, &key, chunk.stored_size).await {
-                    continue;
+    }
+
+    /// Marks unreferenced chunks, deletes the objects of those stored on their
+    /// own, and forgets them. A chunk whose object could not be deleted stays
+    /// marked, for the next run.
+    async fn sweep_chunks(&mut self) -> Result<(), GcError> {
+        loop {
+            let marked = self.meta.gc_mark_chunks(self.now, CHUNK_BATCH).await?;
+            if marked.is_empty() {
+                return Ok(());
+            }
+            let mut deleted = Vec::with_capacity(marked.len());
+            for chunk in &marked {
+                if chunk.pack.is_none() {
+                    let key =
+                        ChunkHash(garret_nix::Sha256Hash::from_bytes(chunk.hash)).object_key();
+                    if !self.delete(&key, chunk.stored_size).await {
+                        continue;
+                    }
+                }
+                deleted.push(chunk.id);
+            }
+            self.report.chunks += self.meta.gc_forget_chunks(&deleted).await?;
+            if deleted.len() < marked.len() {
+                // What is left marked is only claimable again after the grace
+                // period: stop instead of spinning on it.
+                return Ok(());
+            }
+        }
+    }
+
+    /// Stamps packs without live bytes as dead, and deletes those dead for at
+    /// least the pack grace period.
+    async fn retire_packs(&mut self) -> Result<(), GcError> {
+        self.report.packs_found_dead = self.meta.gc_mark_dead_packs(self.now).await?;
+        let dead_before = self.now.saturating_sub(secs(self.settings.pack_grace_secs));
+        loop {
+            let dead = self.meta.gc_dead_packs(dead_before, BATCH).await?;
+            if dead.is_empty() {
+                return Ok(());
+            }
+            let mut deleted = Vec::with_capacity(dead.len());
+            for pack in &dead {
+                if self.delete(&PackId(pack.key).object_key(), pack.size).await {
+                    deleted.push(pack.key);
                 }
             }
-            deleted.push(chunk.id);
-        }
-        report.chunks += meta.gc_forget_chunks(&deleted).await?;
-        if deleted.len() < marked.len() {
-            // What is left marked is only claimable again after the grace
-            // period: stop instead of spinning on it.
-            return Ok(());
-        }
-    }
-}
-
-/// Stamps packs without live bytes as dead, and deletes those dead for at
-/// least the pack grace period.
-async fn retire_packs(
-    meta: &Meta,
-    store: &ChunkStore<Backend>,
-    settings: &Gc,
-    now: i64,
-    report: &mut GcReport,
-) -> Result<(), GcError> {
-    report.packs_found_dead = meta.gc_mark_dead_packs(now).await?;
-    let dead_before = now.saturating_sub(secs(settings.pack_grace_secs));
-    loop {
-        let dead = meta.gc_dead_packs(dead_before, BATCH).await?;
-        if dead.is_empty() {
-            return Ok(());
-        }
-        let mut deleted = Vec::with_capacity(dead.len());
-        for pack in &dead {
-            if report
-                .delete(store, &PackId(pack.key).object_key(), pack.size)
-                .await
-            {
-                deleted.push(pack.key);
-            }
-        }
-        report.packs_deleted += meta.gc_forget_packs(&deleted).await?;
-        if deleted.len() < dead.len() {
-            return Ok(());
-        }
-    }
-}
-
-/// Rewrites up to `rewrite_max_packs` packs whose live fraction fell below
-/// the threshold and that are older than the pack grace period (younger
-/// ones may still be filling up with references).
-async fn rewrite_sparse_packs(
-    meta: &Meta,
-    store: &ChunkStore<Backend>,
-    settings: &Gc,
-    now: i64,
-    report: &mut GcReport,
-) -> Result<(), GcError> {
-    let created_before = now.saturating_sub(secs(settings.pack_grace_secs));
-    let sparse = meta
-        .gc_sparse_packs(
-            created_before,
-            settings.rewrite_below_percent,
-            settings.rewrite_max_packs,
-        )
-        .await?;
-    for pack in sparse {
-        match rewrite(meta, store, pack.key, now).await {
-            Ok(moved) => {
-                report.packs_rewritten += 1;
-                report.chunks_moved += moved;
-            }
-            Err(RewriteError::Meta(e)) => return Err(e.into()),
-            Err(RewriteError::Store(error)) => {
-                tracing::error!(pack = %PackId(pack.key), %error, "could not rewrite a sparse pack; it stays as it is");
-                report.errors += 1;
+            self.report.packs_deleted += self.meta.gc_forget_packs(&deleted).await?;
+            if deleted.len() < dead.len() {
+                return Ok(());
             }
         }
     }
-    Ok(())
+
+    /// Rewrites up to `rewrite_max_packs` packs whose live fraction fell below
+    /// the threshold and that are older than the pack grace period (younger
+    /// ones may still be filling up with references).
+    async fn rewrite_sparse_packs(&mut self) -> Result<(), GcError> {
+        let created_before = self.now.saturating_sub(secs(self.settings.pack_grace_secs));
+        let sparse = self
+            .meta
+            .gc_sparse_packs(
+                created_before,
+                self.settings.rewrite_below_percent,
+                self.settings.rewrite_max_packs,
+            )
+            .await?;
+        for pack in sparse {
+            match rewrite(self.meta, self.store, pack.key, self.now).await {
+                Ok(moved) => {
+                    self.report.packs_rewritten += 1;
+                    self.report.chunks_moved += moved;
+                }
+                Err(RewriteError::Meta(e)) => return Err(e.into()),
+                Err(RewriteError::Pack(error)) => {
+                    tracing::error!(pack = %PackId(pack.key), %error, "could not rewrite a sparse pack; it stays as it is");
+                    self.report.errors += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists the packs and chunk objects in the store and deletes those that no
+    /// metadata names and that were last written longer ago than the orphan
+    /// grace period.
+    async fn delete_orphans(&mut self) -> Result<(), GcError> {
+        let written_before = self
+            .now
+            .saturating_sub(secs(self.settings.orphan_grace_secs));
+        for prefix in ["packs/", "chunks/"] {
+            let mut after: Option<String> = None;
+            loop {
+                let page = match self
+                    .store
+                    .backend()
+                    .list(prefix, after.as_deref(), LIST_PAGE)
+                    .await
+                {
+                    Ok(page) => page,
+                    Err(error) => {
+                        tracing::warn!(prefix, %error, "could not list the store; orphans wait for the next run");
+                        self.report.errors += 1;
+                        break;
+                    }
+                };
+                let Some(last) = page.last() else { break };
+                after = Some(last.key.clone());
+                // Each old object with what its key names, parsed once.
+                let old: Vec<_> = page
+                    .into_iter()
+                    .filter(|o| o.modified <= written_before)
+                    .map(|o| {
+                        let (pack, chunk) = (
+                            PackId::from_object_key(&o.key),
+                            ChunkHash::from_object_key(&o.key),
+                        );
+                        (o, pack, chunk)
+                    })
+                    .collect();
+                let packs: Vec<[u8; 16]> =
+                    old.iter().filter_map(|(_, p, _)| p.map(|p| p.0)).collect();
+                let chunks: Vec<[u8; 32]> = old
+                    .iter()
+                    .filter_map(|(_, _, c)| c.map(|c| *c.as_bytes()))
+                    .collect();
+                let known_packs = self.meta.known_packs(&packs).await?;
+                let known_chunks = self.meta.known_chunk_objects(&chunks).await?;
+                for (object, pack, chunk) in old {
+                    let known = pack.is_some_and(|p| known_packs.contains(&p.0))
+                        || chunk.is_some_and(|c| known_chunks.contains(c.as_bytes()));
+                    if known {
+                        continue;
+                    }
+                    if self.delete(&object.key, object.size).await {
+                        tracing::info!(key = %object.key, size = object.size, "deleted an orphan object");
+                        self.report.orphans_deleted += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
+/// Why a sparse pack was not rewritten.
 enum RewriteError {
+    /// The database failed: the run stops.
     Meta(MetaError),
-    Store(StoreError),
+    /// This pack could not be copied (a frame missing or corrupt, a row
+    /// out of range): it stays as it is, and the run goes on.
+    Pack(BlobError),
 }
 
 /// Copies pack `key`'s live chunks into new packs and moves their rows;
@@ -273,115 +336,39 @@ async fn rewrite(
     now: i64,
 ) -> Result<u64, RewriteError> {
     let chunks = meta.pack_chunks(key).await.map_err(RewriteError::Meta)?;
-    let refs: Vec<ChunkRef> = chunks
+    let refs = chunks
         .iter()
-        .filter_map(|c| {
-            Some(ChunkRef {
-                id: ChunkHash(garret_nix::Sha256Hash::from_bytes(c.hash)),
+        .map(|chunk| {
+            // A chunk's place in a blob does not matter to a copy.
+            chunk_ref(&BlobChunk {
+                seq: 0,
                 offset: 0,
-                size: u32::try_from(c.size).ok()?,
                 file_offset: 0,
-                stored_size: u32::try_from(c.stored_size).ok()?,
-                frame_hash: garret_nix::Sha256Hash::from_bytes(c.frame_hash),
-                place: ChunkPlace::Pack {
-                    pack: PackId(c.pack?.pack),
-                    offset: c.pack?.offset,
-                },
+                chunk: chunk.clone(),
             })
         })
-        .collect();
-    let repacked = store.repack(refs).await.map_err(RewriteError::Store)?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RewriteError::Pack)?;
+    let repacked = store
+        .repack(refs)
+        .await
+        .map_err(|e| RewriteError::Pack(e.into()))?;
     let places: HashMap<[u8; 32], PackPlace> = repacked
         .places
         .iter()
-        .filter_map(|(hash, place)| match *place {
-            ChunkPlace::Pack { pack, offset } => Some((
-                *hash.as_bytes(),
-                PackPlace {
-                    pack: pack.0,
-                    offset,
-                },
-            )),
-            ChunkPlace::Object => None,
-        })
+        .filter_map(|(hash, place)| Some((*hash.as_bytes(), pack_place(*place)?)))
         .collect();
     let moves: Vec<(ChunkId, PackPlace)> = chunks
         .iter()
         .filter_map(|chunk| Some((chunk.id, *places.get(&chunk.hash)?)))
         .collect();
-    let new: Vec<NewPack> = repacked
-        .packs
-        .iter()
-        .map(|p| NewPack {
-            key: p.id.0,
-            size: p.size,
-        })
-        .collect();
-    let recorded = meta.gc_move_chunks(key, &new, &moves, now).await;
+    let recorded = meta
+        .gc_move_chunks(key, &new_packs(&repacked.packs), &moves, now)
+        .await;
     if recorded.is_err() {
         store.discard(&repacked.packs).await;
     }
     recorded.map_err(RewriteError::Meta)
-}
-
-/// Lists the packs and chunk objects in the store and deletes those that no
-/// metadata names and that were last written longer ago than the orphan
-/// grace period.
-async fn delete_orphans(
-    meta: &Meta,
-    store: &ChunkStore<Backend>,
-    settings: &Gc,
-    now: i64,
-    report: &mut GcReport,
-) -> Result<(), GcError> {
-    let written_before = now.saturating_sub(secs(settings.orphan_grace_secs));
-    for prefix in ["packs/", "chunks/"] {
-        let mut after: Option<String> = None;
-        loop {
-            let page = match store
-                .backend()
-                .list(prefix, after.as_deref(), LIST_PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(error) => {
-                    tracing::warn!(prefix, %error, "could not list the store; orphans wait for the next run");
-                    report.errors += 1;
-                    break;
-                }
-            };
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
-            let old: Vec<_> = page
-                .into_iter()
-                .filter(|o| o.modified <= written_before)
-                .collect();
-            let packs: Vec<[u8; 16]> = old
-                .iter()
-                .filter_map(|o| PackId::from_object_key(&o.key).map(|p| p.0))
-                .collect();
-            let chunks: Vec<[u8; 32]> = old
-                .iter()
-                .filter_map(|o| ChunkHash::from_object_key(&o.key).map(|c| *c.as_bytes()))
-                .collect();
-            let known_packs = meta.known_packs(&packs).await?;
-            let known_chunks = meta.known_chunk_objects(&chunks).await?;
-            for object in old {
-                let known = PackId::from_object_key(&object.key)
-                    .is_some_and(|p| known_packs.contains(&p.0))
-                    || ChunkHash::from_object_key(&object.key)
-                        .is_some_and(|c| known_chunks.contains(c.as_bytes()));
-                if known {
-                    continue;
-                }
-                if report.delete(store, &object.key, object.size).await {
-                    tracing::info!(key = %object.key, size = object.size, "deleted an orphan object");
-                    report.orphans_deleted += 1;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 fn secs(value: u64) -> i64 {

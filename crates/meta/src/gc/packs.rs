@@ -184,10 +184,30 @@ impl Meta {
 
     /// Which of `keys` name recorded packs.
     pub async fn known_packs(&self, keys: &[[u8; 16]]) -> Result<HashSet<[u8; 16]>> {
-        let mut known = HashSet::new();
+        self.found("SELECT key FROM packs WHERE key IN", keys).await
+    }
+
+    /// Which of `hashes` are chunks stored as objects of their own (before
+    /// packs).
+    pub async fn known_chunk_objects(&self, hashes: &[[u8; 32]]) -> Result<HashSet<[u8; 32]>> {
+        self.found(
+            "SELECT hash FROM chunks WHERE pack_id IS NULL AND hash IN",
+            hashes,
+        )
+        .await
+    }
+
+    /// Which of `keys` the one-column `select` (ending in `IN`) returns,
+    /// asked a wide batch at a time.
+    async fn found<const N: usize>(
+        &self,
+        select: &str,
+        keys: &[[u8; N]],
+    ) -> Result<HashSet<[u8; N]>> {
+        let mut found = HashSet::new();
         for batch in keys.chunks(sql::WIDE_READ_BATCH) {
             let n = sql::in_list_len(batch.len());
-            let select = format!("SELECT key FROM packs WHERE key IN ({})", sql::params(1, n));
+            let select = format!("{select} ({})", sql::params(1, n));
             let rows: Vec<(Vec<u8>,)> = on_reader!(self, |pool| async {
                 let mut query = sqlx::query_as(&select);
                 for i in 0..n {
@@ -196,33 +216,11 @@ impl Meta {
                 query.fetch_all(pool).await
             })?;
             for (key,) in rows {
-                known.insert(pack_key(key)?);
+                found.insert(<[u8; N]>::try_from(key).map_err(|k| {
+                    MetaError::Corrupt(format!("a key of {} bytes, not {N}", k.len()))
+                })?);
             }
         }
-        Ok(known)
-    }
-
-    /// Which of `hashes` are chunks stored as objects of their own (before
-    /// packs).
-    pub async fn known_chunk_objects(&self, hashes: &[[u8; 32]]) -> Result<HashSet<[u8; 32]>> {
-        let mut known = HashSet::new();
-        for batch in hashes.chunks(sql::WIDE_READ_BATCH) {
-            let n = sql::in_list_len(batch.len());
-            let select = format!(
-                "SELECT hash FROM chunks WHERE pack_id IS NULL AND hash IN ({})",
-                sql::params(1, n)
-            );
-            let rows: Vec<(Vec<u8>,)> = on_reader!(self, |pool| async {
-                let mut query = sqlx::query_as(&select);
-                for i in 0..n {
-                    query = query.bind(&sql::padded(batch, i)[..]);
-                }
-                query.fetch_all(pool).await
-            })?;
-            for (hash,) in rows {
-                known.insert(sql::digest(hash, "chunk hash")?);
-            }
-        }
-        Ok(known)
+        Ok(found)
     }
 }

@@ -37,17 +37,7 @@
 # Exit status: garret-bench's (1 if a scenario failed), 2 if the server died.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-target=${CARGO_TARGET_DIR:-target}
-# GARRET_BIN=path runs another build of the server (e.g. an older commit's,
-# for a before/after in one run of the machine); else this tree's.
-if [ -n "${GARRET_BIN:-}" ]; then
-  bin=$GARRET_BIN
-else
-  cargo build --release -q -p garret-server --bin garret
-  bin=$target/release/garret
-fi
-cargo build --release -q -p garret-benches --bin garret-bench
-bench=$target/release/garret-bench
+. benches/scripts/build.sh
 
 . benches/scripts/server.sh
 start_server

@@ -38,16 +38,8 @@
 # Exit status: garret-bench's (1 if a scenario failed), 2 if a server died.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-target=${CARGO_TARGET_DIR:-target}
 flat=${FLAT_DIR:-/var/tmp/garret-flat}
-if [ -n "${GARRET_BIN:-}" ]; then
-  bin=$GARRET_BIN
-else
-  cargo build --release -q -p garret-server --bin garret
-  bin=$target/release/garret
-fi
-cargo build --release -q -p garret-benches --bin garret-bench
-bench=$target/release/garret-bench
+. benches/scripts/build.sh
 
 # What the script drives, installed when missing (as tests/run does).
 packages=()

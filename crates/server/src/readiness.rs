@@ -43,30 +43,38 @@ pub struct Status {
 }
 
 impl Readiness {
-    /// Starts checking `meta` and `backend` every `interval` on the current
-    /// runtime, for as long as it runs.
-    pub fn start(meta: Meta, backend: Backend, interval: Duration) -> Self {
+    /// Checks `meta` and `backend` once, so that a replica whose
+    /// dependencies answer is ready as soon as it serves, then every
+    /// `interval` on the current runtime, for as long as it runs.
+    pub async fn start(meta: Meta, backend: Backend, interval: Duration) -> Self {
         let readiness = Self {
             last: Arc::default(),
             interval,
         };
+        readiness.record(&meta, &backend).await;
         let shared = readiness.clone();
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
             loop {
                 ticks.tick().await;
-                let problems = check(&meta, &backend).await;
-                if !problems.is_empty() {
-                    tracing::warn!(?problems, "not ready");
-                }
-                *shared.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Checked {
-                    at: Instant::now(),
-                    problems,
-                });
+                shared.record(&meta, &backend).await;
             }
         });
         readiness
+    }
+
+    /// Checks once and keeps the result for the probes.
+    async fn record(&self, meta: &Meta, backend: &Backend) {
+        let problems = check(meta, backend).await;
+        if !problems.is_empty() {
+            tracing::warn!(?problems, "not ready");
+        }
+        *self.last.lock().unwrap_or_else(PoisonError::into_inner) = Some(Checked {
+            at: Instant::now(),
+            problems,
+        });
     }
 
     /// The last check's verdict, if it is recent.

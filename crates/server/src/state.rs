@@ -96,7 +96,8 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         meta.clone(),
         blobs.store().backend().clone(),
         config.readiness_interval(),
-    );
+    )
+    .await;
     let bazel = Core::new(
         meta.clone(),
         blobs.clone(),

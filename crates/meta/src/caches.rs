@@ -242,6 +242,17 @@ impl Meta {
         cache_from_row(row.ok_or(MetaError::NotFound("cache"))?)
     }
 
+    /// Every live cache, by name. Caches are few (an operator creates
+    /// each), so this is one unpaged query.
+    pub async fn caches(&self) -> Result<Vec<Cache>> {
+        let sql =
+            format!("SELECT {CACHE_COLUMNS} FROM caches WHERE deleted_at IS NULL ORDER BY name");
+        let rows: Vec<CacheRow> = on_reader!(self, |pool| async {
+            sqlx::query_as(&sql).fetch_all(pool).await
+        })?;
+        rows.into_iter().map(cache_from_row).collect()
+    }
+
     /// Applies `patch` to the live cache called `name` and returns the result.
     pub async fn update_cache(&self, name: &str, patch: &CachePatch) -> Result<Cache> {
         if patch.retention_period.flatten().is_some_and(|p| p < 0) {

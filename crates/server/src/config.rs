@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use garret_store::{ChunkerConfig, S3Config, StoreConfig};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration; every field has a default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Address for HTTP and gRPC.
@@ -98,7 +98,7 @@ impl Default for Config {
 }
 
 /// Where chunk objects live.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Storage {
     /// A directory; defaults to `<data_dir>/chunks`.
@@ -116,7 +116,7 @@ impl Default for Storage {
 
 /// An S3-compatible bucket. Credentials may also come from
 /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, which keeps them out of files.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Storage {
     pub endpoint: Option<String>,
@@ -158,7 +158,7 @@ fn default_true() -> bool {
 
 /// Chunking and compression. Changing them later is safe: existing chunks
 /// keep their frames, and only new content is cut the new way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Chunking {
     /// Average chunk size in bytes, a power of two; min and max follow
@@ -178,7 +178,7 @@ impl Default for Chunking {
 
 /// Garbage collection: what `garret gc` (a CronJob) and the periodic
 /// collection inside `serve` do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Gc {
     /// Collect every this many seconds inside `serve`; 0 (the default)
@@ -190,7 +190,10 @@ pub struct Gc {
     /// configure --retention` takes it: `default_retention = "30d"`. Unset
     /// (the default) keeps them however long they go unaccessed, so that
     /// turning GC on deletes nothing an operator did not ask to lose.
-    #[serde(deserialize_with = "human_duration")]
+    #[serde(
+        deserialize_with = "human_duration",
+        serialize_with = "human_duration_out"
+    )]
     pub default_retention: Option<std::time::Duration>,
     /// How long a blob or chunk that lost its last reference stays
     /// collectable-but-present. A writer that found it stored and skipped
@@ -271,7 +274,7 @@ impl Gc {
 
 /// Request limits: every body garret reads is bounded in size, time and
 /// (for compressed uploads) in what it may expand to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest NAR (uncompressed) accepted by an upload.
@@ -374,7 +377,7 @@ impl Default for Limits {
 /// What every token must carry, as Attic's `[jwt]` section: a token minted
 /// for another deployment that shares the key (say, staging) is refused
 /// when the issuer or audience differs.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Jwt {
     /// Tokens must carry exactly this `iss`.
@@ -412,9 +415,21 @@ fn human_duration<'de, D: serde::Deserializer<'de>>(
         .map_err(serde::de::Error::custom)
 }
 
+/// Writes what [`human_duration`] reads.
+#[expect(clippy::ref_option, reason = "the signature serde's serialize_with calls")]
+fn human_duration_out<S: serde::Serializer>(
+    duration: &Option<std::time::Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(d) => serializer.serialize_some(&crate::units::format_duration(*d)),
+        None => serializer.serialize_none(),
+    }
+}
+
 /// How long connections may live without doing useful work, so idle and
 /// half-open clients cannot hold sockets (and file descriptors) forever.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Connections {
     /// A client must send a whole request head within this time, from the
@@ -724,63 +739,56 @@ impl Config {
         }
     }
 
-    /// One line per setting, secrets hidden: what `garret check-config` prints.
-    pub fn summary(&self) -> String {
-        let storage = match (&self.storage, self.local_path()) {
-            (_, Some(path)) => format!("local {}", path.display()),
-            (Storage::S3(s3), None) => format!(
-                "s3 bucket={} prefix={:?} endpoint={} region={} path_style={}",
-                s3.bucket,
-                s3.prefix,
-                s3.endpoint.as_deref().unwrap_or("(AWS)"),
-                s3.region,
-                s3.path_style
-            ),
-            (Storage::Local { .. }, None) => unreachable!("local storage always has a path"),
-        };
-        format!(
-            "listen: {}\ndata_dir: {}\ndatabase: {}\nstorage: {storage}\nchunking: avg {} B, zstd level {}\nlimits: max NAR {} B, max preamble {} B, request timeout {} s, idle timeout {} s, decompression memory {} B, ratio {} beyond {} B\n",
-            self.listen,
-            self.data_dir.display(),
-            redact_url(&self.database_url()),
-            self.chunking.avg_size,
-            self.chunking.zstd_level,
-            self.limits.max_nar_size,
-            self.limits.max_preamble_size,
-            self.limits.request_timeout_secs,
-            self.limits.idle_timeout_secs,
-            self.limits.max_decompression_memory,
-            self.limits.max_decompression_ratio,
-            self.limits.decompression_ratio_floor,
-        ) + &format!(
-            "connections: max {}, header timeout {} s, keep-alive idle {} s, h2 ping {} s, shutdown {} s\naccess times: written every {} s\nreadiness: checked every {} s\napi_endpoint: {}\nsubstituter_endpoint: {}\njwt: issuer {}, audiences [{}]\ngc: every {} s (0: never), default retention {}, grace {} s, CAS protected {} s, pack grace {} s, orphan grace {} s, rewrite below {} % (at most {} packs a run)\n",
-            self.connections.max_connections,
-            self.connections.header_read_timeout_secs,
-            self.connections.keepalive_idle_secs,
-            self.connections.h2_keepalive_interval_secs,
-            self.connections.shutdown_timeout_secs,
-            self.access_flush_interval_secs,
-            self.readiness_interval_secs,
-            self.api_endpoint
-                .as_deref()
-                .unwrap_or("(from each request)"),
-            self.substituter_endpoint
-                .as_deref()
-                .unwrap_or("(API endpoint + cache name)"),
-            self.jwt.bound_issuer.as_deref().unwrap_or("(any)"),
-            self.jwt.bound_audiences.join(", "),
-            self.gc.interval_secs,
-            self.gc
-                .default_retention
-                .map_or_else(|| "none (keep)".to_owned(), crate::units::format_duration),
-            self.gc.grace_secs,
-            self.gc.cas_protect_secs,
-            self.gc.pack_grace_secs,
-            self.gc.orphan_grace_secs,
-            self.gc.rewrite_below_percent,
-            self.gc.rewrite_max_packs,
-        )
+    /// Every setting by its key, secrets hidden: what `garret check-config
+    /// --json` prints. Unset settings are `null`.
+    pub fn redacted(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).expect("the configuration is plain data");
+        let hidden = serde_json::Value::from("<redacted>");
+        if let Some(url) = self.database_url.as_deref() {
+            value["database_url"] = redact_url(url).into();
+        }
+        for pointer in ["/storage/secret_access_key", "/jwt/hs256_secret_base64"] {
+            if let Some(secret) = value.pointer_mut(pointer).filter(|v| !v.is_null()) {
+                *secret = hidden.clone();
+            }
+        }
+        value
     }
+
+    /// One `key = value` line per setting, in TOML's dotted-key form (unset
+    /// ones commented out), secrets hidden: what `garret check-config`
+    /// prints, and a file it would load.
+    pub fn summary(&self) -> String {
+        flatten(&self.redacted())
+            .into_iter()
+            .map(|(key, value)| match value {
+                serde_json::Value::Null => format!("# {key} (unset)\n"),
+                value => format!("{key} = {value}\n"),
+            })
+            .collect()
+    }
+}
+
+/// The leaves of `value` by their dotted keys, sorted.
+fn flatten(value: &serde_json::Value) -> Vec<(String, serde_json::Value)> {
+    fn walk(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+        match value {
+            serde_json::Value::Object(fields) => {
+                for (name, field) in fields {
+                    let key = if prefix.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{prefix}.{name}")
+                    };
+                    walk(&key, field, out);
+                }
+            }
+            leaf => out.push((prefix.to_owned(), leaf.clone())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", value, &mut out);
+    out
 }
 
 /// Where clients reach this server when a proxy stands between: the bases
@@ -890,6 +898,169 @@ mod tests {
         Config::load(toml.map(|_| path.as_path()), |name| vars.get(name).cloned())
     }
 
+    /// A row of CONFIGURATION.md's settings table, cells without backticks.
+    struct Row {
+        key: String,
+        variable: Option<String>,
+        default: String,
+        example: String,
+    }
+
+    const REFERENCE: &str = include_str!("../CONFIGURATION.md");
+
+    fn reference_rows() -> Vec<Row> {
+        let settings = REFERENCE
+            .split("\n## Settings\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("CONFIGURATION.md has a Settings section");
+        let bare = |cell: &str| cell.trim().trim_matches('`').to_owned();
+        settings
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .map(|line| {
+                let cells: Vec<&str> = line.split('|').collect();
+                assert_eq!(cells.len(), 8, "six cells: {line}");
+                let variable = bare(cells[3]);
+                Row {
+                    key: bare(cells[1]),
+                    variable: (!variable.is_empty()).then_some(variable),
+                    default: bare(cells[4]),
+                    example: bare(cells[5]),
+                }
+            })
+            .collect()
+    }
+
+    /// A TOML value written in the reference, as the JSON the configuration
+    /// serializes to.
+    fn toml_value(text: &str) -> serde_json::Value {
+        let doc: toml::Table = toml::from_str(&format!("v = {text}"))
+            .unwrap_or_else(|e| panic!("`{text}` is not a TOML value: {e}"));
+        serde_json::to_value(&doc["v"]).unwrap()
+    }
+
+    /// What setting `key` to a value needs besides: S3's keys live in an
+    /// `s3` storage table with a bucket, and the access key pair goes
+    /// together. As (file lines, variables).
+    fn prerequisites(key: &str) -> (String, Vec<(&'static str, &'static str)>) {
+        let Some(field) = key.strip_prefix("storage.") else {
+            return (String::new(), Vec::new());
+        };
+        match field {
+            "type" => ("bucket = \"b\"\n".into(), vec![("GARRET_S3_BUCKET", "b")]),
+            "path" => ("type = \"local\"\n".into(), Vec::new()),
+            _ => {
+                let mut lines = String::from("type = \"s3\"\n");
+                let mut vars = vec![("GARRET_STORAGE", "s3")];
+                if field != "bucket" {
+                    lines.push_str("bucket = \"b\"\n");
+                    vars.push(("GARRET_S3_BUCKET", "b"));
+                }
+                match field {
+                    "access_key_id" => lines.push_str("secret_access_key = \"x\"\n"),
+                    "secret_access_key" => lines.push_str("access_key_id = \"x\"\n"),
+                    _ => {}
+                }
+                (lines, vars)
+            }
+        }
+    }
+
+    /// `key = value` as a file: a dotted key's last part in its table.
+    fn file_setting(key: &str, value: &str) -> String {
+        let (lines, _) = prerequisites(key);
+        match key.rsplit_once('.') {
+            Some((table, field)) => format!("[{table}]\n{lines}{field} = {value}\n"),
+            None => format!("{key} = {value}\n"),
+        }
+    }
+
+    /// A TOML example as a variable carries it: strings bare, lists
+    /// comma-separated.
+    fn variable_value(example: &serde_json::Value) -> String {
+        match example {
+            serde_json::Value::String(text) => text.clone(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().expect("lists of strings").to_owned())
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        }
+    }
+
+    fn settings(config: &Config) -> HashMap<String, serde_json::Value> {
+        flatten(&serde_json::to_value(config).unwrap())
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn reference_matches_the_code() {
+        let rows = reference_rows();
+        let mut defaults = settings(&Config::default());
+        let s3 = load(Some("[storage]\ntype = \"s3\"\nbucket = \"b\"\n"), &[]).unwrap();
+        defaults.extend(
+            settings(&s3)
+                .into_iter()
+                .filter(|(key, _)| key.starts_with("storage.") && key != "storage.type"),
+        );
+        let documented: std::collections::BTreeSet<&str> =
+            rows.iter().map(|row| row.key.as_str()).collect();
+        let in_code: std::collections::BTreeSet<&str> =
+            defaults.keys().map(String::as_str).collect();
+        assert_eq!(documented, in_code, "CONFIGURATION.md's keys and Config's");
+        assert_eq!(documented.len(), rows.len(), "a key documented twice");
+
+        for row in &rows {
+            let key = row.key.as_str();
+            match row.default.as_str() {
+                "none" => assert_eq!(defaults[key], serde_json::Value::Null, "{key}"),
+                "required" => {
+                    let (without, _) = prerequisites(key);
+                    assert!(load(Some(&format!("[storage]\n{without}")), &[]).is_err());
+                }
+                default => assert_eq!(defaults[key], toml_value(default), "{key}'s default"),
+            }
+
+            let example = toml_value(&row.example);
+            assert_ne!(defaults[key], example, "{key}'s example is its default");
+            let from_file = load(Some(&file_setting(key, &row.example)), &[])
+                .unwrap_or_else(|e| panic!("{key} = {}: {e}", row.example));
+            assert_eq!(settings(&from_file)[key], example, "{key} from the file");
+
+            if let Some(variable) = &row.variable {
+                let value = variable_value(&example);
+                let (_, mut vars) = prerequisites(key);
+                vars.push((variable.as_str(), value.as_str()));
+                let from_env =
+                    load(None, &vars).unwrap_or_else(|e| panic!("{variable}={value}: {e}"));
+                assert_eq!(settings(&from_env)[key], example, "{key} from {variable}");
+            }
+        }
+    }
+
+    #[test]
+    fn reference_names_every_variable_read() {
+        let source = include_str!("config.rs");
+        let mut rest = source;
+        let mut seen = 0;
+        while let Some(start) = rest.find("\"GARRET_") {
+            let name: String = rest[start + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            assert!(
+                name.len() <= "GARRET_".len() || REFERENCE.contains(&format!("`{name}`")),
+                "{name} is read but not in CONFIGURATION.md"
+            );
+            seen += 1;
+            rest = &rest[start + 1..];
+        }
+        assert!(seen > 30, "the scan found the variables ({seen})");
+    }
+
     #[test]
     fn defaults_are_embedded() {
         let config = load(None, &[]).unwrap();
@@ -930,7 +1101,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.access_flush_interval_secs, 2);
-        assert!(config.summary().contains("access times: written every 2 s"));
+        assert!(
+            config
+                .summary()
+                .lines()
+                .any(|l| l == "access_flush_interval_secs = 2")
+        );
         assert_eq!(config.listen.to_string(), "0.0.0.0:9000");
         let s3 = config.s3_config().unwrap();
         assert_eq!(
@@ -965,7 +1141,12 @@ mod tests {
             config.gc.default_retention,
             Some(std::time::Duration::from_hours(30 * 24))
         );
-        assert!(config.summary().contains("default retention 30d,"));
+        assert!(
+            config
+                .summary()
+                .lines()
+                .any(|l| l == "gc.default_retention = \"30d\"")
+        );
         let config = load(
             Some("[gc]\ndefault_retention = \"30d\"\n"),
             &[("GARRET_GC_DEFAULT_RETENTION", "12h")],

@@ -76,6 +76,35 @@ pub enum GcError {
     Meta(#[from] MetaError),
 }
 
+/// The step a run is at, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Evict,
+    Expire,
+    Sweep,
+    Chunks,
+    Packs,
+    Rewrite,
+    Orphans,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Evict => "evicting CAS entries over budget",
+            Self::Expire => "expiring unaccessed entries",
+            Self::Sweep => "collecting uploads and blobs",
+            Self::Chunks => "collecting chunks",
+            Self::Packs => "deleting dead packs",
+            Self::Rewrite => "rewriting sparse packs",
+            Self::Orphans => "deleting orphans",
+        })
+    }
+}
+
+/// Told the step and the tally so far, at each step and batch.
+pub type Progress<'a> = &'a (dyn Fn(Step, &GcReport) + Sync);
+
 /// Runs one collection at time `now` (unix seconds).
 pub async fn collect(
     meta: &Meta,
@@ -84,11 +113,25 @@ pub async fn collect(
     now: i64,
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
+    collect_with_progress(meta, store, settings, now, dry_run, &|_, _| {}).await
+}
+
+/// [`collect`], telling `progress` how far it got: a run over millions of
+/// rows takes minutes, and `garret gc` on a terminal shows where it is.
+pub async fn collect_with_progress(
+    meta: &Meta,
+    store: &ChunkStore<Backend>,
+    settings: &Gc,
+    now: i64,
+    dry_run: bool,
+    progress: Progress<'_>,
+) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let mut report = GcReport {
         dry_run,
         ..GcReport::default()
     };
+    progress(Step::Evict, &report);
     let retention = settings.default_retention;
     let protect_after = now.saturating_sub(secs(settings.cas_protect_secs));
     let evicted = meta
@@ -106,6 +149,7 @@ pub async fn collect(
         return Ok(report);
     }
     loop {
+        progress(Step::Expire, &report);
         let expired = meta.gc_expire(now, retention, BATCH).await?;
         if expired.is_empty() {
             break;
@@ -114,6 +158,7 @@ pub async fn collect(
         report.cas_entries += expired.cas_entries;
         report.action_results += expired.action_results;
     }
+    progress(Step::Sweep, &report);
     report.pins_expired = meta.gc_forget_expired_pins(now).await?;
     report.upload_sessions = until_done(|| meta.expire_uploads(now, BATCH)).await?;
     report.blobs = until_done(|| meta.gc_sweep_blobs(now, BATCH)).await?;
@@ -123,6 +168,7 @@ pub async fn collect(
         settings,
         now,
         report,
+        progress,
     };
     run.sweep_chunks().await?;
     run.retire_packs().await?;
@@ -140,6 +186,7 @@ struct Run<'a> {
     settings: &'a Gc,
     now: i64,
     report: GcReport,
+    progress: Progress<'a>,
 }
 
 /// Calls `step` until it reports nothing done; returns the total.
@@ -158,6 +205,10 @@ where
 }
 
 impl Run<'_> {
+    fn tick(&self, step: Step) {
+        (self.progress)(step, &self.report);
+    }
+
     /// Deletes the stored object `key` of `size` bytes; a failure is
     /// logged and counted, and its work left for the next run. Returns
     /// whether the object went.
@@ -180,6 +231,7 @@ impl Run<'_> {
     /// marked, for the next run.
     async fn sweep_chunks(&mut self) -> Result<(), GcError> {
         loop {
+            self.tick(Step::Chunks);
             let marked = self.meta.gc_mark_chunks(self.now, CHUNK_BATCH).await?;
             if marked.is_empty() {
                 return Ok(());
@@ -210,6 +262,7 @@ impl Run<'_> {
         self.report.packs_found_dead = self.meta.gc_mark_dead_packs(self.now).await?;
         let dead_before = self.now.saturating_sub(secs(self.settings.pack_grace_secs));
         loop {
+            self.tick(Step::Packs);
             let dead = self.meta.gc_dead_packs(dead_before, BATCH).await?;
             if dead.is_empty() {
                 return Ok(());
@@ -241,6 +294,7 @@ impl Run<'_> {
             )
             .await?;
         for pack in sparse {
+            self.tick(Step::Rewrite);
             match rewrite(self.meta, self.store, pack.key, self.now).await {
                 Ok(moved) => {
                     self.report.packs_rewritten += 1;
@@ -266,6 +320,7 @@ impl Run<'_> {
         for prefix in ["packs/", "chunks/"] {
             let mut after: Option<String> = None;
             loop {
+                self.tick(Step::Orphans);
                 let page = match self
                     .store
                     .backend()

@@ -86,17 +86,19 @@ fn nar_tools_agree_with_nix() {
 fn generated_keys_are_nix_keys() {
     let dir = tempfile::tempdir().unwrap();
     let (sk, pk) = (dir.path().join("sk"), dir.path().join("pk"));
-    garret(&[
+    let printed = garret(&[
         "key",
         "generate",
         "cache.example-1",
         sk.to_str().unwrap(),
         pk.to_str().unwrap(),
-    ]);
+    ])
+    .stdout;
     let secret: garret_nix::signing::SigningKey =
         std::fs::read_to_string(&sk).unwrap().parse().unwrap();
     let public = std::fs::read_to_string(&pk).unwrap();
     assert_eq!(secret.verifying_key().to_string(), public);
+    assert_eq!(String::from_utf8(printed).unwrap(), format!("{public}\n"));
     assert!(public.starts_with("cache.example-1:"));
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sk).unwrap().permissions());
@@ -162,6 +164,32 @@ fn gc_runs_once_and_reports() {
     let out = run(&[]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 Nix objects"));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("gc: "),
+        "no progress line without a terminal"
+    );
+
+    // On a terminal (util-linux `script` gives it one), the progress line
+    // shows a step and is cleared before the report.
+    let command = format!("{} gc", env!("CARGO_BIN_EXE_garret"));
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("GARRET_DATA_DIR", dir.path())
+        .env("GARRET_LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("\r\x1b[2Kgc: evicting CAS entries over budget: 0 entries expired"),
+        "{shown:?}"
+    );
+    let last = shown.rfind("gc: ").unwrap();
+    assert!(shown[last..].contains("\r\x1b[2K"), "cleared: {shown:?}");
+    assert!(
+        shown[last..].contains("Nix objects"),
+        "then the report: {shown:?}"
+    );
     // A store it cannot open is a failure, not an empty report.
     let out = Command::new(env!("CARGO_BIN_EXE_garret"))
         .arg("gc")
@@ -182,7 +210,10 @@ fn check_config_validates_and_hides_secrets() {
     .unwrap();
     let out = garret(&["check-config", "--config", file.to_str().unwrap()]);
     let printed = String::from_utf8(out.stdout).unwrap();
-    assert!(printed.contains("storage: s3 bucket=chunks"), "{printed}");
+    assert!(
+        printed.contains("\nstorage.bucket = \"chunks\"\n"),
+        "{printed}"
+    );
     assert!(
         printed.contains("postgres://garret:<redacted>@db/garret"),
         "{printed}"
@@ -697,6 +728,68 @@ fn cache_commands_manage_caches() {
     // The name is free again, with a new key.
     let again = String::from_utf8(run(&["cache", "create", "team-ci"]).stdout).unwrap();
     assert!(again.contains("public: false") && !again.contains(public_key));
+}
+
+#[test]
+fn cache_list_and_json_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("garret.db").display());
+    let run = |args: &[&str]| garret_on(&url, args, &[]);
+    assert!(stdout_of(run(&["cache", "list"])).starts_with("no caches"));
+    assert_eq!(stdout_of(run(&["cache", "list", "--json"])), "[]\n");
+
+    let created: serde_json::Value = serde_json::from_str(&stdout_of(run(&[
+        "cache", "create", "nix", "--public", "--json",
+    ])))
+    .unwrap();
+    assert_eq!(created["name"], "nix");
+    assert_eq!(created["is_public"], true);
+    assert!(created.get("signing_key").is_none(), "{created}");
+    stdout_of(run(&["cache", "create", "bazel"]));
+    stdout_of(run(&[
+        "cache",
+        "configure",
+        "bazel",
+        "--cas-budget",
+        "1GiB",
+        "--retention",
+        "7d",
+    ]));
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&stdout_of(run(&["cache", "list", "--json"]))).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["name"], "bazel", "by name");
+    assert_eq!(listed[0]["cas_budget_bytes"], 1u64 << 30);
+    assert_eq!(listed[0]["retention_period_secs"], 7 * 86_400);
+    assert_eq!(listed[0]["retention"], "7d");
+    assert_eq!(listed[1], created, "list and create print the same view");
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout_of(run(&["cache", "info", "bazel", "--json"]))).unwrap();
+    assert_eq!(info, listed[0]);
+
+    let text = stdout_of(run(&["cache", "list"]));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("NAME "), "{text}");
+    assert!(
+        lines[1].starts_with("bazel ") && lines[1].contains(" private "),
+        "{text}"
+    );
+    assert!(lines[1].contains(" 1GiB "), "{text}");
+    assert!(
+        lines[2].starts_with("nix ") && lines[2].ends_with(created["public_key"].as_str().unwrap()),
+        "{text}"
+    );
+    // Columns line up: every row's key starts where the header's does.
+    let key_column = lines[0].find("PUBLIC KEY").unwrap();
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l[key_column..].starts_with("bazel:") || l[key_column..].starts_with("nix:")),
+        "{text}"
+    );
 }
 
 #[test]

@@ -68,6 +68,18 @@ both! {
         assert_eq!((updated.retention_period, updated.cas_budget_bytes), (Some(0), None));
     }
 
+    async fn caches_lists_the_live_ones_by_name(db: TestDb) {
+        assert!(db.caches().await.unwrap().is_empty());
+        for name in ["zeta", "alpha", "gone", "mid"] {
+            db.create_cache(&new_cache(name), 0).await.unwrap();
+        }
+        db.delete_cache("gone", 1).await.unwrap();
+        let listed = db.caches().await.unwrap();
+        let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "mid", "zeta"]);
+        assert_eq!(listed[0], db.cache("alpha").await.unwrap());
+    }
+
     async fn duplicate_live_name_already_exists(db: TestDb) {
         let first = db.create_cache(&new_cache("dup"), 0).await.unwrap();
         let err = db.create_cache(&new_cache("dup"), 1).await.unwrap_err();

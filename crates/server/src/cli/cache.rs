@@ -14,12 +14,21 @@ use garret_server::clock::unix_now;
 use garret_server::config::Config;
 use garret_server::units::{format_duration, format_size, parse_duration, parse_size};
 
+use super::JsonFlag;
+
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
+    /// Lists every cache, one line each: visibility, priority, retention,
+    /// CAS budget and public key.
+    List(JsonFlag),
     /// Creates a cache with a fresh signing key and prints its public key.
     Create(CreateArgs),
     /// Prints a cache's settings and public key.
-    Info { name: String },
+    Info {
+        name: String,
+        #[command(flatten)]
+        output: JsonFlag,
+    },
     /// Changes a cache's settings; what is not given stays as it is.
     Configure(ConfigureArgs),
     /// Deletes a cache; its objects become garbage for GC, and the name is
@@ -41,6 +50,8 @@ pub struct CreateArgs {
     /// Name of the signing key; defaults to the cache name, as Attic does.
     #[arg(long)]
     key_name: Option<String>,
+    #[command(flatten)]
+    output: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +89,8 @@ pub struct ConfigureArgs {
     /// Substituter priority advertised in `nix-cache-info` (lower wins).
     #[arg(long)]
     priority: Option<i32>,
+    #[command(flatten)]
+    output: JsonFlag,
 }
 
 impl ConfigureArgs {
@@ -122,6 +135,7 @@ impl CreateArgs {
             priority: 41,
             store_dir: DEFAULT_STORE_DIR.to_owned(),
             key_name: None,
+            output: JsonFlag::default(),
         }
     }
 }
@@ -154,13 +168,30 @@ pub async fn create(meta: &Meta, args: &CreateArgs) -> anyhow::Result<Option<Cac
 impl CacheCommand {
     pub async fn run(self, meta: &Meta, config: &Config) -> anyhow::Result<()> {
         match self {
+            Self::List(output) => {
+                let caches = meta.caches().await.context("listing caches")?;
+                let views = caches
+                    .iter()
+                    .map(|cache| CacheView::new(cache, config))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                if output.json {
+                    println!("{}", serde_json::to_string(&views)?);
+                } else if views.is_empty() {
+                    println!("no caches; create one with `garret cache create NAME`");
+                } else {
+                    print!("{}", table(&views));
+                }
+                Ok(())
+            }
             Self::Create(args) => {
                 let cache = create(meta, &args)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("cache {} already exists", args.name))?;
-                print_info(&cache, config)
+                CacheView::new(&cache, config)?.print(args.output)
             }
-            Self::Info { name } => print_info(&find(meta, &name).await?, config),
+            Self::Info { name, output } => {
+                CacheView::new(&find(meta, &name).await?, config)?.print(output)
+            }
             Self::Configure(args) => {
                 let patch = args.patch();
                 anyhow::ensure!(
@@ -172,7 +203,7 @@ impl CacheCommand {
                     .update_cache(&args.name, &patch)
                     .await
                     .context("configuring the cache")?;
-                print_info(&cache, config)
+                CacheView::new(&cache, config)?.print(args.output)
             }
             Self::Delete { name } => {
                 find(meta, &name).await?;
@@ -194,27 +225,103 @@ pub(super) async fn find(meta: &Meta, name: &str) -> anyhow::Result<garret_meta:
     })
 }
 
-fn print_info(cache: &garret_meta::Cache, config: &Config) -> anyhow::Result<()> {
-    let key: SigningKey = cache
-        .signing_key
-        .parse()
-        .context("the cache's stored signing key")?;
-    println!("name: {}", cache.name);
-    println!("public: {}", cache.is_public);
-    println!("priority: {}", cache.priority);
-    println!("store dir: {}", cache.store_dir);
-    println!("public key: {}", key.verifying_key());
-    println!(
-        "retention: {}",
-        retention(cache.retention_period, config.gc.default_retention)
-    );
-    println!(
-        "cas budget: {}",
-        cache
-            .cas_budget_bytes
+/// What the cache commands print of a cache: its settings as they apply,
+/// and the public key clients trust. Never the secret key.
+#[derive(Debug, serde::Serialize)]
+struct CacheView {
+    name: String,
+    is_public: bool,
+    priority: i32,
+    store_dir: String,
+    public_key: String,
+    /// As stored, with Attic's meaning: `null` follows the server's
+    /// default, 0 keeps forever.
+    retention_period_secs: Option<i64>,
+    /// The retention that applies, in words.
+    retention: String,
+    cas_budget_bytes: Option<u64>,
+}
+
+impl CacheView {
+    fn new(cache: &garret_meta::Cache, config: &Config) -> anyhow::Result<Self> {
+        let key: SigningKey = cache
+            .signing_key
+            .parse()
+            .with_context(|| format!("cache {}: the stored signing key", cache.name))?;
+        Ok(Self {
+            name: cache.name.clone(),
+            is_public: cache.is_public,
+            priority: cache.priority,
+            store_dir: cache.store_dir.clone(),
+            public_key: key.verifying_key().to_string(),
+            retention_period_secs: cache.retention_period,
+            retention: retention(cache.retention_period, config.gc.default_retention),
+            cas_budget_bytes: cache.cas_budget_bytes,
+        })
+    }
+
+    fn budget(&self) -> String {
+        self.cas_budget_bytes
             .map_or_else(|| "none".to_owned(), format_size)
-    );
-    Ok(())
+    }
+
+    fn print(&self, output: JsonFlag) -> anyhow::Result<()> {
+        if output.json {
+            println!("{}", serde_json::to_string(self)?);
+        } else {
+            println!("name: {}", self.name);
+            println!("public: {}", self.is_public);
+            println!("priority: {}", self.priority);
+            println!("store dir: {}", self.store_dir);
+            println!("public key: {}", self.public_key);
+            println!("retention: {}", self.retention);
+            println!("cas budget: {}", self.budget());
+        }
+        Ok(())
+    }
+}
+
+/// `cache list`'s text: a header and a row per cache, columns aligned.
+fn table(views: &[CacheView]) -> String {
+    let rows: Vec<[String; 6]> = std::iter::once(
+        [
+            "NAME",
+            "VISIBILITY",
+            "PRIORITY",
+            "RETENTION",
+            "CAS BUDGET",
+            "PUBLIC KEY",
+        ]
+        .map(str::to_owned),
+    )
+    .chain(views.iter().map(|view| {
+        [
+            view.name.clone(),
+            (if view.is_public { "public" } else { "private" }).to_owned(),
+            view.priority.to_string(),
+            view.retention.clone(),
+            view.budget(),
+            view.public_key.clone(),
+        ]
+    }))
+    .collect();
+    let mut widths = [0; 6];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// A cache's retention as it applies, with where it comes from.

@@ -77,8 +77,17 @@ enum Command {
     /// references. Exits non-zero if any step failed.
     Gc(GcArgs),
     /// Loads and validates the configuration, then prints the effective
-    /// settings with secrets hidden.
-    CheckConfig,
+    /// settings with secrets hidden (keys as in CONFIGURATION.md).
+    CheckConfig(JsonFlag),
+}
+
+/// `--json` for commands that print a result: the same facts as one JSON
+/// value on standard output, for scripts.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct JsonFlag {
+    /// Prints JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `gc`'s flags.
@@ -174,8 +183,13 @@ impl Cli {
                 let config = load_config(self.config.as_deref())?;
                 runtime()?.block_on(collect_garbage(&config, &args))
             }
-            Command::CheckConfig => {
-                print!("{}", load_config(self.config.as_deref())?.summary());
+            Command::CheckConfig(JsonFlag { json }) => {
+                let config = load_config(self.config.as_deref())?;
+                if json {
+                    println!("{}", config.redacted());
+                } else {
+                    print!("{}", config.summary());
+                }
                 Ok(())
             }
             Command::Nar(NarCommand::Dump { path }) => {
@@ -287,14 +301,27 @@ async fn collect_garbage(config: &Config, args: &GcArgs) -> anyhow::Result<()> {
         .await?
         .with_grace(config.gc.grace());
     let store = garret_server::state::open_store(config).context("opening the chunk store")?;
-    let report = garret_server::gc::collect(
+    let display = ProgressLine::on_terminal();
+    let report = garret_server::gc::collect_with_progress(
         &meta,
         &store,
         &config.gc,
         garret_server::clock::unix_now(),
         args.dry_run,
+        &|step, so_far| {
+            display.show(|| {
+                format!(
+                    "gc: {step}: {} entries expired, {} chunks, {} packs, {} freed",
+                    so_far.nix_objects + so_far.cas_entries + so_far.action_results,
+                    so_far.chunks,
+                    so_far.packs_deleted + so_far.packs_rewritten,
+                    garret_server::units::format_size(so_far.bytes_freed),
+                )
+            });
+        },
     )
     .await;
+    display.clear();
     meta.close().await;
     let report = report.context("garbage collection")?;
     if args.json {
@@ -308,6 +335,44 @@ async fn collect_garbage(config: &Config, args: &GcArgs) -> anyhow::Result<()> {
         report.errors
     );
     Ok(())
+}
+
+/// A status line rewritten in place on standard error, at most a few times
+/// a second, when standard error is a terminal; nothing otherwise, so logs
+/// and pipes get no control characters.
+struct ProgressLine {
+    last: Option<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl ProgressLine {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+    fn on_terminal() -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            last: io::stderr()
+                .is_terminal()
+                .then(|| std::sync::Mutex::new(None)),
+        }
+    }
+
+    fn show(&self, line: impl FnOnce() -> String) {
+        let Some(last) = &self.last else { return };
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        eprint!("\r\x1b[2K{}", line());
+    }
+
+    fn clear(&self) {
+        if self.last.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    }
 }
 
 /// Everything garret creates (database, chunks, secrets) is for its
@@ -349,7 +414,61 @@ fn generate_key(name: &str, secret_file: &PathBuf, public_file: &PathBuf) -> any
         .open(secret_file)
         .with_context(|| format!("creating {}", secret_file.display()))?;
     secret.write_all(key.to_secret_string().as_bytes())?;
-    std::fs::write(public_file, key.verifying_key().to_string())
+    let public = key.verifying_key().to_string();
+    std::fs::write(public_file, &public)
         .with_context(|| format!("writing {}", public_file.display()))?;
+    // What clients put in `trusted-public-keys`.
+    println!("{public}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    const REFERENCE: &str = include_str!("../../CONFIGURATION.md");
+
+    /// CONFIGURATION.md lists every flag and variable of the command line
+    /// (global ones and `serve`'s), and every flag it names exists: a flag
+    /// of `serve` on the row of the setting it overrides.
+    #[test]
+    fn reference_names_every_flag() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve exists");
+        let mut flags = Vec::new();
+        for (arg, of_serve) in cli
+            .get_arguments()
+            .map(|arg| (arg, false))
+            .chain(serve.get_arguments().map(|arg| (arg, true)))
+        {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let flag = format!("`--{long}`");
+            let row = REFERENCE
+                .lines()
+                .find(|line| line.starts_with('|') && line.contains(&flag))
+                .unwrap_or_else(|| panic!("{flag} is not in CONFIGURATION.md"));
+            if of_serve {
+                let key = long.replace('-', "_");
+                assert!(row.starts_with(&format!("| `{key}` |")), "{flag}: {row}");
+            }
+            if let Some(variable) = arg.get_env() {
+                let variable = format!("`{}`", variable.to_string_lossy());
+                assert!(row.contains(&variable), "{flag} reads {variable}: {row}");
+            }
+            flags.push(flag);
+        }
+        for named in REFERENCE.split('`').filter(|word| word.starts_with("--")) {
+            let named = format!("`{named}`");
+            assert!(
+                flags.contains(&named) || !REFERENCE.contains(&format!("| {named} |")),
+                "CONFIGURATION.md names {named}, which no command has"
+            );
+        }
+        assert!(flags.len() >= 5, "{flags:?}");
+    }
 }

@@ -242,6 +242,18 @@ impl Meta {
         cache_from_row(row.ok_or(MetaError::NotFound("cache"))?)
     }
 
+    /// Whether a cache called `name` exists or ever existed (deleted caches
+    /// keep their rows).
+    pub async fn cache_name_ever_used(&self, name: &str) -> Result<bool> {
+        let found: Option<i32> = on_reader!(self, |pool| async {
+            sqlx::query_scalar("SELECT 1 FROM caches WHERE name = $1 LIMIT 1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await
+        })?;
+        Ok(found.is_some())
+    }
+
     /// Every live cache, by name. Caches are few (an operator creates
     /// each), so this is one unpaged query.
     pub async fn caches(&self) -> Result<Vec<Cache>> {

@@ -268,10 +268,26 @@ pub fn create_private_dir(dir: &Path) -> Result<(), StateError> {
 /// The data directory, created or restricted to 0700: it holds the token
 /// secret and the embedded database (and local chunks by default), and earlier versions
 /// created it 0755.
+///
+/// A directory this user does not own (a Kubernetes volume mounted there,
+/// owned by root with the pod's fsGroup) cannot be restricted; that is
+/// logged, not fatal: whoever mounted it chose its mode.
 pub fn private_data_dir(dir: &Path) -> Result<(), StateError> {
     create_private_dir(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|source| io(dir, source))
+    let mode = std::fs::metadata(dir)
+        .map_err(|source| io(dir, source))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!(dir = %dir.display(), mode = format_args!("{:o}", mode & 0o777), "the data directory belongs to another user and stays as it is");
+            Ok(())
+        }
+        other => other.map_err(|source| io(dir, source)),
+    }
 }
 
 fn io(path: &Path, source: std::io::Error) -> StateError {

@@ -509,7 +509,7 @@ impl Replicas {
             ("GARRET_LOCAL_PATH", chunks.to_str().unwrap()),
             ("GARRET_TOKEN_HS256_SECRET_BASE64", secret.as_str()),
         ];
-        // One after the other: the first creates the default cache.
+        // One after the other: the first creates Bazel's default cache.
         let a = Server::start(&dir.path().join("a"), None, &env);
         let b = Server::start(&dir.path().join("b"), None, &env);
         let mut spec = TokenSpec::new("ci", Duration::from_hours(1));
@@ -518,10 +518,12 @@ impl Replicas {
             .unwrap()
             .mint(&spec)
             .unwrap();
-        // With a configured key there is no first start: make Bazel's
-        // default cache, once, through either replica.
-        let (status, body) = create_cache(&a, &token, "default");
-        assert_eq!(status, "200", "{body}");
+        // With a configured key there is no first start, but a database
+        // that never had Bazel's default cache gets it: creating it again
+        // through the other replica finds it there.
+        let (status, body) = create_cache(&b, &token, "default");
+        assert_eq!(status, "400", "{body}");
+        assert!(body.contains("CacheAlreadyExists"), "{body}");
         Self {
             a,
             b,

@@ -74,6 +74,9 @@ both! {
             db.create_cache(&new_cache(name), 0).await.unwrap();
         }
         db.delete_cache("gone", 1).await.unwrap();
+        assert!(db.cache_name_ever_used("gone").await.unwrap());
+        assert!(db.cache_name_ever_used("mid").await.unwrap());
+        assert!(!db.cache_name_ever_used("never").await.unwrap());
         let listed = db.caches().await.unwrap();
         let names: Vec<&str> = listed.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["alpha", "mid", "zeta"]);

@@ -257,8 +257,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             path = first.secret_file.display(),
             admin = first.admin_token,
         );
-        // So `bazel build --remote_cache=grpc://…` works with no other step.
-        let default = cache::CreateArgs::private(&config.bazel_default_cache);
+    }
+    // So `bazel build --remote_cache=grpc://…` works with no other step, on
+    // a fresh data directory and on a fresh Postgres database with a
+    // configured token key alike; a cache an operator deleted stays deleted.
+    let default = &config.bazel_default_cache;
+    if !state.meta.cache_name_ever_used(default).await? {
+        let default = cache::CreateArgs::private(default);
         if let Some(cache) = cache::create(&state.meta, &default).await? {
             println!(
                 "Created the private cache `{}` that Bazel requests without an instance name use.",

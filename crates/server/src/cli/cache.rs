@@ -12,7 +12,7 @@ use garret_nix::signing::SigningKey;
 use garret_nix::store_path::DEFAULT_STORE_DIR;
 use garret_server::clock::unix_now;
 use garret_server::config::Config;
-use garret_server::units::{format_duration, format_size, parse_duration, parse_size};
+use garret_server::units::{describe_retention, format_size, parse_duration, parse_size};
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
@@ -206,7 +206,7 @@ fn print_info(cache: &garret_meta::Cache, config: &Config) -> anyhow::Result<()>
     println!("public key: {}", key.verifying_key());
     println!(
         "retention: {}",
-        retention(cache.retention_period, config.gc.default_retention)
+        describe_retention(cache.retention_period, config.gc.default_retention)
     );
     println!(
         "cas budget: {}",
@@ -215,17 +215,4 @@ fn print_info(cache: &garret_meta::Cache, config: &Config) -> anyhow::Result<()>
             .map_or_else(|| "none".to_owned(), format_size)
     );
     Ok(())
-}
-
-/// A cache's retention as it applies, with where it comes from.
-fn retention(period: Option<i64>, default: Option<Duration>) -> String {
-    let keep = "keep forever";
-    match period {
-        Some(0) => keep.to_owned(),
-        Some(secs) => format_duration(Duration::from_secs(secs.unsigned_abs())),
-        None => format!(
-            "global default ({})",
-            default.map_or_else(|| keep.to_owned(), format_duration)
-        ),
-    }
 }

@@ -8,6 +8,7 @@ mod body;
 mod health;
 mod nix_upload;
 mod pins;
+pub mod public_urls;
 mod substituter;
 
 use std::sync::Arc;

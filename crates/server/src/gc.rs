@@ -455,7 +455,10 @@ impl LastRun {
             finished_at,
             report: run.ok(),
         };
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(finished);
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(finished);
     }
 
     pub fn get(&self) -> Option<FinishedRun> {

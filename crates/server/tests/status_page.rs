@@ -28,7 +28,12 @@ fn dump_dom(url: &str) -> String {
     let output = Command::new("timeout")
         .arg("120")
         .arg("chromium")
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
         .args(["--enable-logging=stderr", "--v=0"])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(["--dump-dom", url])
@@ -81,8 +86,20 @@ async fn browser_sees_only_the_caches_its_token_may_pull(deployment: Deployment)
     let team_a = make(&server, "team-alpha", false).await;
     let team_b = make(&server, "team-bravo", false).await;
     let hash = "0123456789abcdfghijklmnpqrsvwxyz";
-    publish_nar(&server.state, "open-cache", &format!("{hash}-a"), vec![1; 1000]).await;
-    publish_nar(&server.state, "team-alpha", &format!("{hash}-b"), vec![2; 3000]).await;
+    publish_nar(
+        &server.state,
+        "open-cache",
+        &format!("{hash}-a"),
+        vec![1; 1000],
+    )
+    .await;
+    publish_nar(
+        &server.state,
+        "team-alpha",
+        &format!("{hash}-b"),
+        vec![2; 3000],
+    )
+    .await;
 
     // Anonymous: the public cache, with its figures and how to attach.
     let url = server.url.clone();
@@ -121,7 +138,10 @@ async fn browser_sees_only_the_caches_its_token_may_pull(deployment: Deployment)
         cache.assert_listed(&dom, true);
     }
     assert!(dom.contains("id=\"store\""), "{dom}");
-    assert!(dom.contains("<data value=\"4000\">"), "logical bytes: {dom}");
+    assert!(
+        dom.contains("<data value=\"4000\">"),
+        "logical bytes: {dom}"
+    );
     assert!(dom.contains("not measured yet"), "{dom}");
 
     // A token signed by another server is refused, not taken as anonymous:
@@ -169,7 +189,10 @@ async fn page_headers_and_sign_in_challenge(deployment: Deployment) {
         challenge.headers()["www-authenticate"],
         "Basic realm=\"garret\", charset=\"UTF-8\""
     );
-    assert_eq!(challenge.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(
+        challenge.headers()["content-type"],
+        "text/html; charset=utf-8"
+    );
 
     // A Bearer token works as Basic does, with or without `?login`.
     let token = server.token(&[("hidden", Permission::PULL)]);
@@ -181,7 +204,14 @@ async fn page_headers_and_sign_in_challenge(deployment: Deployment) {
     }
     // Push alone does not list a private cache: listing is reading.
     let pusher = server.token(&[("hidden", Permission::PUSH)]);
-    let body = get("").bearer_auth(&pusher).send().await.unwrap().text().await.unwrap();
+    let body = get("")
+        .bearer_auth(&pusher)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     private.assert_listed(&body, false);
 
     // An unusable token is refused with the reason and a new challenge.

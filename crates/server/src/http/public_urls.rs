@@ -63,7 +63,10 @@ mod tests {
         headers.insert(header::HOST, "10.0.0.1:8080".parse().unwrap());
         let from_request = PublicUrls::for_request(&Endpoints::default(), &headers);
         assert_eq!(from_request.api, "http://10.0.0.1:8080/");
-        assert_eq!(from_request.substituter("main"), "http://10.0.0.1:8080/main");
+        assert_eq!(
+            from_request.substituter("main"),
+            "http://10.0.0.1:8080/main"
+        );
 
         headers.insert("x-forwarded-proto", "https".parse().unwrap());
         let behind_proxy = PublicUrls::for_request(&Endpoints::default(), &headers);

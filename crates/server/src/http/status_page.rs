@@ -131,14 +131,16 @@ fn html(status: StatusCode, body: String) -> Response {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_str(&status_page::CONTENT_SECURITY_POLICY)
-            .expect("the policy is ASCII"),
+        HeaderValue::from_str(&status_page::CONTENT_SECURITY_POLICY).expect("the policy is ASCII"),
     );
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     response
 }
 

@@ -71,9 +71,6 @@ mod tests {
             .text("<b>")
             .text(42)
             .raw("</p>");
-        assert_eq!(
-            html.into_string(),
-            "<p title=\"a&quot;b\">&lt;b&gt;42</p>"
-        );
+        assert_eq!(html.into_string(), "<p title=\"a&quot;b\">&lt;b&gt;42</p>");
     }
 }

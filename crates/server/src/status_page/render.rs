@@ -142,7 +142,9 @@ fn server(html: &mut Html, view: &View<'_>) {
         }
     }
     html.raw("</dd><dt>Figures as of</dt><dd>")
-        .text(format_duration(Duration::from_secs(view.facts_age.as_secs())))
+        .text(format_duration(Duration::from_secs(
+            view.facts_age.as_secs(),
+        )))
         .raw(" ago (gathered at most every few seconds)</dd></dl></section>");
 }
 
@@ -215,7 +217,10 @@ fn cache_section(
         None => html.raw("unreadable (see the server log)"),
     };
     html.raw("</dd><dt>Retention of unaccessed objects</dt><dd>")
-        .text(describe_retention(cache.retention_period, default_retention))
+        .text(describe_retention(
+            cache.retention_period,
+            default_retention,
+        ))
         .raw("</dd><dt>Bazel CAS budget</dt><dd>")
         .text(
             cache
@@ -340,7 +345,9 @@ fn hit_rates(html: &mut Html, rates: &HitRates) {
 fn gc(html: &mut Html, gc: &GcView, details: bool) {
     html.raw("<section id=\"gc\"><h2>Garbage collection</h2><dl><dt>Inside this server</dt><dd>");
     if gc.interval_secs == 0 {
-        html.raw("off (<code>gc.interval_secs</code> = 0): run <code>garret gc</code> on a schedule");
+        html.raw(
+            "off (<code>gc.interval_secs</code> = 0): run <code>garret gc</code> on a schedule",
+        );
     } else {
         html.raw("every ")
             .text(format_duration(Duration::from_secs(gc.interval_secs)));
@@ -446,7 +453,7 @@ mod tests {
             facts_age: Duration::from_secs(2),
             gc: GcView {
                 interval_secs: 0,
-                default_retention: Some(Duration::from_secs(30 * 86_400)),
+                default_retention: Some(Duration::from_hours(30 * 24)),
                 last_run: None,
                 now: 0,
             },
@@ -546,7 +553,10 @@ mod tests {
     #[test]
     fn attach_targets() {
         assert_eq!(grpc_target("http://10.0.0.1:8080/"), "grpc://10.0.0.1:8080");
-        assert_eq!(grpc_target("https://cache.example/garret/"), "grpcs://cache.example");
+        assert_eq!(
+            grpc_target("https://cache.example/garret/"),
+            "grpcs://cache.example"
+        );
         assert_eq!(host("http://10.0.0.1:8080/"), "10.0.0.1");
         assert_eq!(host("https://cache.example/garret/"), "cache.example");
         assert_eq!(host("http://[::1]:8080/"), "[::1]");

@@ -85,21 +85,10 @@ async fn browser_sees_only_the_caches_its_token_may_pull(deployment: Deployment)
     let open = make(&server, "open-cache", true).await;
     let team_a = make(&server, "team-alpha", false).await;
     let team_b = make(&server, "team-bravo", false).await;
-    let hash = "0123456789abcdfghijklmnpqrsvwxyz";
-    publish_nar(
-        &server.state,
-        "open-cache",
-        &format!("{hash}-a"),
-        vec![1; 1000],
-    )
-    .await;
-    publish_nar(
-        &server.state,
-        "team-alpha",
-        &format!("{hash}-b"),
-        vec![2; 3000],
-    )
-    .await;
+    for (cache, byte, size) in [("open-cache", 1, 1000), ("team-alpha", 2, 3000)] {
+        let base = format!("0123456789abcdfghijklmnpqrsvwxyz-{cache}");
+        publish_nar(&server.state, cache, &base, vec![byte; size]).await;
+    }
 
     // Anonymous: the public cache, with its figures and how to attach.
     let url = server.url.clone();

@@ -65,6 +65,9 @@ impl CacheFacts {
 }
 
 impl Facts {
+    /// Two scans of the object and chunk tables: in its own span, so a
+    /// slow gathering shows in the trace of the view that waited for it.
+    #[tracing::instrument(skip_all)]
     async fn gather(meta: &Meta) -> Result<Self, MetaError> {
         let caches = meta.caches_with_usage().await?;
         let store = meta.chunk_stats().await?;

@@ -52,6 +52,7 @@ mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod uploads;
+mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -74,6 +75,7 @@ pub use packs::{NewPack, Pack, PackPlace};
 pub use pins::{InvalidPinName, MAX_PIN_NAME_LEN, MAX_PINS_PAGE, Pin, PinName};
 pub use redact::{Redacted, redact};
 pub use uploads::UploadSession;
+pub use usage::CacheUsage;
 
 /// Result of every [`Meta`] operation.
 pub type Result<T, E = MetaError> = std::result::Result<T, E>;

@@ -181,7 +181,7 @@ impl Error {
 
     /// Logs the error under the current request's span: failures of the
     /// server as errors, refusals as info, misses as debug.
-    fn log(&self, class: Class) {
+    pub(crate) fn log(&self, class: Class) {
         if class.status.is_server_error() && class.code != Code::NotFound {
             tracing::error!(error = %self, "request failed");
         } else if class.code == Code::NotFound {

@@ -481,9 +481,45 @@ pub async fn periodically(state: std::sync::Arc<crate::state::AppState>, setting
             false,
         )
         .await;
-        match run {
+        match &run {
             Ok(report) => tracing::info!(report = %report, "garbage collection done"),
             Err(error) => tracing::error!(%error, "garbage collection failed"),
         }
+        state.status.last_gc.record(crate::clock::unix_now(), run);
+    }
+}
+
+/// The last collection this process ran (the periodic one inside `serve`),
+/// for the status page. Runs of `garret gc` in other processes are not
+/// seen here: nothing records them durably yet.
+#[derive(Debug, Default)]
+pub struct LastRun(std::sync::Mutex<Option<FinishedRun>>);
+
+/// How a collection ended, and when (unix seconds).
+#[derive(Debug, Clone)]
+pub struct FinishedRun {
+    pub finished_at: i64,
+    /// The report; `None` if the run failed (the log says why: its detail
+    /// is not for the status page's readers).
+    pub report: Option<GcReport>,
+}
+
+impl LastRun {
+    pub fn record(&self, finished_at: i64, run: Result<GcReport, GcError>) {
+        let finished = FinishedRun {
+            finished_at,
+            report: run.ok(),
+        };
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(finished);
+    }
+
+    pub fn get(&self) -> Option<FinishedRun> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }

@@ -18,6 +18,7 @@ pub mod request_log;
 pub mod serve;
 pub mod signatures;
 pub mod state;
+pub mod status_page;
 pub mod units;
 pub mod upload;
 

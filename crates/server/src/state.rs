@@ -20,6 +20,7 @@ use crate::config::{Config, Endpoints, Limits, UploadSettings};
 use crate::error::Error;
 use crate::readiness::Readiness;
 use crate::signatures::Signatures;
+use crate::status_page::StatusPage;
 
 /// What every handler of both front ends shares.
 #[derive(Debug)]
@@ -43,6 +44,9 @@ pub struct AppState {
     pub accesses: AccessTimes,
     /// Whether the database and blob store answered the last check.
     pub readiness: Readiness,
+    /// Start time, GC settings and outcome, and cached figures for the
+    /// status page.
+    pub status: StatusPage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +121,7 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         signatures: Signatures::default(),
         accesses,
         readiness,
+        status: StatusPage::new(config.gc),
     });
     Ok(Built { state, first_start })
 }

@@ -88,6 +88,22 @@ pub fn format_duration(d: Duration) -> String {
     out
 }
 
+/// A cache's retention as it applies, with where it comes from: its own
+/// period (Attic's meaning: `Some(0)` keeps forever) or, at `None`, the
+/// server's `gc.default_retention`. `garret cache info` and the status
+/// page say it in these words.
+pub fn describe_retention(period: Option<i64>, default: Option<Duration>) -> String {
+    let keep = "keep forever";
+    match period {
+        Some(0) => keep.to_owned(),
+        Some(secs) => format_duration(Duration::from_secs(secs.unsigned_abs())),
+        None => format!(
+            "global default ({})",
+            default.map_or_else(|| keep.to_owned(), format_duration)
+        ),
+    }
+}
+
 /// Why a size string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(

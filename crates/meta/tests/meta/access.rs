@@ -2,7 +2,9 @@ use garret_meta::{BlobId, NixObject};
 
 use crate::support::{TestDb, blob, both, h};
 
-fn object(path_hash: char, blob_id: BlobId) -> NixObject {
+/// A Nix object at `path_hash` repeated, holding `blob_id` with a NAR of
+/// 5 bytes (other tests set what they count on).
+pub(crate) fn object(path_hash: char, blob_id: BlobId) -> NixObject {
     let store_path_hash: String = std::iter::repeat_n(path_hash, 32).collect();
     NixObject {
         store_path: format!("{store_path_hash}-x"),

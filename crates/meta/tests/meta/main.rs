@@ -12,3 +12,4 @@ mod nix;
 mod pins;
 mod schema;
 mod uploads;
+mod usage;

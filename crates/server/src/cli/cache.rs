@@ -12,7 +12,7 @@ use garret_nix::signing::SigningKey;
 use garret_nix::store_path::DEFAULT_STORE_DIR;
 use garret_server::clock::unix_now;
 use garret_server::config::Config;
-use garret_server::units::{format_duration, format_size, parse_duration, parse_size};
+use garret_server::units::{describe_retention, format_size, parse_duration, parse_size};
 
 use super::JsonFlag;
 
@@ -255,7 +255,7 @@ impl CacheView {
             store_dir: cache.store_dir.clone(),
             public_key: key.verifying_key().to_string(),
             retention_period_secs: cache.retention_period,
-            retention: retention(cache.retention_period, config.gc.default_retention),
+            retention: describe_retention(cache.retention_period, config.gc.default_retention),
             cas_budget_bytes: cache.cas_budget_bytes,
         })
     }
@@ -322,17 +322,4 @@ fn table(views: &[CacheView]) -> String {
         out.push('\n');
     }
     out
-}
-
-/// A cache's retention as it applies, with where it comes from.
-fn retention(period: Option<i64>, default: Option<Duration>) -> String {
-    let keep = "keep forever";
-    match period {
-        Some(0) => keep.to_owned(),
-        Some(secs) => format_duration(Duration::from_secs(secs.unsigned_abs())),
-        None => format!(
-            "global default ({})",
-            default.map_or_else(|| keep.to_owned(), format_duration)
-        ),
-    }
 }

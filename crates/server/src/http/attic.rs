@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use garret_meta::{Cache, CachePatch, MetaError, NewCache};
 use garret_nix::narinfo::ContentAddress;
@@ -17,6 +17,7 @@ use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 use serde::{Deserialize, Serialize};
 
 use super::body::{BodyStream, idle_limited, read_json, within_request_timeout};
+use super::public_urls::PublicUrls;
 use super::{AppState, access};
 use crate::auth::{CacheName, Permission, Token};
 use crate::blobs::{BlobError, Expect};
@@ -367,22 +368,6 @@ pub struct PatchCacheRequest {
     retention_period: Option<RetentionPeriod>,
 }
 
-/// Where clients reach this server, as the request shows it: behind a
-/// TLS-terminating proxy `X-Forwarded-Proto` says https. Ends in `/`, as
-/// Attic's does: clients resolve relative paths against it.
-fn request_base_url(headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost");
-    let scheme = headers
-        .get("x-forwarded-proto")
-        .and_then(|h| h.to_str().ok())
-        .filter(|p| *p == "https" || *p == "http")
-        .unwrap_or("http");
-    format!("{scheme}://{host}/")
-}
-
 /// Attic's endpoints: `api_endpoint` is the server's root URL (the `attic`
 /// client joins `_api/v1/...` onto it), and a cache's substituter is the
 /// substituter base plus its name.
@@ -395,14 +380,10 @@ fn cache_config(
         .signing_key
         .parse()
         .map_err(|e| Error::Internal(format!("stored signing key: {e}")))?;
-    let api_endpoint = endpoints
-        .api
-        .clone()
-        .unwrap_or_else(|| request_base_url(headers));
-    let substituter_base = endpoints.substituter.as_ref().unwrap_or(&api_endpoint);
+    let urls = PublicUrls::for_request(endpoints, headers);
     Ok(CacheConfig {
-        substituter_endpoint: format!("{substituter_base}{}", cache.name),
-        api_endpoint,
+        substituter_endpoint: urls.substituter(&cache.name),
+        api_endpoint: urls.api,
         public_key: key.verifying_key().to_string(),
         is_public: cache.is_public,
         store_dir: cache.store_dir.clone(),

@@ -8,6 +8,8 @@ mod body;
 mod health;
 mod nix_upload;
 mod pins;
+pub mod public_urls;
+mod status_page;
 mod substituter;
 
 use std::sync::Arc;
@@ -23,7 +25,8 @@ use crate::state::AppState;
 /// authorized. Uploads stream and are bounded by `Limits`.
 const MAX_JSON_BODY: usize = 16 << 20;
 
-/// Every HTTP route: the Nix and Attic API and Bazel's HTTP cache.
+/// Every HTTP route: the status page, the Nix and Attic API and Bazel's
+/// HTTP cache.
 pub fn router(state: Arc<AppState>) -> Router {
     let json_api = Router::new()
         .route("/_api/v1/get-missing-paths", post(attic::get_missing_paths))
@@ -55,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .layer(DefaultBodyLimit::disable());
     Router::new()
+        .route("/", get(status_page::page))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/{cache}/attic-cache-info", get(attic::get_cache_config))

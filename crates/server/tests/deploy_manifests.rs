@@ -49,10 +49,37 @@ fn run(program: &str, args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
+/// The CRD schemas custom resources are checked against: the shared ones
+/// beside the checkout (`../shared/k8s-crd-schemas`, also looked for beside
+/// each parent, for clones made elsewhere), `GARRET_CRD_SCHEMAS` first if
+/// set, and the workspace's `/work/shared` last. Never copied into the repo.
+fn crd_schemas() -> PathBuf {
+    let candidates = std::env::var_os("GARRET_CRD_SCHEMAS")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            repo()
+                .ancestors()
+                .map(|dir| dir.join("shared/k8s-crd-schemas")),
+        )
+        .chain([PathBuf::from("/work/shared/k8s-crd-schemas")]);
+    let mut tried = Vec::new();
+    for dir in candidates {
+        if dir.join("postgresql.cnpg.io_clusters.yaml").is_file() {
+            return dir;
+        }
+        tried.push(dir.display().to_string());
+    }
+    panic!(
+        "no CRD schemas (../shared/k8s-crd-schemas); set GARRET_CRD_SCHEMAS. Tried: {}",
+        tried.join(", ")
+    )
+}
+
 /// `deploy/validate.py` over a YAML stream: the objects it validated, or
 /// every problem it found.
 fn validate(yaml: &[u8]) -> Result<Vec<Value>, String> {
-    let crds = repo().join("../shared/k8s-crd-schemas");
+    let crds = crd_schemas();
     let out = run(
         "python3",
         &[

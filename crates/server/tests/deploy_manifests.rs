@@ -54,12 +54,12 @@ fn run(program: &str, args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, String> {
 /// each parent, for clones made elsewhere), `GARRET_CRD_SCHEMAS` first if
 /// set, and the workspace's `/work/shared` last. Never copied into the repo.
 fn crd_schemas() -> PathBuf {
+    let repo = repo();
     let candidates = std::env::var_os("GARRET_CRD_SCHEMAS")
         .map(PathBuf::from)
         .into_iter()
         .chain(
-            repo()
-                .ancestors()
+            repo.ancestors()
                 .map(|dir| dir.join("shared/k8s-crd-schemas")),
         )
         .chain([PathBuf::from("/work/shared/k8s-crd-schemas")]);

@@ -70,7 +70,7 @@ pub use blobs::{
 };
 pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
-pub use gc::{Evicted, Expired};
+pub use gc::{Evicted, Expired, GcRun, GcRuns};
 pub use nix::{NixObject, NixObjectRow};
 pub use observe::Observer;
 pub use packs::{NewPack, Pack, PackPlace};

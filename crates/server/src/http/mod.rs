@@ -6,6 +6,7 @@ mod attic;
 mod bazel;
 mod body;
 mod health;
+mod metrics;
 mod nix_upload;
 mod pins;
 mod substituter;
@@ -57,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
         .route("/{cache}/attic-cache-info", get(attic::get_cache_config))
         .merge(json_api)
         .merge(uploads)

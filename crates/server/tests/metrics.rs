@@ -1,0 +1,497 @@
+//! `GET /metrics` after real Nix and Bazel traffic: every counter moved by
+//! exactly what the traffic did, and no label names a path or a digest.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::grpc::{GrpcServer, digest, hex};
+use common::{Deployment, on_both};
+use garret_nix::{Sha256Hash, StorePathHash};
+use garret_proto::reapi::GetActionResultRequest;
+
+on_both! {
+    counters_move_by_what_the_traffic_did,
+    gc_runs_show_from_the_database_record,
+}
+
+/// One scrape: each series (name and labels) and its value.
+#[derive(Debug)]
+struct Scrape(Vec<Series>);
+
+#[derive(Debug)]
+struct Series {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+impl Scrape {
+    /// Parses the text exposition: `name{key="value",…} number` lines
+    /// (label values may hold `{`, `}` and `,`, and escape `"` and `\`),
+    /// skipping `#` lines.
+    fn parse(text: &str) -> Self {
+        let mut series = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let name_end = line.find(['{', ' ']).unwrap();
+            let name = line[..name_end].to_owned();
+            let mut labels = BTreeMap::new();
+            let mut rest = &line[name_end..];
+            if let Some(inner) = rest.strip_prefix('{') {
+                let mut chars = inner.char_indices();
+                let mut key = String::new();
+                loop {
+                    let (i, c) = chars.next().unwrap();
+                    match c {
+                        '}' => {
+                            rest = &inner[i + 1..];
+                            break;
+                        }
+                        ',' => {}
+                        '=' => {
+                            assert_eq!(chars.next().unwrap().1, '"', "{line}");
+                            let mut value = String::new();
+                            loop {
+                                match chars.next().unwrap().1 {
+                                    '"' => break,
+                                    '\\' => value.push(match chars.next().unwrap().1 {
+                                        'n' => '\n',
+                                        other => other,
+                                    }),
+                                    other => value.push(other),
+                                }
+                            }
+                            labels.insert(std::mem::take(&mut key), value);
+                        }
+                        other => key.push(other),
+                    }
+                }
+            }
+            let value = rest.trim().split(' ').next().unwrap();
+            series.push(Series {
+                name,
+                labels,
+                value: value.parse().unwrap_or_else(|e| panic!("{line}: {e}")),
+            });
+        }
+        Self(series)
+    }
+
+    /// The sum of the series called `name` that carry all of `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+
+    fn label_values(&self) -> impl Iterator<Item = &str> {
+        self.0
+            .iter()
+            .flat_map(|s| s.labels.values().map(String::as_str))
+    }
+}
+
+async fn scrape(url: &str) -> Scrape {
+    let response = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = response.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    Scrape::parse(&text)
+}
+
+/// Scrapes until `done` holds: a request is counted when its response
+/// body has been sent, which the client may see a moment before.
+async fn scrape_until(url: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scraped = scrape(url).await;
+        if done(&scraped) {
+            return scraped;
+        }
+        assert!(Instant::now() < deadline, "never reached: {scraped:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `len` bytes that no other seed repeats, so no chunk is shared by
+/// accident.
+fn noise(seed: u8, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut block = 0u64;
+    while out.len() < len {
+        let mut input = vec![seed];
+        input.extend_from_slice(&block.to_le_bytes());
+        out.extend_from_slice(Sha256Hash::of(&input).as_bytes());
+        block += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// The change of `name{labels}` between two scrapes.
+fn delta(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    after.value(name, labels) - before.value(name, labels)
+}
+
+const LOOKUPS: &str = "garret_cache_lookups_total";
+const REQUESTS: &str = "garret_requests_total";
+
+#[allow(clippy::too_many_lines, reason = "one story of traffic and its counts")]
+async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
+    let server = GrpcServer::start(deployment).await;
+    let url = server.http.url.clone();
+    let http = reqwest::Client::new();
+    let before = scrape(&url).await;
+    assert_eq!(
+        before.value(
+            "garret_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(before.value("garret_process_start_time_seconds", &[]) > 1.0e9);
+
+    // Nix: one NAR under two store paths (the second is deduplicated
+    // whole); narinfo 2 hits and 1 miss, the NAR once.
+    let nar = noise(1, 300_000);
+    let [a, b, c] = [1u8, 2, 3].map(|seed| StorePathHash::from_bytes([seed; 20]).to_string());
+    for hash in [&a, &b] {
+        common::publish_nar(
+            &server.http.state,
+            "pub",
+            &format!("{hash}-demo"),
+            nar.clone(),
+        )
+        .await;
+    }
+    for (hash, status) in [(&a, 200), (&b, 200), (&c, 404)] {
+        let response = http
+            .get(format!("{url}/pub/{hash}.narinfo"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{hash}");
+        response.bytes().await.unwrap();
+    }
+    let response = http
+        .get(format!("{url}/pub/nar/{a}.nar"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let nar_file = response.bytes().await.unwrap();
+
+    // Bazel's HTTP cache: a blob stored, read (hit), another read (miss).
+    let blob = noise(2, 100_000);
+    let absent = noise(3, 10);
+    let response = http
+        .put(format!("{url}/main/cas/{}", hex(&blob)))
+        .bearer_auth(&server.token)
+        .body(blob.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    for (data, status) in [(&blob, 200), (&absent, 404)] {
+        let response = http
+            .get(format!("{url}/main/cas/{}", hex(data)))
+            .bearer_auth(&server.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+        response.bytes().await.unwrap();
+    }
+
+    // REAPI: a small blob by BatchUpdateBlobs, FindMissingBlobs (one hit,
+    // one miss, the hit asked twice), the HTTP blob by ByteStream (a hit),
+    // and an action result that is not there.
+    let small = noise(4, 1000);
+    server.put(&[&small]).await;
+    let missing = server
+        .missing(&[digest(&blob), digest(&absent), digest(&blob)])
+        .await;
+    assert_eq!(missing, [digest(&absent)]);
+    let read = server
+        .read(&format!("blobs/{}/{}", hex(&blob), blob.len()), 0, 0)
+        .await
+        .unwrap();
+    assert_eq!(read, blob);
+    let status = server
+        .ac()
+        .get_action_result(server.req(GetActionResultRequest {
+            action_digest: Some(digest(b"an action never run")),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+
+    let reapi = |service: &str, method: &str| {
+        format!("/build.bazel.remote.execution.v2.{service}/{method}")
+    };
+    let find_missing = reapi("ContentAddressableStorage", "FindMissingBlobs");
+    let get_action_result = reapi("ActionCache", "GetActionResult");
+    let expected_requests: Vec<(Vec<(&str, &str)>, f64)> = vec![
+        (
+            vec![
+                ("protocol", "nix"),
+                ("route", "/{cache}/{file}"),
+                ("status", "2xx"),
+            ],
+            2.0,
+        ),
+        (
+            vec![
+                ("protocol", "nix"),
+                ("route", "/{cache}/{file}"),
+                ("status", "4xx"),
+            ],
+            1.0,
+        ),
+        (
+            vec![
+                ("protocol", "nix"),
+                ("route", "/{cache}/nar/{file}"),
+                ("status", "2xx"),
+            ],
+            1.0,
+        ),
+        (
+            vec![
+                ("protocol", "bazel-http"),
+                ("route", "/{cache}/cas/{hash}"),
+                ("status", "2xx"),
+            ],
+            2.0,
+        ),
+        (
+            vec![
+                ("protocol", "bazel-http"),
+                ("route", "/{cache}/cas/{hash}"),
+                ("status", "4xx"),
+            ],
+            1.0,
+        ),
+        (
+            vec![
+                ("protocol", "reapi"),
+                ("route", &find_missing),
+                ("status", "OK"),
+            ],
+            1.0,
+        ),
+        (
+            vec![
+                ("protocol", "reapi"),
+                ("route", &get_action_result),
+                ("status", "NOT_FOUND"),
+            ],
+            1.0,
+        ),
+        (
+            vec![
+                ("protocol", "reapi"),
+                ("route", "/google.bytestream.ByteStream/Read"),
+                ("status", "OK"),
+            ],
+            1.0,
+        ),
+    ];
+    let after = scrape_until(&url, |now| {
+        expected_requests
+            .iter()
+            .all(|(labels, n)| delta(&before, now, REQUESTS, labels) >= *n)
+    })
+    .await;
+    for (labels, n) in &expected_requests {
+        assert_eq!(delta(&before, &after, REQUESTS, labels), *n, "{labels:?}");
+    }
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            "garret_request_duration_seconds_count",
+            &[("route", "/{cache}/{file}")]
+        ),
+        3.0
+    );
+
+    // Hits and misses, once per lookup.
+    for (kind, hits, misses) in [
+        ("narinfo", 2.0, 1.0),
+        ("nar", 1.0, 0.0),
+        ("cas", 2.0, 1.0),
+        ("cas_find_missing", 1.0, 1.0),
+        ("action_result", 0.0, 1.0),
+    ] {
+        for (result, n) in [("hit", hits), ("miss", misses)] {
+            let labels = [("kind", kind), ("result", result)];
+            assert_eq!(
+                delta(&before, &after, LOOKUPS, &labels),
+                n,
+                "{kind} {result}"
+            );
+        }
+    }
+    let metrics = &server.http.state.metrics;
+    assert_eq!(metrics.hits(garret_server::metrics::Lookup::Narinfo), 2);
+    assert_eq!(
+        metrics.misses(garret_server::metrics::Lookup::ActionResult),
+        1
+    );
+
+    // Upload bytes: the NAR once new and once deduplicated, the blobs new.
+    let uploaded = |kind| {
+        delta(
+            &before,
+            &after,
+            "garret_upload_bytes_total",
+            &[("kind", kind)],
+        )
+    };
+    let new = (nar.len() + blob.len() + small.len()) as f64;
+    assert_eq!(uploaded("new"), new);
+    assert_eq!(uploaded("deduplicated"), nar.len() as f64);
+    assert_eq!(after.value("garret_uploads_in_flight", &[]), 0.0);
+
+    // Bytes in and out, by protocol: exactly the body of the one PUT in;
+    // at least the NAR's stored frames out.
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            "garret_received_bytes_total",
+            &[("protocol", "bazel-http")]
+        ),
+        blob.len() as f64
+    );
+    assert!(
+        delta(
+            &before,
+            &after,
+            "garret_sent_bytes_total",
+            &[("protocol", "nix")]
+        ) >= nar_file.len() as f64
+    );
+
+    // Storage and database operations were timed.
+    for op in ["get", "write", "finish", "sync"] {
+        let count = delta(
+            &before,
+            &after,
+            "garret_storage_operation_duration_seconds_count",
+            &[("op", op)],
+        );
+        assert!(count >= 1.0, "storage {op}: {count}");
+    }
+    for op in [
+        "commit_blobs",
+        "put_cas_entries",
+        "cas_blob",
+        "get_action_result",
+    ] {
+        let count = delta(
+            &before,
+            &after,
+            "garret_database_operation_duration_seconds_count",
+            &[("op", op)],
+        );
+        assert!(count >= 1.0, "database {op}: {count}");
+    }
+    assert_eq!(
+        after.value("garret_storage_operation_errors_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        after.value("garret_database_operation_errors_total", &[]),
+        0.0
+    );
+
+    // No label names a store path or a digest.
+    let named = [&a, &b, &c]
+        .map(|h| h.to_string())
+        .into_iter()
+        .chain([&nar, &blob, &absent, &small].map(|d| hex(d)));
+    let values: Vec<&str> = after.label_values().collect();
+    for secret in named {
+        assert!(
+            !values.iter().any(|v| v.contains(&secret)),
+            "{secret} in {values:?}"
+        );
+    }
+    for value in &values {
+        let longest_word = value
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        assert!(longest_word < 32, "{value} looks like a hash");
+    }
+}
+
+async fn gc_runs_show_from_the_database_record(deployment: Deployment) {
+    let server = common::TestServer::start(deployment).await;
+    let state = &server.state;
+    let before = scrape(&server.url).await;
+    assert_eq!(
+        before.value("garret_gc_last_success_timestamp_seconds", &[]),
+        0.0
+    );
+    // As `garret gc` (a CronJob) runs it: beside the server, on the same
+    // database.
+    let report = garret_server::gc::collect_and_record(
+        &state.meta,
+        state.blobs.store(),
+        &garret_server::config::Gc::default(),
+        garret_server::clock::unix_now(),
+        false,
+    )
+    .await
+    .unwrap();
+    let after = scrape(&server.url).await;
+    let finished = after.value("garret_gc_last_success_timestamp_seconds", &[]);
+    assert!(
+        finished >= garret_server::clock::unix_now() as f64 - 60.0,
+        "{finished}"
+    );
+    assert_eq!(
+        after.value("garret_gc_last_run_timestamp_seconds", &[]),
+        finished
+    );
+    assert_eq!(after.value("garret_gc_last_run_succeeded", &[]), 1.0);
+    assert_eq!(
+        after.value("garret_gc_last_success_removed", &[("what", "chunks")]),
+        report.chunks as f64
+    );
+    // A dry run changes nothing, so it is not recorded.
+    garret_server::gc::collect_and_record(
+        &state.meta,
+        state.blobs.store(),
+        &garret_server::config::Gc::default(),
+        garret_server::clock::unix_now() + 100,
+        true,
+    )
+    .await
+    .unwrap();
+    let again = scrape(&server.url).await;
+    assert_eq!(
+        again.value("garret_gc_last_run_timestamp_seconds", &[]),
+        finished
+    );
+}

@@ -24,7 +24,8 @@ struct Scrape(Vec<Series>);
 struct Series {
     name: String,
     labels: BTreeMap<String, String>,
-    value: f64,
+    /// As printed: counts are integers, times may have fractions.
+    value: String,
 }
 
 impl Scrape {
@@ -71,28 +72,47 @@ impl Scrape {
                     }
                 }
             }
-            let value = rest.trim().split(' ').next().unwrap();
+            let value = rest.trim().split(' ').next().unwrap().to_owned();
             series.push(Series {
                 name,
                 labels,
-                value: value.parse().unwrap_or_else(|e| panic!("{line}: {e}")),
+                value,
             });
         }
         Self(series)
     }
 
-    /// The sum of the series called `name` that carry all of `labels`.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                labels
+    /// The series called `name` that carry all of `labels`.
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Series> {
+        self.0.iter().filter(move |s| {
+            s.name == name
+                && labels
                     .iter()
                     .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The sum of the counts (or integer gauges) called `name` that carry
+    /// all of `labels`; 0 if there are none.
+    fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.matching(name, labels)
+            .map(|s| {
+                s.value
+                    .parse::<u64>()
+                    .unwrap_or_else(|e| panic!("{s:?}: {e}"))
             })
-            .map(|s| s.value)
             .sum()
+    }
+
+    /// The one value called `name`, which may have a fraction.
+    fn number(&self, name: &str) -> f64 {
+        let series: Vec<&Series> = self.matching(name, &[]).collect();
+        assert_eq!(series.len(), 1, "{name}: {series:?}");
+        series[0].value.parse().unwrap()
     }
 
     fn label_values(&self) -> impl Iterator<Item = &str> {
@@ -143,9 +163,14 @@ fn noise(seed: u8, len: usize) -> Vec<u8> {
     out
 }
 
-/// The change of `name{labels}` between two scrapes.
-fn delta(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.value(name, labels) - before.value(name, labels)
+/// The growth of the counts `name{labels}` between two scrapes.
+fn delta(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -> u64 {
+    after.count(name, labels) - before.count(name, labels)
+}
+
+/// A length as the counts compare it.
+fn len(data: &[u8]) -> u64 {
+    data.len() as u64
 }
 
 const LOOKUPS: &str = "garret_cache_lookups_total";
@@ -158,13 +183,13 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
     let http = reqwest::Client::new();
     let before = scrape(&url).await;
     assert_eq!(
-        before.value(
+        before.count(
             "garret_build_info",
             &[("version", env!("CARGO_PKG_VERSION"))]
         ),
-        1.0
+        1
     );
-    assert!(before.value("garret_process_start_time_seconds", &[]) > 1.0e9);
+    assert!(before.number("garret_process_start_time_seconds") > 1.0e9);
 
     // Nix: one NAR under two store paths (the second is deduplicated
     // whole); narinfo 2 hits and 1 miss, the NAR once.
@@ -247,14 +272,14 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
     };
     let find_missing = reapi("ContentAddressableStorage", "FindMissingBlobs");
     let get_action_result = reapi("ActionCache", "GetActionResult");
-    let expected_requests: Vec<(Vec<(&str, &str)>, f64)> = vec![
+    let expected_requests: Vec<(Vec<(&str, &str)>, u64)> = vec![
         (
             vec![
                 ("protocol", "nix"),
                 ("route", "/{cache}/{file}"),
                 ("status", "2xx"),
             ],
-            2.0,
+            2,
         ),
         (
             vec![
@@ -262,7 +287,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", "/{cache}/{file}"),
                 ("status", "4xx"),
             ],
-            1.0,
+            1,
         ),
         (
             vec![
@@ -270,7 +295,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", "/{cache}/nar/{file}"),
                 ("status", "2xx"),
             ],
-            1.0,
+            1,
         ),
         (
             vec![
@@ -278,7 +303,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", "/{cache}/cas/{hash}"),
                 ("status", "2xx"),
             ],
-            2.0,
+            2,
         ),
         (
             vec![
@@ -286,7 +311,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", "/{cache}/cas/{hash}"),
                 ("status", "4xx"),
             ],
-            1.0,
+            1,
         ),
         (
             vec![
@@ -294,7 +319,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", &find_missing),
                 ("status", "OK"),
             ],
-            1.0,
+            1,
         ),
         (
             vec![
@@ -302,7 +327,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", &get_action_result),
                 ("status", "NOT_FOUND"),
             ],
-            1.0,
+            1,
         ),
         (
             vec![
@@ -310,7 +335,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
                 ("route", "/google.bytestream.ByteStream/Read"),
                 ("status", "OK"),
             ],
-            1.0,
+            1,
         ),
     ];
     let after = scrape_until(&url, |now| {
@@ -329,16 +354,16 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             "garret_request_duration_seconds_count",
             &[("route", "/{cache}/{file}")]
         ),
-        3.0
+        3
     );
 
     // Hits and misses, once per lookup.
     for (kind, hits, misses) in [
-        ("narinfo", 2.0, 1.0),
-        ("nar", 1.0, 0.0),
-        ("cas", 2.0, 1.0),
-        ("cas_find_missing", 1.0, 1.0),
-        ("action_result", 0.0, 1.0),
+        ("narinfo", 2, 1),
+        ("nar", 1, 0),
+        ("cas", 2, 1),
+        ("cas_find_missing", 1, 1),
+        ("action_result", 0, 1),
     ] {
         for (result, n) in [("hit", hits), ("miss", misses)] {
             let labels = [("kind", kind), ("result", result)];
@@ -365,10 +390,10 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             &[("kind", kind)],
         )
     };
-    let new = (nar.len() + blob.len() + small.len()) as f64;
+    let new = len(&nar) + len(&blob) + len(&small);
     assert_eq!(uploaded("new"), new);
-    assert_eq!(uploaded("deduplicated"), nar.len() as f64);
-    assert_eq!(after.value("garret_uploads_in_flight", &[]), 0.0);
+    assert_eq!(uploaded("deduplicated"), len(&nar));
+    assert_eq!(after.count("garret_uploads_in_flight", &[]), 0);
 
     // Bytes in and out, by protocol: exactly the body of the one PUT in;
     // at least the NAR's stored frames out.
@@ -379,7 +404,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             "garret_received_bytes_total",
             &[("protocol", "bazel-http")]
         ),
-        blob.len() as f64
+        len(&blob)
     );
     assert!(
         delta(
@@ -387,7 +412,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             &after,
             "garret_sent_bytes_total",
             &[("protocol", "nix")]
-        ) >= nar_file.len() as f64
+        ) >= len(&nar_file)
     );
 
     // Storage and database operations were timed.
@@ -398,7 +423,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             "garret_storage_operation_duration_seconds_count",
             &[("op", op)],
         );
-        assert!(count >= 1.0, "storage {op}: {count}");
+        assert!(count >= 1, "storage {op}: {count}");
     }
     for op in [
         "commit_blobs",
@@ -412,20 +437,17 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             "garret_database_operation_duration_seconds_count",
             &[("op", op)],
         );
-        assert!(count >= 1.0, "database {op}: {count}");
+        assert!(count >= 1, "database {op}: {count}");
     }
+    assert_eq!(after.count("garret_storage_operation_errors_total", &[]), 0);
     assert_eq!(
-        after.value("garret_storage_operation_errors_total", &[]),
-        0.0
-    );
-    assert_eq!(
-        after.value("garret_database_operation_errors_total", &[]),
-        0.0
+        after.count("garret_database_operation_errors_total", &[]),
+        0
     );
 
     // No label names a store path or a digest.
     let named = [&a, &b, &c]
-        .map(|h| h.to_string())
+        .map(ToString::to_string)
         .into_iter()
         .chain([&nar, &blob, &absent, &small].map(|d| hex(d)));
     let values: Vec<&str> = after.label_values().collect();
@@ -450,8 +472,8 @@ async fn gc_runs_show_from_the_database_record(deployment: Deployment) {
     let state = &server.state;
     let before = scrape(&server.url).await;
     assert_eq!(
-        before.value("garret_gc_last_success_timestamp_seconds", &[]),
-        0.0
+        before.count("garret_gc_last_success_timestamp_seconds", &[]),
+        0
     );
     // As `garret gc` (a CronJob) runs it: beside the server, on the same
     // database.
@@ -465,19 +487,19 @@ async fn gc_runs_show_from_the_database_record(deployment: Deployment) {
     .await
     .unwrap();
     let after = scrape(&server.url).await;
-    let finished = after.value("garret_gc_last_success_timestamp_seconds", &[]);
+    let finished = after.count("garret_gc_last_success_timestamp_seconds", &[]);
     assert!(
-        finished >= garret_server::clock::unix_now() as f64 - 60.0,
+        finished + 60 >= garret_server::clock::unix_now().unsigned_abs(),
         "{finished}"
     );
     assert_eq!(
-        after.value("garret_gc_last_run_timestamp_seconds", &[]),
+        after.count("garret_gc_last_run_timestamp_seconds", &[]),
         finished
     );
-    assert_eq!(after.value("garret_gc_last_run_succeeded", &[]), 1.0);
+    assert_eq!(after.count("garret_gc_last_run_succeeded", &[]), 1);
     assert_eq!(
-        after.value("garret_gc_last_success_removed", &[("what", "chunks")]),
-        report.chunks as f64
+        after.count("garret_gc_last_success_removed", &[("what", "chunks")]),
+        report.chunks
     );
     // A dry run changes nothing, so it is not recorded.
     garret_server::gc::collect_and_record(
@@ -491,7 +513,7 @@ async fn gc_runs_show_from_the_database_record(deployment: Deployment) {
     .unwrap();
     let again = scrape(&server.url).await;
     assert_eq!(
-        again.value("garret_gc_last_run_timestamp_seconds", &[]),
+        again.count("garret_gc_last_run_timestamp_seconds", &[]),
         finished
     );
 }

@@ -415,35 +415,27 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
         ) >= len(&nar_file)
     );
 
-    // Storage and database operations were timed.
-    for op in ["get", "write", "finish", "sync"] {
-        let count = delta(
-            &before,
-            &after,
-            "garret_storage_operation_duration_seconds_count",
-            &[("op", op)],
-        );
-        assert!(count >= 1, "storage {op}: {count}");
-    }
-    for op in [
-        "commit_blobs",
-        "put_cas_entries",
-        "cas_blob",
-        "get_action_result",
+    // Storage and database operations were timed, and none failed.
+    for (dependency, ops) in [
+        ("storage", &["get", "write", "finish", "sync"]),
+        (
+            "database",
+            &[
+                "commit_blobs",
+                "put_cas_entries",
+                "cas_blob",
+                "get_action_result",
+            ],
+        ),
     ] {
-        let count = delta(
-            &before,
-            &after,
-            "garret_database_operation_duration_seconds_count",
-            &[("op", op)],
-        );
-        assert!(count >= 1, "database {op}: {count}");
+        let timed = format!("garret_{dependency}_operation_duration_seconds_count");
+        for op in ops {
+            let count = delta(&before, &after, &timed, &[("op", op)]);
+            assert!(count >= 1, "{dependency} {op}: {count}");
+        }
+        let failed = format!("garret_{dependency}_operation_errors_total");
+        assert_eq!(after.count(&failed, &[]), 0, "{dependency}");
     }
-    assert_eq!(after.count("garret_storage_operation_errors_total", &[]), 0);
-    assert_eq!(
-        after.count("garret_database_operation_errors_total", &[]),
-        0
-    );
 
     // No label names a store path or a digest.
     let named = [&a, &b, &c]

@@ -68,8 +68,8 @@ struct Families {
     lookups: Family<LookupLabels, Counter>,
     upload_bytes: Family<UploadLabels, Counter>,
     uploads_in_flight: Gauge,
-    storage: storage::Families,
-    database: database::Families,
+    storage: Operations<storage::OperationLabels>,
+    database: Operations<database::OperationLabels>,
     gc: gc::Families,
 }
 
@@ -209,8 +209,18 @@ impl Metrics {
             "Uploads being stored now (Attic, nix copy, Bazel HTTP, ByteStream, batches)",
             uploads_in_flight.clone(),
         );
-        let storage = storage::Families::register(&mut registry);
-        let database = database::Families::register(&mut registry);
+        let storage = Operations::register(
+            &mut registry,
+            "storage",
+            "Blob store (local disk or S3) operations by kind",
+            "a missing object counts",
+        );
+        let database = Operations::register(
+            &mut registry,
+            "database",
+            "Metadata database operations by name (the Meta method), retries included",
+            "by the database, not answers such as a row not found",
+        );
         let gc = gc::Families::register(&mut registry);
         Self(Arc::new(Families {
             registry,
@@ -305,7 +315,7 @@ impl Metrics {
         &self.0.requests
     }
 
-    fn storage(&self) -> &storage::Families {
+    fn storage(&self) -> &Operations<storage::OperationLabels> {
         &self.0.storage
     }
 
@@ -316,6 +326,48 @@ impl Metrics {
 
     fn gc(&self) -> &gc::Families {
         &self.0.gc
+    }
+}
+
+/// Operations of one kind of dependency (storage, database): how long
+/// each took, by `L`, and which failed.
+#[derive(Debug)]
+struct Operations<L> {
+    duration: Histograms<L>,
+    errors: Family<L, Counter>,
+}
+
+impl<L: Clone + Eq + std::hash::Hash + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static>
+    Operations<L>
+{
+    /// Registers `<name>_operation_duration_seconds` and
+    /// `<name>_operation_errors_total`.
+    fn register(registry: &mut Registry, name: &str, what: &str, failed: &str) -> Self {
+        let operations = Self {
+            duration: histograms(operation_histogram),
+            errors: Family::default(),
+        };
+        registry.register_with_unit(
+            format!("{name}_operation_duration"),
+            format!("{what}, failed ones included"),
+            Unit::Seconds,
+            operations.duration.clone(),
+        );
+        registry.register(
+            format!("{name}_operation_errors"),
+            format!("{what} that failed ({failed})"),
+            operations.errors.clone(),
+        );
+        operations
+    }
+
+    fn record(&self, labels: &L, elapsed: Duration, failed: bool) {
+        self.duration
+            .get_or_create(labels)
+            .observe(seconds(elapsed));
+        if failed {
+            self.errors.get_or_create(labels).inc();
+        }
     }
 }
 

@@ -10,15 +10,12 @@ use bytes::Bytes;
 use garret_store::backend::BackendError;
 use garret_store::{Listed, ObjectStore, ObjectWriter};
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::registry::{Registry, Unit};
 
-use super::{Histograms, Metrics, histograms, label_values, operation_histogram, seconds};
+use super::{Metrics, label_values};
 
 /// A backend operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Operation {
+pub(super) enum Operation {
     /// Starting an object.
     Create,
     /// Appending to an object being written (a part upload on S3).
@@ -46,35 +43,8 @@ label_values! {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OperationLabels {
+pub(super) struct OperationLabels {
     op: Operation,
-}
-
-#[derive(Debug)]
-pub(super) struct Families {
-    duration: Histograms<OperationLabels>,
-    errors: Family<OperationLabels, Counter>,
-}
-
-impl Families {
-    pub(super) fn register(registry: &mut Registry) -> Self {
-        let families = Self {
-            duration: histograms(operation_histogram),
-            errors: Family::default(),
-        };
-        registry.register_with_unit(
-            "storage_operation_duration",
-            "Blob store (local disk or S3) operations by kind, failed ones included",
-            Unit::Seconds,
-            families.duration.clone(),
-        );
-        registry.register(
-            "storage_operation_errors",
-            "Blob store operations that failed, by kind (a missing object counts)",
-            families.errors.clone(),
-        );
-        families
-    }
 }
 
 impl Metrics {
@@ -86,15 +56,8 @@ impl Metrics {
     ) -> Result<T, BackendError> {
         let started = Instant::now();
         let result = work.await;
-        let families = self.storage();
-        let labels = OperationLabels { op };
-        families
-            .duration
-            .get_or_create(&labels)
-            .observe(seconds(started.elapsed()));
-        if result.is_err() {
-            families.errors.get_or_create(&labels).inc();
-        }
+        self.storage()
+            .record(&OperationLabels { op }, started.elapsed(), result.is_err());
         result
     }
 }

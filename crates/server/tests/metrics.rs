@@ -277,7 +277,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "nix"),
                 ("route", "/{cache}/{file}"),
-                ("status", "2xx"),
+                ("status_class", "2xx"),
             ],
             2,
         ),
@@ -285,7 +285,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "nix"),
                 ("route", "/{cache}/{file}"),
-                ("status", "4xx"),
+                ("status_class", "4xx"),
             ],
             1,
         ),
@@ -293,7 +293,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "nix"),
                 ("route", "/{cache}/nar/{file}"),
-                ("status", "2xx"),
+                ("status_class", "2xx"),
             ],
             1,
         ),
@@ -301,7 +301,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "bazel-http"),
                 ("route", "/{cache}/cas/{hash}"),
-                ("status", "2xx"),
+                ("status_class", "2xx"),
             ],
             2,
         ),
@@ -309,7 +309,7 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "bazel-http"),
                 ("route", "/{cache}/cas/{hash}"),
-                ("status", "4xx"),
+                ("status_class", "4xx"),
             ],
             1,
         ),
@@ -317,7 +317,8 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "reapi"),
                 ("route", &find_missing),
-                ("status", "OK"),
+                ("status_class", "2xx"),
+                ("grpc_code", "OK"),
             ],
             1,
         ),
@@ -325,7 +326,8 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "reapi"),
                 ("route", &get_action_result),
-                ("status", "NOT_FOUND"),
+                ("status_class", "4xx"),
+                ("grpc_code", "NOT_FOUND"),
             ],
             1,
         ),
@@ -333,7 +335,8 @@ async fn counters_move_by_what_the_traffic_did(deployment: Deployment) {
             vec![
                 ("protocol", "reapi"),
                 ("route", "/google.bytestream.ByteStream/Read"),
-                ("status", "OK"),
+                ("status_class", "2xx"),
+                ("grpc_code", "OK"),
             ],
             1,
         ),

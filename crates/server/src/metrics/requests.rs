@@ -153,67 +153,93 @@ pub async fn note_route(request: Request, next: Next) -> Response {
     response
 }
 
-/// How a request ended: an HTTP status class, a gRPC code, or no answer.
+/// How a request ended, as an HTTP status class: `2xx`…`5xx`, or
+/// `aborted` when it ended before a response. A gRPC call is classed by its
+/// code as gRPC's HTTP mapping classes it (NOT_FOUND a 4xx, UNAVAILABLE a
+/// 5xx), so one `status_class="5xx"` ratio covers both front ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Status {
-    /// The first digit of the HTTP status.
-    Http(u16),
-    Grpc(tonic::Code),
-    /// The request ended before a response (client gone, connection closed).
+enum StatusClass {
+    Class(u16),
     Aborted,
 }
 
-impl Status {
-    fn of(status: Option<StatusCode>, grpc_status: Option<&str>) -> Self {
-        match (status, grpc_status) {
-            (_, Some(code)) => Status::Grpc(tonic::Code::from_bytes(code.as_bytes())),
-            (Some(status), None) => Status::Http(status.as_u16() / 100),
-            (None, None) => Status::Aborted,
+impl StatusClass {
+    fn of(status: Option<StatusCode>, grpc: Option<GrpcCode>) -> Self {
+        use tonic::Code;
+        match (status, grpc) {
+            (_, Some(GrpcCode(code))) => StatusClass::Class(match code {
+                Code::Ok => 2,
+                Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss => 5,
+                _ => 4,
+            }),
+            (Some(status), None) => StatusClass::Class(status.as_u16() / 100),
+            (None, None) => StatusClass::Aborted,
         }
     }
 
     fn as_str(self) -> &'static str {
-        use tonic::Code;
         match self {
-            Status::Http(1) => "1xx",
-            Status::Http(2) => "2xx",
-            Status::Http(3) => "3xx",
-            Status::Http(4) => "4xx",
-            Status::Http(_) => "5xx",
-            Status::Aborted => "aborted",
-            Status::Grpc(code) => match code {
-                Code::Ok => "OK",
-                Code::Cancelled => "CANCELLED",
-                Code::Unknown => "UNKNOWN",
-                Code::InvalidArgument => "INVALID_ARGUMENT",
-                Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-                Code::NotFound => "NOT_FOUND",
-                Code::AlreadyExists => "ALREADY_EXISTS",
-                Code::PermissionDenied => "PERMISSION_DENIED",
-                Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-                Code::FailedPrecondition => "FAILED_PRECONDITION",
-                Code::Aborted => "ABORTED",
-                Code::OutOfRange => "OUT_OF_RANGE",
-                Code::Unimplemented => "UNIMPLEMENTED",
-                Code::Internal => "INTERNAL",
-                Code::Unavailable => "UNAVAILABLE",
-                Code::DataLoss => "DATA_LOSS",
-                Code::Unauthenticated => "UNAUTHENTICATED",
-            },
+            StatusClass::Class(1) => "1xx",
+            StatusClass::Class(2) => "2xx",
+            StatusClass::Class(3) => "3xx",
+            StatusClass::Class(4) => "4xx",
+            StatusClass::Class(_) => "5xx",
+            StatusClass::Aborted => "aborted",
+        }
+    }
+}
+
+/// A gRPC call's status code (as `Option`, the label is empty for plain
+/// HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct GrpcCode(tonic::Code);
+
+impl GrpcCode {
+    fn parse(code: &str) -> Self {
+        GrpcCode(tonic::Code::from_bytes(code.as_bytes()))
+    }
+
+    fn as_str(self) -> &'static str {
+        use tonic::Code;
+        match self.0 {
+            Code::Ok => "OK",
+            Code::Cancelled => "CANCELLED",
+            Code::Unknown => "UNKNOWN",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::NotFound => "NOT_FOUND",
+            Code::AlreadyExists => "ALREADY_EXISTS",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::Aborted => "ABORTED",
+            Code::OutOfRange => "OUT_OF_RANGE",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Internal => "INTERNAL",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::DataLoss => "DATA_LOSS",
+            Code::Unauthenticated => "UNAUTHENTICATED",
         }
     }
 }
 
 label_values! {
     Protocol => |v| v.as_str(),
-    Status => |v| v.as_str(),
+    StatusClass => |v| v.as_str(),
+    GrpcCode => |v| v.as_str(),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
     protocol: Protocol,
     route: Route,
-    status: Status,
+    status_class: StatusClass,
+    grpc_code: Option<GrpcCode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -245,8 +271,8 @@ impl Families {
         };
         registry.register(
             "requests",
-            "Requests by protocol, route (template or gRPC method) and status \
-             (HTTP class, gRPC code, or aborted)",
+            "Requests by protocol, route (template or gRPC method), status class \
+             (gRPC calls classed by their code) and gRPC code",
             families.requests.clone(),
         );
         registry.register_with_unit(
@@ -291,6 +317,7 @@ impl Metrics {
             .map_or((Protocol::Other, Route::Unmatched), |s| {
                 (s.protocol, s.route.clone())
             });
+        let grpc_code = done.grpc_status.map(GrpcCode::parse);
         let families = self.requests();
         let by_protocol = ProtocolLabels { protocol };
         families
@@ -311,7 +338,8 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 protocol,
                 route: labels.route,
-                status: Status::of(done.status, done.grpc_status),
+                status_class: StatusClass::of(done.status, grpc_code),
+                grpc_code,
             })
             .inc();
     }
@@ -345,21 +373,17 @@ mod tests {
     }
 
     #[test]
-    fn statuses() {
-        assert_eq!(Status::of(Some(StatusCode::OK), None).as_str(), "2xx");
-        assert_eq!(
-            Status::of(Some(StatusCode::NOT_FOUND), None).as_str(),
-            "4xx"
-        );
-        assert_eq!(
-            Status::of(Some(StatusCode::SERVICE_UNAVAILABLE), None).as_str(),
-            "5xx"
-        );
-        assert_eq!(
-            Status::of(Some(StatusCode::OK), Some("5")).as_str(),
-            "NOT_FOUND"
-        );
-        assert_eq!(Status::of(Some(StatusCode::OK), Some("0")).as_str(), "OK");
-        assert_eq!(Status::of(None, None).as_str(), "aborted");
+    fn status_classes() {
+        let class = |status, grpc: Option<&str>| {
+            StatusClass::of(status, grpc.map(GrpcCode::parse)).as_str()
+        };
+        assert_eq!(class(Some(StatusCode::OK), None), "2xx");
+        assert_eq!(class(Some(StatusCode::NOT_FOUND), None), "4xx");
+        assert_eq!(class(Some(StatusCode::SERVICE_UNAVAILABLE), None), "5xx");
+        assert_eq!(class(Some(StatusCode::OK), Some("0")), "2xx");
+        assert_eq!(class(Some(StatusCode::OK), Some("5")), "4xx");
+        assert_eq!(class(Some(StatusCode::OK), Some("14")), "5xx");
+        assert_eq!(class(None, None), "aborted");
+        assert_eq!(GrpcCode::parse("5").as_str(), "NOT_FOUND");
     }
 }

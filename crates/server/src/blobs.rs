@@ -356,14 +356,14 @@ impl Blobs {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
-        let _in_flight = self.metrics().upload_started();
         if let Some(hash) = expect.hash
             && let Some(blob) = self.meta.lease_blob(hash.as_bytes(), unix_now()).await?
         {
+            let _in_flight = self.metrics().upload_started();
             return self.counted(prove(input, expect, &blob).await);
         }
-        // Boxed, like the store's ingest below: callers nest this deeply.
-        Box::pin(self.ingest(Vec::new(), input, expect, &())).await
+        // Boxed, like the store's ingest inside: callers nest this deeply.
+        Box::pin(self.put_after(Vec::new(), input, expect, &())).await
     }
 
     /// [`Blobs::put`] of an upload whose first chunks, `prefix`, an earlier
@@ -382,29 +382,6 @@ impl Blobs {
         E: Into<BoxError>,
     {
         let _in_flight = self.metrics().upload_started();
-        Box::pin(self.ingest(prefix, input, expect, checkpoint)).await
-    }
-
-    /// Counts a stored upload's bytes, new and deduplicated.
-    fn counted(&self, stored: Result<StoredBlob, BlobError>) -> Result<StoredBlob, BlobError> {
-        if let Ok(blob) = &stored {
-            self.metrics().uploaded(blob.size, blob.new_bytes);
-        }
-        stored
-    }
-
-    /// [`Blobs::put_after`], counted by the caller as in flight.
-    async fn ingest<S, E>(
-        &self,
-        prefix: Vec<ChunkRef>,
-        input: S,
-        expect: Expect,
-        checkpoint: &impl Checkpoint,
-    ) -> Result<StoredBlob, BlobError>
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send,
-        E: Into<BoxError>,
-    {
         let now = unix_now();
         let index = MetaIndex::new(&self.meta, now);
         // A failed ingest removes what it wrote itself. Boxed: the ingest's
@@ -428,6 +405,14 @@ impl Blobs {
             self.store.discard(&ingested.packs).await;
         }
         self.counted(result)
+    }
+
+    /// Counts a stored upload's bytes, new and deduplicated.
+    fn counted(&self, stored: Result<StoredBlob, BlobError>) -> Result<StoredBlob, BlobError> {
+        if let Ok(blob) = &stored {
+            self.metrics().uploaded(blob.size, blob.new_bytes);
+        }
+        stored
     }
 
     /// Checks an ingested upload against `expect` and records it.

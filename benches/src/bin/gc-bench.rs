@@ -87,7 +87,10 @@ async fn main() {
     meta.migrate().await.unwrap();
     let grace = meta.grace().as_secs().cast_signed();
     let store = ChunkStore::new(
-        Backend::Fs(FsBackend::new(dir.path().join("chunks")).unwrap()),
+        garret_server::metrics::storage::Measured::new(
+            Backend::Fs(FsBackend::new(dir.path().join("chunks")).unwrap()),
+            garret_server::metrics::Metrics::new(),
+        ),
         StoreConfig::default(),
     );
     let cache = meta

@@ -45,6 +45,7 @@ mod error;
 mod gc;
 mod migrations;
 mod nix;
+mod observe;
 mod packs;
 mod pins;
 mod redact;
@@ -55,6 +56,7 @@ mod uploads;
 mod usage;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -69,8 +71,9 @@ pub use blobs::{
 };
 pub use caches::{Cache, CachePatch, NewCache};
 pub use error::{DatabaseError, MetaError};
-pub use gc::{Evicted, Expired};
+pub use gc::{Evicted, Expired, GcRun, GcRuns};
 pub use nix::{NixObject, NixObjectRow};
+pub use observe::Observer;
 pub use packs::{NewPack, Pack, PackPlace};
 pub use pins::{InvalidPinName, MAX_PIN_NAME_LEN, MAX_PINS_PAGE, Pin, PinName};
 pub use redact::{Redacted, redact};
@@ -128,6 +131,8 @@ pub struct Meta {
     pools: Pools,
     /// [`Meta::grace`] in seconds, the unit of every `now`.
     grace: i64,
+    /// Told of every operation (see [`Meta::with_observer`]).
+    observer: Option<Arc<dyn Observer>>,
 }
 
 #[derive(Clone, Debug)]
@@ -145,13 +150,17 @@ enum Pools {
 /// Runs the async block `$body` with `$pool` bound to the pool to read from.
 /// The block is expanded once per backend, so the same SQL text is
 /// type-checked against both drivers.
+/// The operation is reported to the [`Observer`], named after the method.
 macro_rules! on_reader {
-    ($meta:expr, |$pool:ident| $body:expr) => {
-        match &$meta.pools {
+    ($meta:expr, |$pool:ident| $body:expr) => {{
+        let started = std::time::Instant::now();
+        let result = match &$meta.pools {
             $crate::Pools::Postgres($pool) => $body.await,
             $crate::Pools::Sqlite { read: $pool, .. } => $body.await,
-        }
-    };
+        };
+        $meta.observe($crate::observe::operation!(), started, &result);
+        result
+    }};
 }
 
 /// Like `on_reader!` for the pool that may write. Postgres may abort a
@@ -159,10 +168,12 @@ macro_rules! on_reader {
 /// different orders) or failed serialization; such a transaction changed
 /// nothing, so the whole block runs again. Blocks must therefore start their
 /// own transaction and hold no state across attempts.
+/// The operation, retries included, is reported like `on_reader!`'s.
 macro_rules! on_writer {
     ($meta:expr, |$pool:ident| $body:expr) => {{
+        let started = std::time::Instant::now();
         let mut attempt = 1;
-        loop {
+        let result = loop {
             let result: $crate::Result<_> = match &$meta.pools {
                 $crate::Pools::Postgres($pool) => $body.await,
                 $crate::Pools::Sqlite { write: $pool, .. } => $body.await,
@@ -171,7 +182,9 @@ macro_rules! on_writer {
                 Err(e) if e.is_transient() && attempt < $crate::MAX_ATTEMPTS => attempt += 1,
                 other => break other,
             }
-        }
+        };
+        $meta.observe($crate::observe::operation!(), started, &result);
+        result
     }};
 }
 pub(crate) use {on_reader, on_writer};
@@ -259,6 +272,7 @@ impl Meta {
         Ok(Self {
             pools,
             grace: sql::secs(DEFAULT_GRACE),
+            observer: None,
         })
     }
 
@@ -267,6 +281,26 @@ impl Meta {
     pub fn with_grace(mut self, grace: Duration) -> Self {
         self.grace = sql::secs(grace);
         self
+    }
+
+    /// Reports every operation from now on to `observer` (the server's
+    /// metrics); clones made afterwards report to it too.
+    #[must_use]
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Tells the observer, if any, that `operation` ended with `result`.
+    fn observe(
+        &self,
+        operation: &'static str,
+        started: std::time::Instant,
+        result: &impl observe::Outcome,
+    ) {
+        if let Some(observer) = &self.observer {
+            observer.finished(operation, started.elapsed(), result.failed());
+        }
     }
 
     /// How long unreferenced rows survive before GC may take them.

@@ -39,6 +39,10 @@ const POSTGRES: Embedded = Embedded(&[
         "0005_gc.sql",
         include_str!("../../../migrations/postgres/0005_gc.sql"),
     ),
+    (
+        "0006_gc_runs.sql",
+        include_str!("../../../migrations/postgres/0006_gc_runs.sql"),
+    ),
 ]);
 
 const SQLITE: Embedded = Embedded(&[
@@ -61,6 +65,10 @@ const SQLITE: Embedded = Embedded(&[
     (
         "0005_gc.sql",
         include_str!("../../../migrations/sqlite/0005_gc.sql"),
+    ),
+    (
+        "0006_gc_runs.sql",
+        include_str!("../../../migrations/sqlite/0006_gc_runs.sql"),
     ),
 ]);
 

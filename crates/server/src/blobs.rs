@@ -19,6 +19,8 @@ use garret_meta::{
 use garret_nix::Sha256Hash;
 
 use crate::clock::unix_now;
+use crate::metrics::Metrics;
+use crate::metrics::storage::Measured;
 use garret_store::{
     Backend, Checkpoint, ChunkHash, ChunkIndex, ChunkPlace, ChunkRef, ChunkStore, Ingested, PackId,
     PackInfo, StoreError, StoredFrame,
@@ -69,10 +71,14 @@ pub struct StoredBlob {
     pub new_bytes: u64,
 }
 
+/// The chunk store the server uses: the configured backend, every
+/// operation of which is measured.
+pub type Store = ChunkStore<Measured<Backend>>;
+
 /// The chunked store plus its metadata.
 #[derive(Debug, Clone)]
 pub struct Blobs {
-    store: ChunkStore<Backend>,
+    store: Store,
     meta: Meta,
 }
 
@@ -319,15 +325,20 @@ pub fn chunk_ref(c: &BlobChunk) -> Result<ChunkRef, BlobError> {
 }
 
 impl Blobs {
-    pub fn new(store: ChunkStore<Backend>, meta: Meta) -> Self {
+    pub fn new(store: Store, meta: Meta) -> Self {
         Self { store, meta }
+    }
+
+    /// The metrics its store records into, which count its uploads too.
+    pub fn metrics(&self) -> &Metrics {
+        self.store.backend().metrics()
     }
 
     pub fn meta(&self) -> &Meta {
         &self.meta
     }
 
-    pub fn store(&self) -> &ChunkStore<Backend> {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -348,9 +359,11 @@ impl Blobs {
         if let Some(hash) = expect.hash
             && let Some(blob) = self.meta.lease_blob(hash.as_bytes(), unix_now()).await?
         {
-            return prove(input, expect, &blob).await;
+            let _in_flight = self.metrics().upload_started();
+            return self.counted(prove(input, expect, &blob).await);
         }
-        self.put_after(Vec::new(), input, expect, &()).await
+        // Boxed, like the store's ingest inside: callers nest this deeply.
+        Box::pin(self.put_after(Vec::new(), input, expect, &())).await
     }
 
     /// [`Blobs::put`] of an upload whose first chunks, `prefix`, an earlier
@@ -368,6 +381,7 @@ impl Blobs {
         S: Stream<Item = Result<Bytes, E>> + Send,
         E: Into<BoxError>,
     {
+        let _in_flight = self.metrics().upload_started();
         let now = unix_now();
         let index = MetaIndex::new(&self.meta, now);
         // A failed ingest removes what it wrote itself. Boxed: the ingest's
@@ -390,7 +404,15 @@ impl Blobs {
         if unused {
             self.store.discard(&ingested.packs).await;
         }
-        result
+        self.counted(result)
+    }
+
+    /// Counts a stored upload's bytes, new and deduplicated.
+    fn counted(&self, stored: Result<StoredBlob, BlobError>) -> Result<StoredBlob, BlobError> {
+        if let Ok(blob) = &stored {
+            self.metrics().uploaded(blob.size, blob.new_bytes);
+        }
+        stored
     }
 
     /// Checks an ingested upload against `expect` and records it.
@@ -418,6 +440,7 @@ impl Blobs {
         &self,
         entries: Vec<(Bytes, Expect)>,
     ) -> Result<Vec<Result<StoredBlob, BlobError>>, BlobError> {
+        let _in_flight = self.metrics().upload_started();
         let now = unix_now();
         let mut index = MetaIndex::new(&self.meta, now);
         // A blob no larger than the smallest chunk is one chunk named by the
@@ -479,7 +502,7 @@ impl Blobs {
             .map(|one| {
                 let one = one?;
                 let commit = commits.next().expect("one commit per ingested blob")?;
-                Ok(stored(&one, commit))
+                self.counted(Ok(stored(&one, commit)))
             })
             .collect())
     }

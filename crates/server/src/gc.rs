@@ -20,11 +20,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use garret_meta::{BlobChunk, ChunkId, Meta, MetaError, PackPlace};
-use garret_store::{Backend, ChunkHash, ChunkStore, ObjectStore as _, PackId};
-use serde::Serialize;
+use garret_meta::{BlobChunk, ChunkId, GcRun, Meta, MetaError, PackPlace};
+use garret_store::{ChunkHash, ObjectStore as _, PackId};
+use serde::{Deserialize, Serialize};
 
-use crate::blobs::{BlobError, chunk_ref, new_packs, pack_place};
+use crate::blobs::{BlobError, Store, chunk_ref, new_packs, pack_place};
 use crate::config::Gc;
 
 /// Rows per claim or delete: small enough that no transaction holds locks
@@ -42,7 +42,7 @@ const CHUNK_BATCH: u32 = 10_000;
 const LIST_PAGE: usize = 1000;
 
 /// What one run did (or, dry, would do).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
     pub dry_run: bool,
     pub nix_objects: u64,
@@ -108,7 +108,7 @@ pub type Progress<'a> = &'a (dyn Fn(Step, &GcReport) + Sync);
 /// Runs one collection at time `now` (unix seconds).
 pub async fn collect(
     meta: &Meta,
-    store: &ChunkStore<Backend>,
+    store: &Store,
     settings: &Gc,
     now: i64,
     dry_run: bool,
@@ -120,7 +120,7 @@ pub async fn collect(
 /// rows takes minutes, and `garret gc` on a terminal shows where it is.
 pub async fn collect_with_progress(
     meta: &Meta,
-    store: &ChunkStore<Backend>,
+    store: &Store,
     settings: &Gc,
     now: i64,
     dry_run: bool,
@@ -178,11 +178,39 @@ pub async fn collect_with_progress(
     Ok(run.report)
 }
 
+/// [`collect`], and then the run recorded in the database (dry runs are
+/// not), where every server's `/metrics` finds it. A run succeeded if no
+/// step failed. Failing to record is logged, and does not fail the run.
+pub async fn collect_and_record(
+    meta: &Meta,
+    store: &Store,
+    settings: &Gc,
+    now: i64,
+    dry_run: bool,
+    progress: Progress<'_>,
+) -> Result<GcReport, GcError> {
+    let result = collect_with_progress(meta, store, settings, now, dry_run, progress).await;
+    if !dry_run {
+        let run = GcRun {
+            finished_at: crate::clock::unix_now(),
+            succeeded: matches!(&result, Ok(report) if report.errors == 0),
+            report: result
+                .as_ref()
+                .ok()
+                .and_then(|report| serde_json::to_string(report).ok()),
+        };
+        if let Err(error) = meta.record_gc_run(&run).await {
+            tracing::warn!(%error, "recording the garbage collection run failed");
+        }
+    }
+    result
+}
+
 /// The storage steps of one run: what each reads, and the tally they all
 /// add to.
 struct Run<'a> {
     meta: &'a Meta,
-    store: &'a ChunkStore<Backend>,
+    store: &'a Store,
     settings: &'a Gc,
     now: i64,
     report: GcReport,
@@ -384,12 +412,7 @@ enum RewriteError {
 
 /// Copies pack `key`'s live chunks into new packs and moves their rows;
 /// the old pack is then dead. Returns how many chunks moved.
-async fn rewrite(
-    meta: &Meta,
-    store: &ChunkStore<Backend>,
-    key: [u8; 16],
-    now: i64,
-) -> Result<u64, RewriteError> {
+async fn rewrite(meta: &Meta, store: &Store, key: [u8; 16], now: i64) -> Result<u64, RewriteError> {
     let chunks = meta.pack_chunks(key).await.map_err(RewriteError::Meta)?;
     let refs = chunks
         .iter()
@@ -473,53 +496,18 @@ pub async fn periodically(state: std::sync::Arc<crate::state::AppState>, setting
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        let run = collect(
+        let run = collect_and_record(
             &state.meta,
             state.blobs.store(),
             &settings,
             crate::clock::unix_now(),
             false,
+            &|_, _| {},
         )
         .await;
         match &run {
             Ok(report) => tracing::info!(report = %report, "garbage collection done"),
             Err(error) => tracing::error!(%error, "garbage collection failed"),
         }
-        state.status.last_gc.record(crate::clock::unix_now(), run);
-    }
-}
-
-/// The last collection this process ran (the periodic one inside `serve`),
-/// for the status page. Runs of `garret gc` in other processes are not
-/// seen here: nothing records them durably yet.
-#[derive(Debug, Default)]
-pub struct LastRun(std::sync::Mutex<Option<FinishedRun>>);
-
-/// How a collection ended, and when (unix seconds).
-#[derive(Debug, Clone)]
-pub struct FinishedRun {
-    pub finished_at: i64,
-    /// The report; `None` if the run failed (the log says why: its detail
-    /// is not for the status page's readers).
-    pub report: Option<GcReport>,
-}
-
-impl LastRun {
-    pub fn record(&self, finished_at: i64, run: Result<GcReport, GcError>) {
-        let finished = FinishedRun {
-            finished_at,
-            report: run.ok(),
-        };
-        *self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(finished);
-    }
-
-    pub fn get(&self) -> Option<FinishedRun> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 }

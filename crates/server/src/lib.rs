@@ -11,6 +11,7 @@ pub mod error;
 pub mod gc;
 pub mod http;
 pub mod idle;
+pub mod metrics;
 pub mod pins;
 pub mod readiness;
 pub mod reapi;
@@ -25,5 +26,7 @@ pub mod upload;
 /// Everything `garret serve` answers on its one port: the Nix and Attic
 /// routes, Bazel's HTTP cache, and REAPI over h2c gRPC, on one state.
 pub fn app(state: std::sync::Arc<state::AppState>) -> axum::Router {
-    http::router(std::sync::Arc::clone(&state)).merge(reapi::services(state))
+    http::router(std::sync::Arc::clone(&state))
+        .merge(reapi::services(state))
+        .layer(axum::middleware::from_fn(metrics::requests::note_route))
 }

@@ -15,11 +15,14 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::{Body, HttpBody};
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{HeaderMap, Request, Response, StatusCode};
 use bytes::Bytes;
 use prost::Message as _;
 use tracing::Span;
 use tracing::field::Empty;
+
+use crate::metrics::Metrics;
+use crate::metrics::requests::{Done, Served};
 
 /// The header Bazel sends its `RequestMetadata` in (binary, base64).
 const REQUEST_METADATA: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
@@ -34,11 +37,14 @@ pub struct RequestLog {
     bytes_out: u64,
     status: Option<StatusCode>,
     grpc_status: Option<String>,
+    /// Where the outcome is counted too, and by which route.
+    metrics: Metrics,
+    served: Option<Served>,
 }
 
 impl RequestLog {
     /// Opens the span of `request` and counts its body from now on.
-    pub fn start<B>(request: Request<B>) -> (Self, Request<Body>)
+    pub fn start<B>(request: Request<B>, metrics: Metrics) -> (Self, Request<Body>)
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
@@ -73,6 +79,8 @@ impl RequestLog {
             bytes_out: 0,
             status: None,
             grpc_status: None,
+            metrics,
+            served: None,
         };
         (log, request)
     }
@@ -89,10 +97,12 @@ impl RequestLog {
         REQUEST_ID.scope(self.id.clone(), work)
     }
 
-    /// Notes the response head; the line is written when the body ends.
-    pub fn responded(&mut self, status: StatusCode, headers: &HeaderMap) {
-        self.status = Some(status);
-        self.note_grpc_status(headers);
+    /// Notes the response head, and the route that served it; the line is
+    /// written when the body ends.
+    pub fn responded<B>(&mut self, response: &Response<B>) {
+        self.status = Some(response.status());
+        self.served = response.extensions().get::<Served>().cloned();
+        self.note_grpc_status(response.headers());
     }
 
     /// Counts a response frame: data towards bytes out, trailers for the
@@ -114,8 +124,17 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let duration = self.started.elapsed();
+        let duration_ms = duration.as_secs_f64() * 1000.0;
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.metrics.request_done(&Done {
+            served: self.served.as_ref(),
+            status: self.status,
+            grpc_status: self.grpc_status.as_deref(),
+            bytes_in,
+            bytes_out: self.bytes_out,
+            duration,
+        });
         let _entered = self.span.enter();
         if let Some(status) = self.status {
             tracing::info!(

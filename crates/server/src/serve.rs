@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::config::Connections;
+use crate::metrics::Metrics;
 use crate::request_log::RequestLog;
 
 /// How long a connection asked to stop gracefully (idle, or at shutdown)
@@ -91,10 +92,12 @@ impl ServeLimits {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests
-/// in flight finish for at most `limits.shutdown_timeout`.
+/// in flight finish for at most `limits.shutdown_timeout`. Every request is
+/// logged and counted in `metrics`.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    metrics: Metrics,
     limits: ServeLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -127,9 +130,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let builder = builder.clone();
         let app = app.clone();
+        let metrics = metrics.clone();
         let stop = stop_rx.clone();
         connections.spawn(async move {
-            serve_connection(&builder, stream, app, limits, stop).await;
+            serve_connection(&builder, stream, app, metrics, limits, stop).await;
             tracing::trace!(%peer, "connection closed");
             drop(permit);
         });
@@ -202,6 +206,7 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     stream: TcpStream,
     app: Router,
+    metrics: Metrics,
     limits: ServeLimits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -212,6 +217,7 @@ async fn serve_connection(
     });
     let service = TrackedService {
         app,
+        metrics,
         activity: Arc::clone(&activity),
     };
     let connection = builder.serve_connection(io, service);
@@ -378,6 +384,7 @@ impl AsyncWrite for Watched {
 #[derive(Clone)]
 struct TrackedService {
     app: Router,
+    metrics: Metrics,
     activity: Arc<Activity>,
 }
 
@@ -388,14 +395,14 @@ impl hyper::service::Service<Request<Incoming>> for TrackedService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.enter();
-        let (mut log, request) = RequestLog::start(request);
+        let (mut log, request) = RequestLog::start(request, self.metrics.clone());
         let span = log.span().clone();
         let mut app = self.app.clone();
         let handled = log.scope(tower_service::Service::call(&mut app, request));
         Box::pin(
             async move {
                 let response = handled.await?;
-                log.responded(response.status(), response.headers());
+                log.responded(&response);
                 Ok(response.map(|body| TrackedBody {
                     inner: body,
                     log,

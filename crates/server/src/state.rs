@@ -15,9 +15,11 @@ use garret_store::{Backend, ChunkStore, FsBackend, S3Backend};
 use crate::access_times::AccessTimes;
 use crate::auth::{AuthError, CacheName, CacheState, Permission, Token, TokenAuthority, authorize};
 use crate::bazel_core::Core;
-use crate::blobs::Blobs;
+use crate::blobs::{Blobs, Store};
 use crate::config::{Config, Endpoints, Limits, UploadSettings};
 use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::metrics::storage::Measured;
 use crate::readiness::Readiness;
 use crate::signatures::Signatures;
 use crate::status_page::StatusPage;
@@ -47,6 +49,9 @@ pub struct AppState {
     /// Start time, GC settings and outcome, and cached figures for the
     /// status page.
     pub status: StatusPage,
+    /// What `/metrics` reports; the store, the metadata and the Bazel core
+    /// record into it too.
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,14 +96,16 @@ pub struct Built {
 pub async fn build(config: &Config) -> Result<Built, StateError> {
     private_data_dir(&config.data_dir)?;
     let (tokens, first_start) = token_authority(config)?;
+    let metrics = Metrics::new();
     let meta = open_meta(&config.database_url())
         .await?
-        .with_grace(config.gc.grace());
-    let blobs = Blobs::new(open_store(config)?, meta.clone());
+        .with_grace(config.gc.grace())
+        .with_observer(metrics.database_observer());
+    let blobs = Blobs::new(open_store(config, &metrics)?, meta.clone());
     let accesses = AccessTimes::start(meta.clone(), config.access_flush_interval());
     let readiness = Readiness::start(
         meta.clone(),
-        blobs.store().backend().clone(),
+        blobs.store().backend().inner().clone(),
         config.readiness_interval(),
     )
     .await;
@@ -109,6 +116,7 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         tokens.clone(),
         CacheName::new(config.bazel_default_cache.clone()).map_err(StateError::DefaultCache)?,
         config.limits.max_nar_size,
+        metrics.clone(),
     );
     let state = Arc::new(AppState {
         meta,
@@ -122,18 +130,22 @@ pub async fn build(config: &Config) -> Result<Built, StateError> {
         accesses,
         readiness,
         status: StatusPage::new(config.gc),
+        metrics,
     });
     Ok(Built { state, first_start })
 }
 
-/// The chunk store `config` describes.
-pub fn open_store(config: &Config) -> Result<ChunkStore<Backend>, StateError> {
+/// The chunk store `config` describes, recording into `metrics`.
+pub fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, StateError> {
     let backend = match (config.s3_config(), config.local_path()) {
         (Some(s3), _) => Backend::S3(S3Backend::new(&s3)?),
         (None, Some(path)) => Backend::Fs(FsBackend::new(path)?),
         (None, None) => unreachable!("storage is local or s3"),
     };
-    Ok(ChunkStore::new(backend, config.store_config()))
+    Ok(ChunkStore::new(
+        Measured::new(backend, metrics.clone()),
+        config.store_config(),
+    ))
 }
 
 /// The server's token key: the configured one (`[jwt]` or its variables,
@@ -283,7 +295,8 @@ pub fn private_data_dir(dir: &Path) -> Result<(), StateError> {
         .map_err(|source| io(dir, source))?
         .permissions()
         .mode();
-    if mode & 0o077 == 0 {
+    // No group or other bits: nothing to restrict.
+    if mode.trailing_zeros() >= 6 {
         return Ok(());
     }
     match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {

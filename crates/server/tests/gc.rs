@@ -216,11 +216,12 @@ async fn sparse_packs_rewritten_and_orphans_removed(deployment: Deployment) {
     assert_eq!(packs_before.len(), 1);
     // A pack a crashed writer left, and one written just now.
     let orphan = PackId::random().object_key();
-    garret_store::backend::put(
+    // Boxed: the measured S3 backend's write is a large future.
+    Box::pin(garret_store::backend::put(
         blobs.store().backend(),
         &orphan,
         Bytes::from_static(b"lost"),
-    )
+    ))
     .await
     .unwrap();
 

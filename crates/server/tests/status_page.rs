@@ -131,7 +131,14 @@ async fn browser_sees_only_the_caches_its_token_may_pull(deployment: Deployment)
         dom.contains("<data value=\"4000\">"),
         "logical bytes: {dom}"
     );
-    assert!(dom.contains("not measured yet"), "{dom}");
+    assert!(
+        dom.contains("id=\"hit-rates\"") && dom.contains("<th scope=\"row\">narinfo</th>"),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("<dt>Last run</dt><dd>none recorded yet"),
+        "{dom}"
+    );
 
     // A token signed by another server is refused, not taken as anonymous:
     // not even the public cache shows. (Headless chromium renders nothing

@@ -22,8 +22,10 @@ use std::collections::HashMap;
 
 mod expire;
 mod packs;
+mod runs;
 
 pub use expire::{Evicted, Expired};
+pub use runs::{GcRun, GcRuns};
 
 use crate::blobs::{Chunk, ChunkRow, chunk_from_row};
 use crate::packs::{LiveBytes, add_live_bytes};

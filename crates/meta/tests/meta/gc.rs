@@ -295,3 +295,20 @@ fn nix_object_at(path: char, blob_id: garret_meta::BlobId) -> garret_meta::NixOb
         system: None,
     }
 }
+
+both! {
+    async fn gc_runs_keep_the_last_and_the_last_success(db: TestDb) {
+        use garret_meta::{GcRun, GcRuns};
+        assert_eq!(db.gc_runs().await.unwrap(), GcRuns::default());
+        let ok = GcRun { finished_at: 10, succeeded: true, report: Some("{\"chunks\":3}".into()) };
+        db.record_gc_run(&ok).await.unwrap();
+        let runs = db.gc_runs().await.unwrap();
+        assert_eq!(runs.last.as_ref(), Some(&ok));
+        assert_eq!(runs.last_success.as_ref(), Some(&ok));
+        let failed = GcRun { finished_at: 20, succeeded: false, report: None };
+        db.record_gc_run(&failed).await.unwrap();
+        let runs = db.gc_runs().await.unwrap();
+        assert_eq!(runs.last, Some(failed));
+        assert_eq!(runs.last_success, Some(ok), "a failure keeps the last success");
+    }
+}

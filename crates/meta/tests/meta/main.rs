@@ -9,6 +9,7 @@ mod caches;
 mod gc;
 mod gc_retention;
 mod nix;
+mod observe;
 mod pins;
 mod schema;
 mod uploads;

@@ -13,6 +13,7 @@ use super::{Core, MAX_MESSAGE_BYTES};
 use crate::access_times::Accessed;
 use crate::clock::unix_now;
 use crate::error::Error;
+use crate::metrics::Lookup;
 
 /// Largest serialized `ActionResult` accepted over Bazel's HTTP cache:
 /// bazel-remote's limit for the same thing (results inline only digests,
@@ -126,7 +127,20 @@ impl Core {
     /// (see `access_times`), and only then is completeness checked: a blob
     /// that is there after its refresh is kept by GC's access-time window,
     /// one that GC took just before is a miss.
+    ///
+    /// Counted as an action-cache hit or miss.
     pub(crate) async fn action_result(
+        &self,
+        cache: &Cache,
+        action: &Sha256Hash,
+    ) -> Result<(ActionResult, Vec<u8>), Error> {
+        let found = self.servable_action_result(cache, action).await;
+        self.metrics.lookup_result(Lookup::ActionResult, &found);
+        found
+    }
+
+    /// [`Core::action_result`], uncounted.
+    async fn servable_action_result(
         &self,
         cache: &Cache,
         action: &Sha256Hash,

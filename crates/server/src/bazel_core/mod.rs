@@ -19,6 +19,7 @@ use crate::auth::{CacheName, ReapiAccess, TokenAuthority};
 use crate::blobs::{BlobError, Blobs, Expect, StoredBlob};
 use crate::clock::unix_now;
 use crate::error::Error;
+use crate::metrics::{Lookup, Metrics};
 use crate::state::authorized_cache;
 pub use action_results::{MAX_ACTION_RESULT, Update};
 use digest::Digest;
@@ -41,6 +42,8 @@ pub struct Core {
     default_cache: CacheName,
     /// Largest blob accepted (`max_cas_blob_size_bytes`).
     max_blob_size: u64,
+    /// Counts CAS and action-cache hits and misses.
+    metrics: Metrics,
 }
 
 impl Core {
@@ -51,6 +54,7 @@ impl Core {
         tokens: TokenAuthority,
         default_cache: CacheName,
         max_blob_size: u64,
+        metrics: Metrics,
     ) -> Self {
         Self {
             meta,
@@ -59,7 +63,12 @@ impl Core {
             tokens,
             default_cache,
             max_blob_size,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Largest blob accepted (`max_cas_blob_size_bytes`).
@@ -100,6 +109,13 @@ impl Core {
             }
             _ => Err(Error::NotFound(format!("blob {digest} is not in the CAS"))),
         }
+    }
+
+    /// [`Core::blob`] for a client reading it: counted as a CAS hit or miss.
+    pub(crate) async fn blob_to_read(&self, cache: &Cache, digest: Digest) -> Result<Blob, Error> {
+        let found = self.blob(cache, digest).await;
+        self.metrics.lookup_result(Lookup::Cas, &found);
+        found
     }
 
     /// A whole blob in memory, for protobuf messages kept in the CAS

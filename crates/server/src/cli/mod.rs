@@ -291,6 +291,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     garret_server::serve::serve(
         listener,
         garret_server::app(std::sync::Arc::clone(&state)),
+        state.metrics.clone(),
         garret_server::serve::ServeLimits::new(&config.connections, config.limits.idle_timeout()),
         shutdown,
     )
@@ -305,9 +306,13 @@ async fn collect_garbage(config: &Config, args: &GcArgs) -> anyhow::Result<()> {
     let meta = open_meta(&config.database_url())
         .await?
         .with_grace(config.gc.grace());
-    let store = garret_server::state::open_store(config).context("opening the chunk store")?;
+    // A one-off run exports no metrics; it records its outcome for the
+    // servers' `/metrics` instead.
+    let metrics = garret_server::metrics::Metrics::new();
+    let store =
+        garret_server::state::open_store(config, &metrics).context("opening the chunk store")?;
     let display = ProgressLine::on_terminal();
-    let report = garret_server::gc::collect_with_progress(
+    let report = garret_server::gc::collect_and_record(
         &meta,
         &store,
         &config.gc,

@@ -49,6 +49,7 @@ use crate::bazel_core::digest::Digest;
 use crate::bazel_core::{MAX_ACTION_RESULT, Update};
 use crate::blobs::Expect;
 use crate::error::Error;
+use crate::metrics::Lookup;
 use crate::upload::BodyError;
 
 /// The path parameters of every route here; `cache` is absent at the root.
@@ -148,11 +149,9 @@ async fn cas_get(
     if hash == Digest::EMPTY.hash {
         return octets(0, Body::empty());
     }
-    let blob = state
-        .meta
-        .cas_blob(cache.id, hash.as_bytes())
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("cas/{}", hash.to_hex())))?;
+    let found = state.meta.cas_blob(cache.id, hash.as_bytes()).await?;
+    state.metrics.lookup(Lookup::Cas, found.is_some());
+    let blob = found.ok_or_else(|| Error::NotFound(format!("cas/{}", hash.to_hex())))?;
     state.accesses.cas_read(cache.id, &[blob.hash]);
     if method == Method::HEAD {
         return octets(blob.size, Body::empty());

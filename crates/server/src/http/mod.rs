@@ -6,6 +6,7 @@ mod attic;
 mod bazel;
 mod body;
 mod health;
+mod metrics;
 mod nix_upload;
 mod pins;
 pub mod public_urls;
@@ -61,6 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(status_page::page))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
         .route("/{cache}/attic-cache-info", get(attic::get_cache_config))
         .merge(json_api)
         .merge(uploads)

@@ -74,8 +74,7 @@ async fn render(state: &AppState, headers: &HeaderMap, login: bool) -> Result<St
     let server_wide = (visible.len() == facts.caches.len()).then(|| ServerWide {
         logical_bytes: facts.logical_bytes(),
         store: facts.store,
-        // Not measured yet: the request metrics' hit and miss counters go here.
-        hit_rates: HitRates::default(),
+        hit_rates: HitRates::of(&state.metrics),
     });
     let urls = PublicUrls::for_request(&state.endpoints, headers);
     let settings = &state.status.gc;
@@ -90,7 +89,7 @@ async fn render(state: &AppState, headers: &HeaderMap, login: bool) -> Result<St
         gc: GcView {
             interval_secs: settings.interval_secs,
             default_retention: settings.default_retention,
-            last_run: state.status.last_gc.get(),
+            runs: facts.gc_runs.clone(),
             now: unix_now(),
         },
         server_wide,

@@ -16,6 +16,7 @@ use super::body::first_piece_then_stream;
 use super::{AppState, access};
 use crate::auth::Permission;
 use crate::error::Error;
+use crate::metrics::Lookup;
 use crate::signatures::Signatures;
 
 /// `GET /{cache}/{file}`: `nix-cache-info` or `<hash>.narinfo`.
@@ -33,7 +34,7 @@ pub async fn cache_file(
         );
         return Ok(([(header::CONTENT_TYPE, "text/x-nix-cache-info")], body).into_response());
     }
-    let (cache, row) = nix_object(&state, &headers, &cache, &file, ".narinfo").await?;
+    let (cache, row) = nix_object(&state, &headers, &cache, &file, Lookup::Narinfo).await?;
     let text = narinfo(&state.signatures, &cache, row)?;
     let mut response = ([(header::CONTENT_TYPE, "text/x-nix-narinfo")], text).into_response();
     if method == Method::HEAD {
@@ -42,18 +43,24 @@ pub async fn cache_file(
     Ok(response)
 }
 
-/// The cache called `cache` and the object a `<hash><suffix>` file name
-/// names there, in one query once the hash parses. The requester is
-/// authorized first, so a stranger learns 401 whatever the name; then a
-/// malformed hash is the client's error (400), an unknown one a 404. A
-/// found object counts as read (narinfo and NAR alike).
+/// The cache called `cache` and the object a `<hash>.narinfo` or
+/// `<hash>.nar` file name (as `lookup` says) names there, in one query
+/// once the hash parses. The requester is authorized first, so a stranger
+/// learns 401 whatever the name; then a malformed hash is the client's
+/// error (400), an unknown one a 404 and a miss. A found object is a hit
+/// and counts as read (narinfo and NAR alike).
 async fn nix_object(
     state: &AppState,
     headers: &HeaderMap,
     cache: &str,
     file: &str,
-    suffix: &str,
+    lookup: Lookup,
 ) -> Result<(Cache, NixObjectRow), Error> {
+    let suffix = if lookup == Lookup::Narinfo {
+        ".narinfo"
+    } else {
+        ".nar"
+    };
     let hash = match store_path_hash(file, suffix) {
         Ok(hash) => hash,
         Err(e) => {
@@ -64,6 +71,7 @@ async fn nix_object(
     let (cache, row) =
         access::cache_and_nix_object(state, headers, cache, Permission::PULL, &hash.to_string())
             .await?;
+    state.metrics.lookup(lookup, row.is_some());
     let row = row.ok_or_else(|| Error::NotFound(file.to_owned()))?;
     state
         .accesses
@@ -140,7 +148,7 @@ pub async fn nar(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, Error> {
-    let (_, row) = nix_object(&state, &headers, &cache, &file, ".nar").await?;
+    let (_, row) = nix_object(&state, &headers, &cache, &file, Lookup::Nar).await?;
     let size = row.blob.file_size;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(value) => parse_range(value, size)?,

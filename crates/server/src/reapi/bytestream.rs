@@ -101,11 +101,11 @@ impl ByteStreamService {
                 };
                 if offset == end {
                     if !digest.is_empty() {
-                        reapi.blob(&cache, digest).await?;
+                        reapi.blob_to_read(&cache, digest).await?;
                     }
                     return Ok(stream::empty().boxed());
                 }
-                let blob = reapi.blob(&cache, digest).await?;
+                let blob = reapi.blob_to_read(&cache, digest).await?;
                 let content = reapi.state.blobs.read(blob.id, offset..end).await?;
                 Ok(responses(content))
             }
@@ -117,14 +117,14 @@ impl ByteStreamService {
                 }
                 if offset == digest.size {
                     if !digest.is_empty() {
-                        reapi.blob(&cache, digest).await?;
+                        reapi.blob_to_read(&cache, digest).await?;
                     }
                     let frame = compress(Bytes::new()).await?;
                     return Ok(
                         stream::once(async move { Ok(ReadResponse { data: frame }) }).boxed(),
                     );
                 }
-                let blob = reapi.blob(&cache, digest).await?;
+                let blob = reapi.blob_to_read(&cache, digest).await?;
                 self.compressed_read(&blob, offset).await
             }
         }

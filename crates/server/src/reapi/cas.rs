@@ -26,6 +26,7 @@ use crate::auth::ReapiAccess;
 use crate::bazel_core::digest::Digest;
 use crate::clock::unix_now;
 use crate::error::Error;
+use crate::metrics::Lookup;
 
 #[derive(Debug)]
 pub(crate) struct CasService(pub(crate) Arc<Reapi>);
@@ -76,6 +77,12 @@ impl CasService {
             .map(Digest::from_proto)
             .collect::<Result<Vec<_>, _>>()?;
         let missing = reapi.find_missing(&cache, &digests).await?;
+        let asked: HashSet<&Digest> = digests.iter().collect();
+        reapi.metrics().lookups(
+            Lookup::CasFindMissing,
+            (asked.len() - missing.len()) as u64,
+            missing.len() as u64,
+        );
         Ok(FindMissingBlobsResponse {
             missing_blob_digests: missing.into_iter().map(Digest::to_proto).collect(),
         })
@@ -501,7 +508,7 @@ async fn read_one(
     if digest.is_empty() {
         return Ok((Bytes::new(), Compressor::Identity));
     }
-    let blob = reapi.blob(cache, digest).await?;
+    let blob = reapi.blob_to_read(cache, digest).await?;
     if zstd {
         let frames: Vec<Bytes> = reapi
             .state

@@ -1,12 +1,12 @@
-//! What the status page reports from the database, gathered in two
+//! What the status page reports from the database, gathered in a few
 //! aggregate queries and kept for [`FACTS_TTL`]: a refresh storm (or a
-//! dashboard left open everywhere) costs one pair of queries per period,
-//! not one per view.
+//! dashboard left open everywhere) costs one gathering per period, not one
+//! per view.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use garret_meta::{Cache, CacheUsage, ChunkStats, Meta, MetaError};
+use garret_meta::{Cache, CacheUsage, ChunkStats, GcRuns, Meta, MetaError};
 use garret_nix::signing::SigningKey;
 
 use crate::auth::CacheName;
@@ -22,6 +22,9 @@ pub struct Facts {
     pub caches: Vec<CacheFacts>,
     /// Chunks store-wide: shared chunks belong to no single cache.
     pub store: ChunkStats,
+    /// The last collection and the last successful one, by whichever
+    /// process ran them (`serve`'s periodic GC or a `garret gc` CronJob).
+    pub gc_runs: GcRuns,
 }
 
 /// One cache as the page shows it: no secret key, only its public half.
@@ -65,12 +68,13 @@ impl CacheFacts {
 }
 
 impl Facts {
-    /// Two scans of the object and chunk tables: in its own span, so a
+    /// Scans of the object and chunk tables: in its own span, so a
     /// slow gathering shows in the trace of the view that waited for it.
     #[tracing::instrument(skip_all)]
     async fn gather(meta: &Meta) -> Result<Self, MetaError> {
         let caches = meta.caches_with_usage().await?;
         let store = meta.chunk_stats().await?;
+        let gc_runs = meta.gc_runs().await?;
         Ok(Self {
             taken: Instant::now(),
             caches: caches
@@ -78,6 +82,7 @@ impl Facts {
                 .filter_map(|(cache, usage)| CacheFacts::of(cache, usage))
                 .collect(),
             store,
+            gc_runs,
         })
     }
 

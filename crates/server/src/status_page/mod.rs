@@ -21,7 +21,6 @@ pub use facts::{CacheFacts, Facts, FactsCache};
 pub use render::{CONTENT_SECURITY_POLICY, GcView, ServerWide, View, Viewer, error_page, page};
 
 use crate::config::Gc;
-use crate::gc::LastRun;
 
 /// What the page needs that is not in the database, held in the state.
 #[derive(Debug)]
@@ -30,8 +29,6 @@ pub struct StatusPage {
     /// The GC settings of this server (interval, default retention).
     pub gc: Gc,
     pub facts: FactsCache,
-    /// Written by the periodic GC inside `serve`.
-    pub last_gc: LastRun,
 }
 
 impl StatusPage {
@@ -40,21 +37,34 @@ impl StatusPage {
             started: Instant::now(),
             gc,
             facts: FactsCache::default(),
-            last_gc: LastRun::default(),
         }
     }
 }
 
-/// Hits and misses of the lookups clients make, for the page. Not
-/// measured yet: the request metrics' counters are to feed this (one set
-/// of counters, not a second one here); until then every row reads "not
-/// measured yet".
+/// Hits and misses of the lookups clients make since this server started,
+/// from the counters `/metrics` exports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HitRates {
-    pub narinfo: Option<HitsMisses>,
-    pub nar: Option<HitsMisses>,
-    pub cas: Option<HitsMisses>,
-    pub action_cache: Option<HitsMisses>,
+    pub narinfo: HitsMisses,
+    pub nar: HitsMisses,
+    pub cas: HitsMisses,
+    pub action_cache: HitsMisses,
+}
+
+impl HitRates {
+    pub fn of(metrics: &crate::metrics::Metrics) -> Self {
+        use crate::metrics::Lookup;
+        let counts = |kind| HitsMisses {
+            hits: metrics.hits(kind),
+            misses: metrics.misses(kind),
+        };
+        Self {
+            narinfo: counts(Lookup::Narinfo),
+            nar: counts(Lookup::Nar),
+            cas: counts(Lookup::Cas),
+            action_cache: counts(Lookup::ActionResult),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

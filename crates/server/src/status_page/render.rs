@@ -11,7 +11,7 @@ use garret_meta::ChunkStats;
 use super::facts::CacheFacts;
 use super::html::Html;
 use super::{HitRates, HitsMisses};
-use crate::gc::FinishedRun;
+use crate::gc::GcReport;
 use crate::http::public_urls::PublicUrls;
 use crate::units::{describe_retention, format_duration, format_size};
 
@@ -64,7 +64,9 @@ pub struct GcView {
     /// `gc.interval_secs`; zero: `serve` does not collect.
     pub interval_secs: u64,
     pub default_retention: Option<Duration>,
-    pub last_run: Option<FinishedRun>,
+    /// The last run and the last successful one, as recorded in the
+    /// database by whichever process ran them.
+    pub runs: garret_meta::GcRuns,
     /// Unix seconds, to say how long ago the last run finished.
     pub now: i64,
 }
@@ -323,20 +325,14 @@ fn hit_rates(html: &mut Html, rates: &HitRates) {
         ("Bazel action cache", rates.action_cache),
     ] {
         html.raw("<tr><th scope=\"row\">").text(what).raw("</th>");
-        match counts {
-            Some(HitsMisses { hits, misses }) => {
-                html.raw("<td class=\"n\">")
-                    .text(hits)
-                    .raw("</td><td class=\"n\">")
-                    .text(misses)
-                    .raw("</td><td class=\"n\">")
-                    .text(percent(hits, hits.saturating_add(misses)))
-                    .raw("</td>");
-            }
-            None => {
-                html.raw("<td colspan=\"3\">not measured yet</td>");
-            }
-        }
+        let HitsMisses { hits, misses } = counts;
+        html.raw("<td class=\"n\">")
+            .text(hits)
+            .raw("</td><td class=\"n\">")
+            .text(misses)
+            .raw("</td><td class=\"n\">")
+            .text(percent(hits, hits.saturating_add(misses)))
+            .raw("</td>");
         html.raw("</tr>");
     }
     html.raw("</tbody></table></section>");
@@ -355,23 +351,45 @@ fn gc(html: &mut Html, gc: &GcView, details: bool) {
     html.raw("</dd><dt>Default retention</dt><dd>")
         .text(describe_retention(None, gc.default_retention))
         .raw("</dd><dt>Last run</dt><dd>");
-    match &gc.last_run {
+    match &gc.runs.last {
         None => {
-            html.raw("no GC run recorded by this process (runs of <code>garret gc</code> elsewhere are not recorded yet)");
+            html.raw("none recorded yet");
         }
         Some(run) => {
-            let ago = gc.now.saturating_sub(run.finished_at).unsigned_abs();
-            html.raw("finished ")
-                .text(format_duration(Duration::from_secs(ago)))
-                .raw(" ago: ");
-            match (&run.report, details) {
-                (None, _) => html.raw("failed (see the server log)"),
-                (Some(report), true) => html.text(report),
-                (Some(_), false) => html.raw("succeeded"),
-            };
+            last_run(html, run, gc.now, details);
+            if !run.succeeded {
+                html.raw("</dd><dt>Last success</dt><dd>");
+                match &gc.runs.last_success {
+                    Some(success) => last_run(html, success, gc.now, details),
+                    None => html.raw("never"),
+                };
+            }
         }
     }
     html.raw("</dd></dl></section>");
+}
+
+/// When `run` finished and how; its report (what it removed and freed)
+/// only with `details`, for viewers who see every cache.
+fn last_run<'h>(
+    html: &'h mut Html,
+    run: &garret_meta::GcRun,
+    now: i64,
+    details: bool,
+) -> &'h mut Html {
+    let ago = now.saturating_sub(run.finished_at).unsigned_abs();
+    html.raw("finished ")
+        .text(format_duration(Duration::from_secs(ago)))
+        .raw(" ago: ");
+    let report = run
+        .report
+        .as_deref()
+        .and_then(|json| serde_json::from_str::<GcReport>(json).ok());
+    match (run.succeeded, report, details) {
+        (false, _, _) => html.raw("failed (see the log of the process that ran it)"),
+        (true, Some(report), true) => html.text(report),
+        (true, _, _) => html.raw("succeeded"),
+    }
 }
 
 /// `bytes` for people, with the exact count for machines (and tests).
@@ -454,7 +472,7 @@ mod tests {
             gc: GcView {
                 interval_secs: 0,
                 default_retention: Some(Duration::from_hours(30 * 24)),
-                last_run: None,
+                runs: garret_meta::GcRuns::default(),
                 now: 0,
             },
             server_wide: None,
@@ -517,22 +535,24 @@ mod tests {
                 stored_size: 400,
             },
             hit_rates: HitRates {
-                narinfo: Some(HitsMisses { hits: 3, misses: 1 }),
+                narinfo: HitsMisses { hits: 3, misses: 1 },
                 ..HitRates::default()
             },
         });
         full.gc.interval_secs = 3600;
         full.gc.now = 100;
-        full.gc.last_run = Some(FinishedRun {
+        let succeeded = garret_meta::GcRun {
             finished_at: 40,
-            report: Some(crate::gc::GcReport::default()),
-        });
+            succeeded: true,
+            report: Some(serde_json::to_string(&GcReport::default()).unwrap()),
+        };
+        full.gc.runs.last = Some(succeeded.clone());
         let html = page(&full);
         for expected in [
             "<dd>3.00×</dd>",
             "<dd>7.50×</dd>",
             "<td class=\"n\">3</td><td class=\"n\">1</td><td class=\"n\">75.0 %</td>",
-            "<td colspan=\"3\">not measured yet</td>",
+            "<td class=\"n\">0</td><td class=\"n\">0</td><td class=\"n\">",
             "every 1h",
             "finished 1m ago: 0 Nix objects",
         ] {
@@ -543,11 +563,18 @@ mod tests {
         full.server_wide = None;
         let html = page(&full);
         assert!(html.contains("finished 1m ago: succeeded"), "{html}");
-        full.gc.last_run = Some(FinishedRun {
-            finished_at: 40,
+        full.gc.runs.last = Some(garret_meta::GcRun {
+            finished_at: 70,
+            succeeded: false,
             report: None,
         });
-        assert!(page(&full).contains("failed (see the server log)"));
+        let html = page(&full);
+        assert!(
+            html.contains("finished 30s ago: failed (see the log of the process that ran it)</dd><dt>Last success</dt><dd>never"),
+            "{html}"
+        );
+        full.gc.runs.last_success = Some(succeeded);
+        assert!(page(&full).contains("<dt>Last success</dt><dd>finished 1m ago: succeeded"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub async fn sqlite_fs_blobs(dir: &Path) -> Blobs {
         .unwrap();
     meta.migrate().await.unwrap();
     let backend = Backend::Fs(FsBackend::new(dir.join("chunks")).unwrap());
-    Blobs::new(ChunkStore::new(backend, StoreConfig::default()), meta)
+    Blobs::new(measured(backend), meta)
 }
 
 /// The production deployment: a fresh database on the shared throwaway
@@ -40,9 +40,16 @@ pub async fn postgres_s3_blobs(dir: &Path) -> (Blobs, S3TestServer) {
         .await
         .unwrap();
     let backend = Backend::S3(S3Backend::new(&s3.config).unwrap());
-    (
-        Blobs::new(ChunkStore::new(backend, StoreConfig::default()), meta),
-        s3,
+    (Blobs::new(measured(backend), meta), s3)
+}
+
+/// A store on `backend` as the server wraps it, recording into metrics
+/// of its own.
+fn measured(backend: Backend) -> garret_server::blobs::Store {
+    let metrics = garret_server::metrics::Metrics::new();
+    ChunkStore::new(
+        garret_server::metrics::storage::Measured::new(backend, metrics),
+        StoreConfig::default(),
     )
 }
 
@@ -76,12 +83,18 @@ impl BlobStore {
 /// Serves `app` on `listener` in the background until the test ends, the
 /// way `garret serve` does: default connection bounds, and `limits`' idle
 /// time for stalled connections.
-pub fn spawn_serve(listener: tokio::net::TcpListener, app: axum::Router, limits: &Limits) {
+pub fn spawn_serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    metrics: garret_server::metrics::Metrics,
+    limits: &Limits,
+) {
     let connections = garret_server::config::Connections::default();
     let serve_limits = garret_server::serve::ServeLimits::new(&connections, limits.idle_timeout());
     tokio::spawn(garret_server::serve::serve(
         listener,
         app,
+        metrics,
         serve_limits,
         std::future::pending(),
     ));
@@ -168,7 +181,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = garret_server::app(Arc::clone(&state));
-        spawn_serve(listener, app, &config.limits);
+        spawn_serve(listener, app, state.metrics.clone(), &config.limits);
         Self {
             url,
             state,

@@ -7,16 +7,18 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
-use common::{Deployment, TestServer, blocking, on_both, publish_nar};
+use common::{Deployment, TestServer, blocking, on_both, publish_nar, spawn_serve};
 use garret_meta::NixObject;
 use garret_meta::testing::PgCluster;
 use garret_nix::Sha256Hash;
 use garret_nix::narinfo::NarInfo;
 use garret_nix::signing::SigningKey;
 use garret_server::auth::Permission;
-use garret_server::config::{Config, Storage};
+use garret_server::config::{Config, Limits, Storage};
 
 on_both! {
     imports_caches_and_objects_resumably,
@@ -282,6 +284,8 @@ async fn imports_caches_and_objects_resumably(deployment: Deployment) {
 /// garret they are imported into.
 struct Scenario {
     old: TestServer,
+    /// The substituter the import reads: the old server, behind a proxy.
+    proxy: FlakyProxy,
     new: TestServer,
     /// The new garret's configuration, for the `import` process.
     config: Config,
@@ -354,6 +358,7 @@ impl Scenario {
         let other = Path::new('f', "corrupt", "tpurroc", vec![]);
         store_lying(&old, "main", &corrupt, other.nar).await;
         Self {
+            proxy: FlakyProxy::start(old.url.clone()).await,
             admin: new.token(&[("*", Permission::ALL)]),
             puller: old.token(&[("*", Permission::PULL)]),
             old,
@@ -378,7 +383,7 @@ impl Scenario {
             "--database-url",
             &self.attic_url,
             "--objects",
-            &self.old.url,
+            &self.proxy.url,
             "--token",
             &self.puller,
         ];
@@ -425,6 +430,22 @@ impl Scenario {
             "{failures}"
         );
         assert_eq!(cache_report(&report, "private")["objects"]["imported"], 1);
+        // Every narinfo failed once with a 503 and was asked for again;
+        // the 404 and the corrupt NAR were not retried.
+        for path in [&self.lib, &self.app, &self.late, &self.corrupt] {
+            let narinfo = format!("/main/{}.narinfo", path.hash());
+            assert_eq!(self.proxy.requests(&narinfo), 2, "{narinfo}");
+        }
+        let nars: u32 = self
+            .proxy
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(path, _)| path.starts_with("/main/nar/"))
+            .map(|(_, count)| count)
+            .sum();
+        assert_eq!(nars, 3, "one NAR each for lib, app and corrupt");
     }
 
     /// The caches' settings as Attic had them, with the same keys; the
@@ -476,6 +497,59 @@ impl Scenario {
         assert!(reason.contains("another public key"), "{refused}");
         let (_, private) = self.cache_config("private").await;
         assert_eq!(private["public_key"], other.verifying_key().to_string());
+    }
+}
+
+/// Stands between the import and the old server as a flaky network would:
+/// the first request for each narinfo gets a 503, and every request is
+/// counted by path.
+struct FlakyProxy {
+    url: String,
+    requests: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl FlakyProxy {
+    async fn start(target: String) -> Self {
+        let requests = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+        let counts = Arc::clone(&requests);
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+                let (counts, target) = (Arc::clone(&counts), target.clone());
+                async move {
+                    let path = uri.path().to_owned();
+                    let seen = {
+                        let mut counts = counts.lock().unwrap();
+                        let count = counts.entry(path.clone()).or_default();
+                        *count += 1;
+                        *count
+                    };
+                    if seen == 1 && path.ends_with(".narinfo") {
+                        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Vec::new());
+                    }
+                    let mut request = reqwest::Client::new().get(format!("{target}{path}"));
+                    if let Some(auth) = headers.get("authorization") {
+                        request = request.header("authorization", auth.as_bytes());
+                    }
+                    let response = request.send().await.unwrap();
+                    let status = axum::http::StatusCode::from_u16(response.status().as_u16());
+                    (status.unwrap(), response.bytes().await.unwrap().to_vec())
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        spawn_serve(listener, app, &Limits::default());
+        Self { url, requests }
+    }
+
+    /// How many requests for `path` arrived.
+    fn requests(&self, path: &str) -> u32 {
+        self.requests
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 }
 

@@ -132,8 +132,8 @@ pub fn open_store(config: &Config) -> Result<ChunkStore<Backend>, StateError> {
 }
 
 /// The server's token key: the configured one (`[jwt]` or its variables,
-/// the same `garret token create` reads), else the secret in the data
-/// directory. On a first start that secret is created (0600), with an admin
+/// the same `garret token create` reads, else Attic's variables; see
+/// `Jwt::key_source`), else the secret in the data directory. On a first start that secret is created (0600), with an admin
 /// token, so a newcomer can push right away. Tokens are bound to the
 /// configured issuer and audiences whatever the key's source.
 pub fn token_authority(

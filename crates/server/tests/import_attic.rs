@@ -22,6 +22,7 @@ use garret_server::config::{Config, Limits, Storage};
 
 on_both! {
     imports_caches_and_objects_resumably,
+    a_killed_import_resumes,
 }
 
 /// The Attic database: the same SQL runs on either.
@@ -135,8 +136,23 @@ impl Path {
 }
 
 /// `garret import attic` against the garret whose configuration `config`
-/// was; returns the exit status and the JSON report.
+/// was; returns whether it succeeded and its JSON report.
 async fn import(config: &Config, args: &[&str]) -> (bool, serde_json::Value) {
+    let mut command = import_command(config, args);
+    let out = blocking(move || command.output().unwrap()).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), report)
+}
+
+/// The `garret import attic --json` process for the garret whose
+/// configuration `config` was.
+fn import_command(config: &Config, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_garret"));
     command
         .args(["import", "attic", "--json"])
@@ -159,15 +175,7 @@ async fn import(config: &Config, args: &[&str]) -> (bool, serde_json::Value) {
                 s3.secret_access_key.as_deref().unwrap(),
             );
     }
-    let out = blocking(move || command.output().unwrap()).await;
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), report)
+    command
 }
 
 /// The report of cache `name`.
@@ -278,6 +286,54 @@ async fn imports_caches_and_objects_resumably(deployment: Deployment) {
     }
 
     s.a_cache_with_another_key_is_refused().await;
+}
+
+/// An import killed midway (SIGKILL, while one path's narinfo hangs) keeps
+/// what it committed, and the next run fetches only the rest.
+async fn a_killed_import_resumes(deployment: Deployment) {
+    let s = Scenario::set_up(deployment).await;
+    let app_narinfo = format!("/main/{}.narinfo", s.app.hash());
+    s.proxy.hang(Some(app_narinfo.clone()));
+    let mut command = import_command(
+        &s.config,
+        &[
+            "--database-url",
+            &s.attic_url,
+            "--objects",
+            &s.proxy.url,
+            "--token",
+            &s.puller,
+            "--cache",
+            "main",
+        ],
+    );
+    let mut child = command.spawn().unwrap();
+    // Bounded wait for the child's progress: lib stored, app's narinfo asked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    let lib_url = format!("{}/main/{}.narinfo", s.new.url, s.lib.hash());
+    while get(&lib_url, Some(&s.admin)).await.0 != 200 || s.proxy.requests(&app_narinfo) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the import neither stored lib nor reached app within a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    blocking(move || child.wait().unwrap()).await;
+    let app_url = format!("{}/main/{}.narinfo", s.new.url, s.app.hash());
+    assert_eq!(get(&app_url, Some(&s.admin)).await.0, 404);
+
+    s.proxy.hang(None);
+    let (_, report) = s.import(&["--cache", "main"]).await;
+    let objects = &cache_report(&report, "main")["objects"];
+    // lib is kept; app is fetched now; late and corrupt fail as ever.
+    assert_eq!(
+        (&objects["missing"], &objects["imported"]),
+        (&3.into(), &1.into()),
+        "{objects}"
+    );
+    s.assert_served("main", &s.lib, &s.main_key).await;
+    s.assert_served("main", &s.app, &s.main_key).await;
 }
 
 /// Attic's database, the old server that serves its paths, and the new
@@ -506,15 +562,19 @@ impl Scenario {
 struct FlakyProxy {
     url: String,
     requests: Arc<Mutex<HashMap<String, u32>>>,
+    /// A path whose requests never get an answer while set.
+    hanging: Arc<Mutex<Option<String>>>,
 }
 
 impl FlakyProxy {
     async fn start(target: String) -> Self {
         let requests = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-        let counts = Arc::clone(&requests);
+        let hanging = Arc::new(Mutex::new(None::<String>));
+        let (counts, hang) = (Arc::clone(&requests), Arc::clone(&hanging));
         let app = axum::Router::new().fallback(
             move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
-                let (counts, target) = (Arc::clone(&counts), target.clone());
+                let (counts, hang, target) =
+                    (Arc::clone(&counts), Arc::clone(&hang), target.clone());
                 async move {
                     let path = uri.path().to_owned();
                     let seen = {
@@ -523,6 +583,9 @@ impl FlakyProxy {
                         *count += 1;
                         *count
                     };
+                    if hang.lock().unwrap().as_deref() == Some(path.as_str()) {
+                        std::future::pending::<()>().await;
+                    }
                     if seen == 1 && path.ends_with(".narinfo") {
                         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Vec::new());
                     }
@@ -539,7 +602,16 @@ impl FlakyProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         spawn_serve(listener, app, &Limits::default());
-        Self { url, requests }
+        Self {
+            url,
+            requests,
+            hanging,
+        }
+    }
+
+    /// Requests for `path` hang from now on, or (`None`) are answered again.
+    fn hang(&self, path: Option<String>) {
+        *self.hanging.lock().unwrap() = path;
     }
 
     /// How many requests for `path` arrived.

@@ -532,7 +532,10 @@ fn human_duration<'de, D: serde::Deserializer<'de>>(
 }
 
 /// Writes what [`human_duration`] reads.
-#[expect(clippy::ref_option, reason = "the signature serde's serialize_with calls")]
+#[expect(
+    clippy::ref_option,
+    reason = "the signature serde's serialize_with calls"
+)]
 fn human_duration_out<S: serde::Serializer>(
     duration: &Option<std::time::Duration>,
     serializer: S,

@@ -158,6 +158,14 @@ fn import_command(config: &Config, args: &[&str]) -> Command {
         .args(["import", "attic", "--json"])
         .args(args)
         .env_remove("GARRET_CONFIG")
+        .env_remove("GARRET_TOKEN_HS256_SECRET_BASE64")
+        .env_remove("GARRET_TOKEN_RS256_PUBKEY_PEM")
+        // Attic's token secret, which the old server also verifies with:
+        // without --token, the import signs its own pull token with it.
+        .env(
+            "ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64",
+            common::TEST_SECRET_BASE64,
+        )
         .env("GARRET_DATA_DIR", &config.data_dir);
     if let Some(url) = &config.database_url {
         command.env("GARRET_DATABASE_URL", url);
@@ -320,6 +328,8 @@ async fn a_killed_import_resumes(deployment: Deployment) {
     }
     child.kill().unwrap();
     blocking(move || child.wait().unwrap()).await;
+    let given = std::collections::HashSet::from([format!("Bearer {}", s.puller)]);
+    assert_eq!(s.proxy.authorizations(), given, "--token is what is sent");
     let app_url = format!("{}/main/{}.narinfo", s.new.url, s.app.hash());
     assert_eq!(get(&app_url, Some(&s.admin)).await.0, 404);
 
@@ -433,15 +443,14 @@ impl Scenario {
         }
     }
 
-    /// `garret import attic` of every cache with their objects.
+    /// `garret import attic` of every cache with their objects, with the
+    /// pull token it mints itself.
     async fn import(&self, extra: &[&str]) -> (bool, serde_json::Value) {
         let args = [
             "--database-url",
             &self.attic_url,
             "--objects",
             &self.proxy.url,
-            "--token",
-            &self.puller,
         ];
         import(&self.config, &[&args[..], extra].concat()).await
     }
@@ -485,7 +494,12 @@ impl Scenario {
             failures.contains(&self.corrupt.base) && failures.contains("hash mismatch"),
             "{failures}"
         );
+        // The private cache's path came with the token the import signed
+        // with Attic's secret: one token, not the test's own.
         assert_eq!(cache_report(&report, "private")["objects"]["imported"], 1);
+        let tokens = self.proxy.authorizations();
+        assert_eq!(tokens.len(), 1, "{tokens:?}");
+        assert!(!tokens.contains(&format!("Bearer {}", self.puller)));
         // Every narinfo failed once with a 503 and was asked for again;
         // the 404 and the corrupt NAR were not retried.
         for path in [&self.lib, &self.app, &self.late, &self.corrupt] {
@@ -562,6 +576,8 @@ impl Scenario {
 struct FlakyProxy {
     url: String,
     requests: Arc<Mutex<HashMap<String, u32>>>,
+    /// Every `Authorization` header value forwarded.
+    authorizations: Arc<Mutex<std::collections::HashSet<String>>>,
     /// A path whose requests never get an answer while set.
     hanging: Arc<Mutex<Option<String>>>,
 }
@@ -570,11 +586,20 @@ impl FlakyProxy {
     async fn start(target: String) -> Self {
         let requests = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
         let hanging = Arc::new(Mutex::new(None::<String>));
-        let (counts, hang) = (Arc::clone(&requests), Arc::clone(&hanging));
+        let authorizations = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let (counts, hang, auths) = (
+            Arc::clone(&requests),
+            Arc::clone(&hanging),
+            Arc::clone(&authorizations),
+        );
         let app = axum::Router::new().fallback(
             move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
-                let (counts, hang, target) =
-                    (Arc::clone(&counts), Arc::clone(&hang), target.clone());
+                let (counts, hang, auths, target) = (
+                    Arc::clone(&counts),
+                    Arc::clone(&hang),
+                    Arc::clone(&auths),
+                    target.clone(),
+                );
                 async move {
                     let path = uri.path().to_owned();
                     let seen = {
@@ -591,6 +616,10 @@ impl FlakyProxy {
                     }
                     let mut request = reqwest::Client::new().get(format!("{target}{path}"));
                     if let Some(auth) = headers.get("authorization") {
+                        auths
+                            .lock()
+                            .unwrap()
+                            .insert(auth.to_str().unwrap().to_owned());
                         request = request.header("authorization", auth.as_bytes());
                     }
                     let response = request.send().await.unwrap();
@@ -605,8 +634,14 @@ impl FlakyProxy {
         Self {
             url,
             requests,
+            authorizations,
             hanging,
         }
+    }
+
+    /// The `Authorization` headers forwarded so far.
+    fn authorizations(&self) -> std::collections::HashSet<String> {
+        self.authorizations.lock().unwrap().clone()
     }
 
     /// Requests for `path` hang from now on, or (`None`) are answered again.

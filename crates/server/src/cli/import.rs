@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use garret_meta::AtticSource;
+use garret_server::auth::{CacheNamePattern, Permission, TokenSpec};
 use garret_server::blobs::Blobs;
 use garret_server::config::Config;
 use garret_server::import::attic::{self, Options, Progress};
 use garret_server::import::substituter::Substituter;
+use garret_server::state::existing_token_authority;
 
 #[derive(Debug, Subcommand)]
 pub enum ImportCommand {
@@ -35,7 +37,9 @@ pub struct AtticArgs {
     #[arg(long, value_name = "SUBSTITUTER_URL")]
     objects: Option<String>,
     /// A token that may pull the private caches from the substituter;
-    /// sent as a Bearer token.
+    /// sent as a Bearer token. Without one, the import mints one that may
+    /// pull every cache with garret's token key, which after adopting
+    /// Attic's token secret is Attic's key too.
     #[arg(long, env = "GARRET_IMPORT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Only this cache (repeatable); all live caches by default.
@@ -52,12 +56,16 @@ pub struct AtticArgs {
 impl ImportCommand {
     pub async fn run(self, config: &Config) -> anyhow::Result<()> {
         let Self::Attic(args) = self;
-        let objects = args
-            .objects
-            .as_deref()
-            .map(|url| Substituter::new(url, args.token.clone(), &config.limits))
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
+        let objects = match args.objects.as_deref() {
+            Some(url) => {
+                let token = match args.token {
+                    Some(token) => Some(token),
+                    None => pull_token(config)?,
+                };
+                Some(Substituter::new(url, token, &config.limits).map_err(anyhow::Error::msg)?)
+            }
+            None => None,
+        };
         let options = Options {
             caches: args.caches,
             objects,
@@ -92,6 +100,25 @@ impl ImportCommand {
             "the import is incomplete (see above); run it again to retry what failed"
         );
         Ok(())
+    }
+}
+
+/// A token that may pull every cache, signed with garret's own token key:
+/// when garret verifies with Attic's secret (its `ATTIC_SERVER_TOKEN_*`
+/// variables), Attic's private caches accept it. Lives a week, in memory
+/// only. `None` without a key that can sign.
+fn pull_token(config: &Config) -> anyhow::Result<Option<String>> {
+    let Some(authority) = existing_token_authority(config).context("the token key")? else {
+        return Ok(None);
+    };
+    let mut spec = TokenSpec::new("garret-import", Duration::from_hours(7 * 24));
+    spec.grant(CacheNamePattern::new("*")?, Permission::PULL);
+    match authority.mint(&spec) {
+        Ok(token) => Ok(Some(token)),
+        Err(e) => {
+            tracing::info!(error = %e, "no token for the substituter; private caches need --token");
+            Ok(None)
+        }
     }
 }
 

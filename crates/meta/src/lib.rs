@@ -38,6 +38,7 @@
 //! writer recorded and released it.
 
 mod access;
+mod attic_source;
 mod bazel;
 mod blobs;
 mod caches;
@@ -65,6 +66,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Postgres, Sqlite, Transaction};
 
+pub use attic_source::{AtticCache, AtticObject, AtticSource};
 pub use blobs::{
     Blob, BlobChunk, BlobCommit, Chunk, ChunkCompression, ChunkRange, ChunkStats, NewBlob,
     NewChunkRef, PresentChunk,

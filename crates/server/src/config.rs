@@ -387,8 +387,119 @@ pub struct Jwt {
     /// The HS256 secret (base64) tokens are signed with: Attic's
     /// `token-hs256-secret-base64`. Wins over `rs256_pubkey_pem`.
     pub hs256_secret_base64: Option<String>,
-    /// The RS256 public key (PEM) tokens are verified with.
+    /// The RS256 key (PEM, or base64 of PEM) tokens are verified with. A
+    /// private key works too: its public half is derived, which is how
+    /// Attic's `token-rs256-secret-base64` is read.
     pub rs256_pubkey_pem: Option<String>,
+    /// Where the key above came from, for `check-config`: an operator
+    /// adopting Attic must see whether Attic's key is the one in use.
+    #[serde(skip)]
+    pub key_source: Option<TokenKeySource>,
+}
+
+/// Where the token key came from. `None` in [`Jwt::key_source`] means the
+/// secret in the data directory (made on first start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKeySource {
+    /// The `[jwt]` section of the configuration file.
+    File,
+    /// An environment variable: one of garret's own, or one of Attic's read
+    /// as a fallback.
+    Env(&'static str),
+}
+
+impl std::fmt::Display for TokenKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File => f.write_str("[jwt] in the configuration file"),
+            Self::Env(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Attic's token key variables, in the order Attic's server tries them
+/// (`server/src/config.rs`: RS256 public key, RS256 secret, HS256 secret).
+/// garret reads them only when neither `[jwt]` nor a `GARRET_TOKEN_*`
+/// variable names a key, so the `attic-jwt-signing` secret an Attic
+/// Deployment mounts keeps every token already in runners' secrets valid.
+const ATTIC_TOKEN_KEY_VARS: [(&str, JwtAlgorithm); 3] = [
+    (
+        "ATTIC_SERVER_TOKEN_RS256_PUBKEY_BASE64",
+        JwtAlgorithm::Rs256,
+    ),
+    (
+        "ATTIC_SERVER_TOKEN_RS256_SECRET_BASE64",
+        JwtAlgorithm::Rs256,
+    ),
+    (
+        "ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64",
+        JwtAlgorithm::Hs256,
+    ),
+];
+
+/// Which [`Jwt`] field a key variable sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JwtAlgorithm {
+    Hs256,
+    Rs256,
+}
+
+impl Jwt {
+    /// The key text configured, whichever algorithm.
+    fn key(&self) -> Option<&str> {
+        self.hs256_secret_base64
+            .as_deref()
+            .or(self.rs256_pubkey_pem.as_deref())
+    }
+
+    /// Sets the key of `algorithm` from `source`. An HS256 secret wins over
+    /// an RS256 key, so the source stays the HS256 secret's once it has one.
+    fn set_key(&mut self, algorithm: JwtAlgorithm, value: String, source: TokenKeySource) {
+        match algorithm {
+            JwtAlgorithm::Hs256 => self.hs256_secret_base64 = Some(value),
+            JwtAlgorithm::Rs256 if self.hs256_secret_base64.is_some() => {
+                self.rs256_pubkey_pem = Some(value);
+                return;
+            }
+            JwtAlgorithm::Rs256 => self.rs256_pubkey_pem = Some(value),
+        }
+        self.key_source = Some(source);
+    }
+
+    /// The token key as `check-config` shows it: algorithm and source.
+    fn describe_key(&self) -> String {
+        let algorithm = if self.hs256_secret_base64.is_some() {
+            "HS256"
+        } else {
+            "RS256"
+        };
+        match self.key_source {
+            Some(source) => format!("{algorithm} from {source}"),
+            None => "HS256 from <data_dir>/token-secret (made on first start)".to_owned(),
+        }
+    }
+
+    /// Falls back to Attic's token key variables when garret has no key of
+    /// its own. When it has, a different Attic key is ignored with a
+    /// warning: tokens signed with it would be refused.
+    fn apply_attic_env(&mut self, var: impl Fn(&'static str) -> Option<(&'static str, String)>) {
+        let Some((name, algorithm, value)) = ATTIC_TOKEN_KEY_VARS
+            .iter()
+            .find_map(|&(name, algorithm)| var(name).map(|(name, value)| (name, algorithm, value)))
+        else {
+            return;
+        };
+        match (self.key(), self.key_source) {
+            (None, _) => self.set_key(algorithm, value, TokenKeySource::Env(name)),
+            (Some(ours), Some(source)) if ours.trim() != value.trim() => tracing::warn!(
+                ignored = name,
+                used = %source,
+                "garret's own token key takes precedence over Attic's, which differs: \
+                 tokens signed with Attic's key will be refused"
+            ),
+            (Some(_), _) => {}
+        }
+    }
 }
 
 impl std::fmt::Debug for Jwt {
@@ -400,7 +511,12 @@ impl std::fmt::Debug for Jwt {
                 "hs256_secret_base64",
                 &garret_meta::redact(self.hs256_secret_base64.as_ref()),
             )
-            .field("rs256_pubkey_pem", &self.rs256_pubkey_pem)
+            // May be a private key (Attic's RS256 secret).
+            .field(
+                "rs256_pubkey_pem",
+                &garret_meta::redact(self.rs256_pubkey_pem.as_ref()),
+            )
+            .field("key_source", &self.key_source)
             .finish()
     }
 }
@@ -485,6 +601,9 @@ impl Config {
             }
             None => Self::default(),
         };
+        if config.jwt.key().is_some() {
+            config.jwt.key_source = Some(TokenKeySource::File);
+        }
         config.apply_env(env)?;
         config.validate()?;
         Ok(config)
@@ -523,12 +642,16 @@ impl Config {
         if let Some((_, value)) = var("GARRET_SUBSTITUTER_ENDPOINT") {
             self.substituter_endpoint = Some(value);
         }
-        if let Some((_, value)) = var("GARRET_TOKEN_HS256_SECRET_BASE64") {
-            self.jwt.hs256_secret_base64 = Some(value);
+        for (name, algorithm) in [
+            ("GARRET_TOKEN_HS256_SECRET_BASE64", JwtAlgorithm::Hs256),
+            ("GARRET_TOKEN_RS256_PUBKEY_PEM", JwtAlgorithm::Rs256),
+        ] {
+            if let Some((name, value)) = var(name) {
+                self.jwt
+                    .set_key(algorithm, value, TokenKeySource::Env(name));
+            }
         }
-        if let Some((_, value)) = var("GARRET_TOKEN_RS256_PUBKEY_PEM") {
-            self.jwt.rs256_pubkey_pem = Some(value);
-        }
+        self.jwt.apply_attic_env(var);
         if let Some((_, value)) = var("GARRET_TOKEN_BOUND_ISSUER") {
             self.jwt.bound_issuer = Some(value);
         }
@@ -750,7 +873,12 @@ impl Config {
         if let Some(url) = self.database_url.as_deref() {
             value["database_url"] = redact_url(url).into();
         }
-        for pointer in ["/storage/secret_access_key", "/jwt/hs256_secret_base64"] {
+        // The RS256 key may be a private key (Attic's RS256 secret).
+        for pointer in [
+            "/storage/secret_access_key",
+            "/jwt/hs256_secret_base64",
+            "/jwt/rs256_pubkey_pem",
+        ] {
             if let Some(secret) = value.pointer_mut(pointer).filter(|v| !v.is_null()) {
                 *secret = hidden.clone();
             }
@@ -762,13 +890,16 @@ impl Config {
     /// ones commented out), secrets hidden: what `garret check-config`
     /// prints, and a file it would load.
     pub fn summary(&self) -> String {
-        flatten(&self.redacted())
+        let settings: String = flatten(&self.redacted())
             .into_iter()
             .map(|(key, value)| match value {
                 serde_json::Value::Null => format!("# {key} (unset)\n"),
                 value => format!("{key} = {value}\n"),
             })
-            .collect()
+            .collect();
+        // Which key verifies tokens, as a comment: it may come from none
+        // of the keys above (Attic's variables, the data directory).
+        format!("{settings}# token key: {}\n", self.jwt.describe_key())
     }
 }
 
@@ -1245,6 +1376,81 @@ mod tests {
         .unwrap();
         assert_eq!(config.jwt.hs256_secret_base64.as_deref(), Some("ZW52"));
         assert!(config.jwt.rs256_pubkey_pem.is_some());
+    }
+
+    #[test]
+    fn attic_token_key_variables_are_fallbacks() {
+        let attic_hs256 = ("ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64", "YXR0aWM=");
+        let config = load(None, &[attic_hs256]).unwrap();
+        assert_eq!(config.jwt.hs256_secret_base64.as_deref(), Some("YXR0aWM="));
+        assert!(
+            config
+                .summary()
+                .contains("token key: HS256 from ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64\n"),
+            "{}",
+            config.summary()
+        );
+        // Attic's own order: an RS256 key before the HS256 secret. Its
+        // "secret" is a private key, kept out of Debug.
+        let config = load(
+            None,
+            &[
+                attic_hs256,
+                ("ATTIC_SERVER_TOKEN_RS256_SECRET_BASE64", "cHJpdmF0ZQ=="),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.jwt.hs256_secret_base64, None);
+        assert_eq!(config.jwt.rs256_pubkey_pem.as_deref(), Some("cHJpdmF0ZQ=="));
+        assert!(!format!("{config:?}").contains("cHJpdmF0ZQ=="));
+        assert!(
+            config
+                .summary()
+                .contains("token key: RS256 from ATTIC_SERVER_TOKEN_RS256_SECRET_BASE64\n")
+        );
+        // garret's own key wins, from the environment or the file; an empty
+        // variable is unset, as Attic reads it.
+        let config = load(
+            None,
+            &[
+                ("GARRET_TOKEN_HS256_SECRET_BASE64", "Z2FycmV0"),
+                attic_hs256,
+                ("ATTIC_SERVER_TOKEN_RS256_PUBKEY_BASE64", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.jwt.hs256_secret_base64.as_deref(), Some("Z2FycmV0"));
+        assert_eq!(config.jwt.rs256_pubkey_pem, None);
+        assert!(
+            config
+                .summary()
+                .contains("token key: HS256 from GARRET_TOKEN_HS256_SECRET_BASE64\n")
+        );
+        let toml = "[jwt]\nhs256_secret_base64 = \"Z2FycmV0\"\n";
+        let config = load(Some(toml), &[attic_hs256]).unwrap();
+        assert_eq!(config.jwt.hs256_secret_base64.as_deref(), Some("Z2FycmV0"));
+        assert!(
+            config
+                .summary()
+                .contains("token key: HS256 from [jwt] in the configuration file\n")
+        );
+        // An RS256 key beside the file's HS256 secret: the secret wins, and
+        // the summary names its source.
+        let config = load(
+            Some(toml),
+            &[(
+                "GARRET_TOKEN_RS256_PUBKEY_PEM",
+                "-----BEGIN PUBLIC KEY-----",
+            )],
+        )
+        .unwrap();
+        assert_eq!(config.jwt.key_source, Some(TokenKeySource::File));
+        let config = load(None, &[]).unwrap();
+        assert!(
+            config
+                .summary()
+                .contains("token key: HS256 from <data_dir>/token-secret")
+        );
     }
 
     #[test]

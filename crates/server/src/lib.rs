@@ -11,6 +11,7 @@ pub mod error;
 pub mod gc;
 pub mod http;
 pub mod idle;
+pub mod import;
 pub mod metrics;
 pub mod pins;
 pub mod readiness;

@@ -148,11 +148,39 @@ pub fn open_store(config: &Config, metrics: &Metrics) -> Result<Store, StateErro
     ))
 }
 
-/// The server's token key: the configured one (`[jwt]` or its variables,
-/// the same `garret token create` reads), else the secret in the data
-/// directory. On a first start that secret is created (0600), with an admin
-/// token, so a newcomer can push right away. Tokens are bound to the
-/// configured issuer and audiences whatever the key's source.
+/// The token key that exists without a first start: the configured one
+/// (`[jwt]` or its variables, the same `garret token create` reads, else
+/// Attic's variables; see `Jwt::key_source`), else the secret a first
+/// start left in the data directory. Bound to the configured issuer and
+/// audiences whatever its source.
+pub fn existing_token_authority(config: &Config) -> Result<Option<TokenAuthority>, StateError> {
+    let authority = if let Some(secret) = &config.jwt.hs256_secret_base64 {
+        TokenAuthority::hs256_base64(secret).map_err(StateError::TokenKey)?
+    } else if let Some(pem) = &config.jwt.rs256_pubkey_pem {
+        TokenAuthority::rs256_pem(pem.as_bytes()).map_err(StateError::TokenKey)?
+    } else {
+        let path = config.data_dir.join("token-secret");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let secret = std::fs::read_to_string(&path).map_err(|source| io(&path, source))?;
+        TokenAuthority::hs256_base64(secret.trim()).map_err(StateError::TokenKey)?
+    };
+    Ok(Some(bind_token_authority(config, authority)))
+}
+
+/// `authority` requiring the configured issuer and audiences.
+fn bind_token_authority(config: &Config, authority: TokenAuthority) -> TokenAuthority {
+    let authority = match &config.jwt.bound_issuer {
+        Some(issuer) => authority.with_issuer(issuer.clone()),
+        None => authority,
+    };
+    authority.with_audiences(config.jwt.bound_audiences.iter().cloned())
+}
+
+/// The server's token key: the configured one (see [`existing_token_authority`]),
+/// else the secret in the data directory. On a first start that secret is
+/// created (0600), with an admin token, so a newcomer can push right away.
 pub fn token_authority(
     config: &Config,
 ) -> Result<(TokenAuthority, Option<FirstStart>), StateError> {
@@ -161,32 +189,17 @@ pub fn token_authority(
 
     use crate::auth::{CacheNamePattern, TokenSpec};
 
-    let bind = |authority: TokenAuthority| {
-        let authority = match &config.jwt.bound_issuer {
-            Some(issuer) => authority.with_issuer(issuer.clone()),
-            None => authority,
-        };
-        authority.with_audiences(config.jwt.bound_audiences.iter().cloned())
-    };
-    if let Some(secret) = &config.jwt.hs256_secret_base64 {
-        let authority = TokenAuthority::hs256_base64(secret).map_err(StateError::TokenKey)?;
-        return Ok((bind(authority), None));
-    }
-    if let Some(pem) = &config.jwt.rs256_pubkey_pem {
-        let authority = TokenAuthority::rs256_pem(pem.as_bytes()).map_err(StateError::TokenKey)?;
-        return Ok((bind(authority), None));
+    if let Some(authority) = existing_token_authority(config)? {
+        return Ok((authority, None));
     }
     let path = config.data_dir.join("token-secret");
-    if path.exists() {
-        let secret = std::fs::read_to_string(&path).map_err(|source| io(&path, source))?;
-        let authority =
-            TokenAuthority::hs256_base64(secret.trim()).map_err(StateError::TokenKey)?;
-        return Ok((bind(authority), None));
-    }
     let mut bytes = [0u8; 64];
     getrandom::fill(&mut bytes).map_err(|e| StateError::Randomness(e.to_string()))?;
     let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
-    let authority = bind(TokenAuthority::hs256_base64(&secret).map_err(StateError::TokenKey)?);
+    let authority = bind_token_authority(
+        config,
+        TokenAuthority::hs256_base64(&secret).map_err(StateError::TokenKey)?,
+    );
     let mut spec = TokenSpec::new("admin", std::time::Duration::from_hours(365 * 24));
     spec.grant(
         CacheNamePattern::new("*").expect("`*` is a pattern"),

@@ -11,7 +11,7 @@ use futures::Stream;
 use garret_meta::{BlobId, NixObject};
 use garret_nix::nar::{Decoder, NarError};
 use garret_nix::narinfo::{ContentAddress, NarInfo};
-use garret_nix::{Sha256Hash, StorePath};
+use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 
 /// Why an upload body was refused while it streamed. The store reports it as
 /// an input error, so the HTTP layer can answer 4xx (the client's fault).
@@ -129,6 +129,78 @@ pub struct PathInfo {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid path info: {0}")]
 pub struct PathInfoError(String);
+
+/// A path's info in Attic's shape: the NarInfo JSON its client uploads,
+/// and the columns of its database's `object` and `nar` rows that
+/// `garret import attic` copies. Unchecked text until [`Self::path_info`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct AtticPathInfo {
+    pub store_path_hash: String,
+    /// The full store path.
+    pub store_path: String,
+    /// Base names of the referenced store paths.
+    #[serde(default)]
+    pub references: Vec<String>,
+    pub system: Option<String>,
+    /// The deriver's base name.
+    pub deriver: Option<String>,
+    #[serde(default)]
+    pub sigs: Vec<String>,
+    pub ca: Option<String>,
+    /// `sha256:<hex>` or `sha256:<nix32>`.
+    pub nar_hash: String,
+    pub nar_size: u64,
+}
+
+impl AtticPathInfo {
+    /// Parses and checks every field (see [`PathInfo::validate`]).
+    pub fn path_info(&self, store_dir: &str) -> Result<PathInfo, PathInfoError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| PathInfoError(format!("{what}: {e}"));
+        let store_path = StorePath::from_absolute_path_in(&self.store_path, store_dir)
+            .map_err(|e| bad("invalid store_path", &e))?;
+        let hash: StorePathHash = self
+            .store_path_hash
+            .parse()
+            .map_err(|e| bad("invalid store_path_hash", &e))?;
+        if &hash != store_path.hash() {
+            return Err(PathInfoError(format!(
+                "store_path_hash {hash} is not the hash of {}",
+                self.store_path
+            )));
+        }
+        let references = self
+            .references
+            .iter()
+            .map(|r| StorePath::from_base_name(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("invalid reference", &e))?;
+        let deriver = self
+            .deriver
+            .as_deref()
+            .map(StorePath::from_base_name)
+            .transpose()
+            .map_err(|e| bad("invalid deriver", &e))?;
+        let ca = self
+            .ca
+            .as_deref()
+            .map(str::parse::<ContentAddress>)
+            .transpose()
+            .map_err(|e| bad("invalid ca", &e))?;
+        let info = PathInfo {
+            store_path,
+            nar_hash: Sha256Hash::parse_prefixed(&self.nar_hash)
+                .map_err(|e| bad("invalid nar_hash", &e))?,
+            nar_size: self.nar_size,
+            references,
+            deriver,
+            system: self.system.clone(),
+            sigs: self.sigs.clone(),
+            ca,
+        };
+        info.validate(store_dir)?;
+        Ok(info)
+    }
+}
 
 impl PathInfo {
     /// Checks that the narinfo this becomes can be rendered and parsed back,

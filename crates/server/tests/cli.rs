@@ -229,6 +229,51 @@ fn check_config_validates_and_hides_secrets() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
 }
 
+/// Attic's token key variable is a fallback: `check-config` says which key
+/// is used, and warns when Attic's differs from garret's own.
+#[test]
+fn check_config_names_the_token_key_source() {
+    let run = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_garret"))
+            .arg("check-config")
+            .env_remove("GARRET_CONFIG")
+            .env_remove("GARRET_TOKEN_HS256_SECRET_BASE64")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let attic = ("ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64", "YXR0aWMgc2VjcmV0");
+    let (printed, log) = run(&[attic]);
+    assert!(
+        printed.contains("token key: HS256 from ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64"),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("YXR0aWMgc2VjcmV0") && !log.contains("WARN"),
+        "{log}"
+    );
+    let (printed, log) = run(&[attic, ("GARRET_TOKEN_HS256_SECRET_BASE64", "Z2FycmV0")]);
+    assert!(
+        printed.contains("token key: HS256 from GARRET_TOKEN_HS256_SECRET_BASE64"),
+        "{printed}"
+    );
+    assert!(
+        log.contains("WARN") && log.contains("ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64"),
+        "{log}"
+    );
+    let (_, log) = run(&[attic, ("GARRET_TOKEN_HS256_SECRET_BASE64", attic.1)]);
+    assert!(
+        !log.contains("WARN"),
+        "the same key twice is no conflict: {log}"
+    );
+}
+
 // `garret token create`: the printed JWT is checked with the library's own
 // verifier, as the server will check it.
 

@@ -39,6 +39,9 @@ impl Server {
             .env("NO_COLOR", "1")
             .env_remove("GARRET_TOKEN_HS256_SECRET_BASE64")
             .env_remove("GARRET_TOKEN_RS256_PUBKEY_PEM")
+            .env_remove("ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64")
+            .env_remove("ATTIC_SERVER_TOKEN_RS256_SECRET_BASE64")
+            .env_remove("ATTIC_SERVER_TOKEN_RS256_PUBKEY_BASE64")
             .env_remove("GARRET_CONFIG")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
@@ -378,6 +381,41 @@ fn token_binding_and_endpoints_are_configured() {
         config["substituter_endpoint"],
         "https://cache.honey.example/garret/main"
     );
+}
+
+/// A deployment adopted from Attic keeps its token secret in Attic's
+/// variable: tokens already in runners' secrets work unchanged, and no
+/// secret of garret's own is made.
+#[test]
+fn tokens_signed_with_attics_secret_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = base64::engine::general_purpose::STANDARD
+        .encode("attic's HS256 secret, as the attic-jwt-signing Secret holds it");
+    let data = dir.path().join("data");
+    let server = Server::start(
+        &data,
+        None,
+        &[("ATTIC_SERVER_TOKEN_HS256_SECRET_BASE64", &secret)],
+    );
+    let mut spec = TokenSpec::new("runner", Duration::from_hours(1));
+    spec.grant(CacheNamePattern::new("*").unwrap(), Permission::ALL);
+    let token = TokenAuthority::hs256_base64(&secret)
+        .unwrap()
+        .mint(&spec)
+        .unwrap();
+    let (status, body) = create_cache(&server, &token, "main");
+    assert_eq!(status, "200", "{body}");
+    assert!(!data.join("token-secret").exists());
+    // A token signed with another secret is anonymous: no permission.
+    let other = TokenAuthority::hs256_base64(
+        &base64::engine::general_purpose::STANDARD
+            .encode("another HS256 secret, at least thirty-two bytes long"),
+    )
+    .unwrap()
+    .mint(&spec)
+    .unwrap();
+    let (status, _) = create_cache(&server, &other, "refused");
+    assert_eq!(status, "401");
 }
 
 #[test]

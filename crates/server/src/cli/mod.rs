@@ -10,6 +10,7 @@ use garret_nix::signing::SigningKey;
 use garret_server::config::Config;
 
 mod cache;
+mod import;
 mod path;
 mod pin;
 mod token;
@@ -79,6 +80,9 @@ enum Command {
     /// Loads and validates the configuration, then prints the effective
     /// settings with secrets hidden (keys as in CONFIGURATION.md).
     CheckConfig(JsonFlag),
+    /// Adopts another cache server's deployment: `garret import attic`.
+    #[command(subcommand)]
+    Import(import::ImportCommand),
 }
 
 /// `--json` for commands that print a result: the same facts as one JSON
@@ -182,6 +186,9 @@ impl Cli {
             Command::Gc(args) => {
                 let config = load_config(self.config.as_deref())?;
                 runtime()?.block_on(collect_garbage(&config, &args))
+            }
+            Command::Import(command) => {
+                runtime()?.block_on(command.run(&load_config(self.config.as_deref())?))
             }
             Command::CheckConfig(JsonFlag { json }) => {
                 let config = load_config(self.config.as_deref())?;

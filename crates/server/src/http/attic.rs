@@ -10,10 +10,9 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use garret_meta::{Cache, CachePatch, MetaError, NewCache};
-use garret_nix::narinfo::ContentAddress;
+use garret_nix::StorePathHash;
 use garret_nix::signing::SigningKey;
 use garret_nix::store_path::DEFAULT_STORE_DIR;
-use garret_nix::{Sha256Hash, StorePath, StorePathHash};
 use serde::{Deserialize, Serialize};
 
 use super::body::{BodyStream, idle_limited, read_json, within_request_timeout};
@@ -24,7 +23,7 @@ use crate::blobs::{BlobError, Expect};
 use crate::clock::unix_now;
 use crate::config::Endpoints;
 use crate::error::Error;
-use crate::upload::{NarCheck, PathInfo};
+use crate::upload::{AtticPathInfo, NarCheck};
 use garret_store::StoreError;
 
 const NAR_INFO_HEADER: &str = "x-attic-nar-info";
@@ -79,68 +78,8 @@ pub async fn get_missing_paths(
 #[derive(Debug, Deserialize)]
 struct UploadPathNarInfo {
     cache: String,
-    store_path_hash: String,
-    store_path: String,
-    #[serde(default)]
-    references: Vec<String>,
-    system: Option<String>,
-    deriver: Option<String>,
-    #[serde(default)]
-    sigs: Vec<String>,
-    ca: Option<String>,
-    nar_hash: String,
-    nar_size: u64,
-}
-
-impl UploadPathNarInfo {
-    fn path_info(&self, store_dir: &str) -> Result<PathInfo, Error> {
-        let bad =
-            |what: &str, e: &dyn std::fmt::Display| Error::InvalidArgument(format!("{what}: {e}"));
-        let store_path = StorePath::from_absolute_path_in(&self.store_path, store_dir)
-            .map_err(|e| bad("invalid store_path", &e))?;
-        let hash: StorePathHash = self
-            .store_path_hash
-            .parse()
-            .map_err(|e| bad("invalid store_path_hash", &e))?;
-        if &hash != store_path.hash() {
-            return Err(Error::InvalidArgument(format!(
-                "store_path_hash {hash} is not the hash of {}",
-                self.store_path
-            )));
-        }
-        let references = self
-            .references
-            .iter()
-            .map(|r| StorePath::from_base_name(r))
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad("invalid reference", &e))?;
-        let deriver = self
-            .deriver
-            .as_deref()
-            .map(StorePath::from_base_name)
-            .transpose()
-            .map_err(|e| bad("invalid deriver", &e))?;
-        let ca = self
-            .ca
-            .as_deref()
-            .map(str::parse::<ContentAddress>)
-            .transpose()
-            .map_err(|e| bad("invalid ca", &e))?;
-        let info = PathInfo {
-            store_path,
-            nar_hash: Sha256Hash::parse_prefixed(&self.nar_hash)
-                .map_err(|e| bad("invalid nar_hash", &e))?,
-            nar_size: self.nar_size,
-            references,
-            deriver,
-            system: self.system.clone(),
-            sigs: self.sigs.clone(),
-            ca,
-        };
-        info.validate(store_dir)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        Ok(info)
-    }
+    #[serde(flatten)]
+    info: AtticPathInfo,
 }
 
 #[derive(Debug, Serialize)]
@@ -205,7 +144,10 @@ async fn upload(
     let cache = access::cache(state, token, &nar_info.cache, Permission::PUSH)
         .await?
         .cache;
-    let info = nar_info.path_info(&cache.store_dir)?;
+    let info = nar_info
+        .info
+        .path_info(&cache.store_dir)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     if info.nar_size > state.limits.max_nar_size {
         return Err(Error::PayloadTooLarge(format!(
             "the NAR of {} bytes is larger than the limit of {} bytes",

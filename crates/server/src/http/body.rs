@@ -149,8 +149,8 @@ async fn read_small_within(
     .await
 }
 
-/// How a plain Nix upload compressed its NAR, from the file name's
-/// extension (`nix copy --to …?compression=`).
+/// How a NAR file is compressed: a plain Nix upload's file name extension
+/// (`nix copy --to …?compression=`), or a narinfo's `Compression`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
     None,
@@ -169,16 +169,28 @@ impl Compression {
         .into_iter()
         .find_map(|(suffix, c)| name.strip_suffix(suffix).map(|stem| (stem, c)))
     }
+
+    /// The compression a narinfo's `Compression` field names, if garret
+    /// decodes it.
+    pub fn from_narinfo(field: &str) -> Option<Self> {
+        match field {
+            "none" => Some(Self::None),
+            "zstd" => Some(Self::Zstd),
+            "xz" => Some(Self::Xz),
+            _ => None,
+        }
+    }
 }
 
-/// Passes the file through while hashing and counting it, and fails at its
-/// end if the hash is not the one its name promised: the error arrives
-/// before the stream ends, so the upload is refused before anything is
-/// committed.
+/// Passes the file through while counting it and, when its hash is known,
+/// hashing it: at its end the stream fails if the hash is not the one
+/// promised (by its name in a plain Nix upload, by `FileHash` in a
+/// narinfo), so the upload is refused before anything is committed.
 struct FileHashCheck<S> {
     inner: S,
-    hasher: Option<Sha256Hasher>,
-    expected: Sha256Hash,
+    /// The hash promised and the hasher checking it, until the end.
+    check: Option<(Sha256Hash, Sha256Hasher)>,
+    done: bool,
     /// Compressed bytes read so far, for the expansion bound.
     read: Arc<AtomicU64>,
 }
@@ -190,26 +202,27 @@ where
     type Item = Result<Bytes, BodyError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.hasher.is_none() {
+        if self.done {
             return Poll::Ready(None);
         }
         match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Ready(Some(Ok(bytes))) => {
-                if let Some(hasher) = self.hasher.as_mut() {
+                if let Some((_, hasher)) = self.check.as_mut() {
                     hasher.update(&bytes);
                 }
                 self.read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(bytes)))
             }
             Poll::Ready(None) => {
-                let (actual, _) = self.hasher.take().expect("checked above").finish();
-                if actual == self.expected {
+                self.done = true;
+                let Some((expected, hasher)) = self.check.take() else {
+                    return Poll::Ready(None);
+                };
+                let (actual, _) = hasher.finish();
+                if actual == expected {
                     Poll::Ready(None)
                 } else {
-                    Poll::Ready(Some(Err(BodyError::FileHashMismatch {
-                        expected: self.expected,
-                        actual,
-                    })))
+                    Poll::Ready(Some(Err(BodyError::FileHashMismatch { expected, actual })))
                 }
             }
             other => other,
@@ -287,13 +300,14 @@ where
     }
 }
 
-/// The NAR inside a plain Nix upload: the file is checked against the hash
-/// in its name and decompressed within `limits`. Concatenated
-/// frames/streams are accepted, and the decoder reads to the end, so the
-/// file-hash check always runs.
+/// The NAR inside a compressed file (a plain Nix upload, or a NAR fetched
+/// from a binary cache): the file is checked against `file_hash` if known
+/// and decompressed within `limits`. Concatenated frames/streams are
+/// accepted, and the decoder reads to the end, so the file-hash check
+/// always runs.
 pub fn nar_of_file(
     file: BodyStream,
-    file_hash: Sha256Hash,
+    file_hash: Option<Sha256Hash>,
     compression: Compression,
     limits: DecodeLimits,
 ) -> BodyStream {
@@ -304,8 +318,8 @@ pub fn nar_of_file(
     let read = Arc::new(AtomicU64::new(0));
     let checked = FileHashCheck {
         inner: file,
-        hasher: Some(Sha256Hasher::new()),
-        expected: file_hash,
+        check: file_hash.map(|hash| (hash, Sha256Hasher::new())),
+        done: false,
         read: Arc::clone(&read),
     };
     let reader = StreamReader::new(checked.map_err(std::io::Error::other));
@@ -409,6 +423,10 @@ mod tests {
             Some(("abc", Compression::None))
         );
         assert_eq!(Compression::split_file_name("abc.nar.bz2"), None);
+        assert_eq!(Compression::from_narinfo("zstd"), Some(Compression::Zstd));
+        assert_eq!(Compression::from_narinfo("xz"), Some(Compression::Xz));
+        assert_eq!(Compression::from_narinfo("none"), Some(Compression::None));
+        assert_eq!(Compression::from_narinfo("bzip2"), None);
     }
 
     #[tokio::test]
@@ -421,7 +439,17 @@ mod tests {
         let parts = vec![zst[..7].to_vec(), zst[7..].to_vec()];
         let out = collect(nar_of_file(
             file(parts.clone()),
-            hash,
+            Some(hash),
+            Compression::Zstd,
+            default_limits(),
+        ))
+        .await;
+        assert_eq!(out.unwrap(), content);
+
+        // A narinfo without FileHash: decompressed, nothing to check.
+        let out = collect(nar_of_file(
+            file(parts.clone()),
+            None,
             Compression::Zstd,
             default_limits(),
         ))
@@ -431,7 +459,7 @@ mod tests {
         let wrong = Sha256Hash::of(b"other");
         let out = collect(nar_of_file(
             file(parts),
-            wrong,
+            Some(wrong),
             Compression::Zstd,
             default_limits(),
         ))
@@ -443,7 +471,7 @@ mod tests {
 
         let plain = collect(nar_of_file(
             file(vec![content.clone()]),
-            Sha256Hash::of(&content),
+            Some(Sha256Hash::of(&content)),
             Compression::None,
             default_limits(),
         ))
@@ -456,7 +484,7 @@ mod tests {
         let junk = b"definitely not zstd".to_vec();
         let out = collect(nar_of_file(
             file(vec![junk.clone()]),
-            Sha256Hash::of(&junk),
+            Some(Sha256Hash::of(&junk)),
             Compression::Zstd,
             default_limits(),
         ))
@@ -464,7 +492,7 @@ mod tests {
         assert!(matches!(out, Err(BodyError::Decompress(_))), "{out:?}");
         let out = collect(nar_of_file(
             file(vec![junk.clone()]),
-            Sha256Hash::of(&junk),
+            Some(Sha256Hash::of(&junk)),
             Compression::Xz,
             default_limits(),
         ))
@@ -498,7 +526,7 @@ mod tests {
     ) -> Result<Vec<u8>, BodyError> {
         collect(nar_of_file(
             file(vec![compressed.to_vec()]),
-            Sha256Hash::of(compressed),
+            Some(Sha256Hash::of(compressed)),
             compression,
             limits,
         ))

@@ -4,7 +4,7 @@
 pub mod access;
 mod attic;
 mod bazel;
-mod body;
+pub(crate) mod body;
 mod health;
 mod metrics;
 mod nix_upload;

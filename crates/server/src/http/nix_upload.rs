@@ -128,7 +128,7 @@ pub async fn put_nar(
     // yet: the decoder's memory and expansion bounds stop a bomb early.
     let stream = nar_of_file(
         idle_limited(body, state.limits.idle_timeout()),
-        file_hash,
+        Some(file_hash),
         compression,
         DecodeLimits::new(&state.limits),
     );

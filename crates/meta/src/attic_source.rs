@@ -96,6 +96,20 @@ fn string_list(text: &str, what: &str) -> Result<Vec<String>> {
 }
 
 impl AtticSource {
+    /// What `on_reader!` reports to: nothing, since only a one-off import
+    /// reads Attic's database and no server exports metrics of it.
+    #[expect(
+        clippy::unused_self,
+        reason = "the query macros call it on every source"
+    )]
+    fn observe(
+        &self,
+        _operation: &'static str,
+        _started: std::time::Instant,
+        _result: &impl crate::observe::Outcome,
+    ) {
+    }
+
     /// Connects read-only to Attic's `postgres://…` or `sqlite:…` database.
     pub async fn connect(url: &str) -> Result<Self> {
         let pools = if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -630,7 +630,12 @@ impl FlakyProxy {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        spawn_serve(listener, app, &Limits::default());
+        spawn_serve(
+            listener,
+            app,
+            garret_server::metrics::Metrics::new(),
+            &Limits::default(),
+        );
         Self {
             url,
             requests,

@@ -78,7 +78,10 @@ impl ImportCommand {
             .await
             .context("opening the metadata database")?
             .with_grace(config.gc.grace());
-        let store = garret_server::state::open_store(config).context("opening the chunk store")?;
+        // A one-off run: its storage metrics go nowhere.
+        let metrics = garret_server::metrics::Metrics::new();
+        let store = garret_server::state::open_store(config, &metrics)
+            .context("opening the chunk store")?;
         let blobs = Blobs::new(store, meta);
         let progress = Arc::new(Progress::default());
         let ticker = tokio::spawn(show_progress(Arc::clone(&progress)));

@@ -512,7 +512,7 @@ mod tests {
             "--remote_cache=grpc://10.0.0.1:8080 --remote_instance_name=team",
             "--remote_cache=http://10.0.0.1:8080/team --remote_header",
             "off (<code>gc.interval_secs</code> = 0)",
-            "no GC run recorded by this process",
+            "<dt>Last run</dt><dd>none recorded yet",
         ] {
             assert!(html.contains(expected), "{expected}: {html}");
         }

@@ -14,6 +14,7 @@ pub mod idle;
 pub mod import;
 pub mod metrics;
 pub mod pins;
+pub mod probe;
 pub mod readiness;
 pub mod reapi;
 pub mod request_log;

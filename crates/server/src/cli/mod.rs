@@ -13,6 +13,7 @@ mod cache;
 mod import;
 mod path;
 mod pin;
+mod probe;
 mod token;
 
 #[derive(Debug, Parser)]
@@ -83,6 +84,13 @@ enum Command {
     /// Adopts another cache server's deployment: `garret import attic`.
     #[command(subcommand)]
     Import(import::ImportCommand),
+    /// Checks, from a runner pod or a developer machine, that a Nix cache
+    /// and/or a REAPI endpoint answer, have the expected public key, sign
+    /// what they serve and, with a push token, take a write (canaries,
+    /// cleaned up where the protocol allows). One PASS/FAIL/SKIP line per
+    /// check; exits 1 if any failed. Without flags, reads `ATTIC_*` and
+    /// nix.conf (substituters, trusted-public-keys, netrc).
+    Probe(probe::ProbeArgs),
 }
 
 /// `--json` for commands that print a result: the same facts as one JSON
@@ -190,6 +198,7 @@ impl Cli {
             Command::Import(command) => {
                 runtime()?.block_on(command.run(&load_config(self.config.as_deref())?))
             }
+            Command::Probe(args) => args.run(),
             Command::CheckConfig(JsonFlag { json }) => {
                 let config = load_config(self.config.as_deref())?;
                 if json {

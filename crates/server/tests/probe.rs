@@ -62,6 +62,28 @@ impl Setup {
         self.key.verifying_key().to_string()
     }
 
+    /// `garret probe` of `main` on both protocols with `token`, expecting
+    /// the cache's own key, and `extra` flags.
+    async fn probe_main(&self, token: &str, extra: &[&str]) -> Probed {
+        let (nix, reapi, key) = (
+            self.nix_url("main"),
+            self.reapi_url("main"),
+            self.public_key(),
+        );
+        let mut args = vec![
+            "--nix",
+            &nix,
+            "--reapi",
+            &reapi,
+            "--token",
+            token,
+            "--public-key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        self.probe(&args, &[]).await
+    }
+
     /// `garret probe --json ARGS` with only the variables in `vars`.
     async fn probe(&self, args: &[&str], vars: &[(&str, &Path)]) -> Probed {
         probe(self.home.path(), args, vars).await
@@ -135,21 +157,7 @@ on_both! {
 /// read back signed and deleted, and the exit code is 0.
 async fn passes_against_a_running_server(deployment: Deployment) {
     let setup = Setup::start(deployment).await;
-    let probed = setup
-        .probe(
-            &[
-                "--nix",
-                &setup.nix_url("main"),
-                "--reapi",
-                &setup.reapi_url("main"),
-                "--token",
-                &setup.push_token,
-                "--public-key",
-                &setup.public_key(),
-            ],
-            &[],
-        )
-        .await;
+    let probed = setup.probe_main(&setup.push_token, &[]).await;
     assert_eq!(probed.code(), Some(0), "{}", probed.report);
     let checks = probed.report["checks"].as_array().unwrap();
     assert_eq!(checks.len(), 12, "{}", probed.report);
@@ -242,21 +250,7 @@ async fn a_stopped_server_is_connection_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_token_fails_the_canaries_but_reads_a_known_path() {
     let setup = Setup::start(Deployment::SqliteFs).await;
-    let probed = setup
-        .probe(
-            &[
-                "--nix",
-                &setup.nix_url("main"),
-                "--reapi",
-                &setup.reapi_url("main"),
-                "--token",
-                &setup.read_token,
-                "--public-key",
-                &setup.public_key(),
-            ],
-            &[],
-        )
-        .await;
+    let probed = setup.probe_main(&setup.read_token, &[]).await;
     assert_eq!(probed.code(), Some(1), "{}", probed.report);
     for check in [
         "nix.reach",
@@ -283,19 +277,7 @@ async fn a_read_only_token_fails_the_canaries_but_reads_a_known_path() {
     common::publish_nar(&setup.server.state, "main", base, nar.finish().unwrap()).await;
     let path = format!("/nix/store/{base}");
     let probed = setup
-        .probe(
-            &[
-                "--nix",
-                &setup.nix_url("main"),
-                "--token",
-                &setup.read_token,
-                "--public-key",
-                &setup.public_key(),
-                "--path",
-                &path,
-            ],
-            &[],
-        )
+        .probe_main(&setup.read_token, &["--path", &path])
         .await;
     assert_eq!(probed.code(), Some(1), "{}", probed.report);
     probed.assert_status(

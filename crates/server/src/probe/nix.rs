@@ -56,10 +56,11 @@ pub async fn probe(http: &Http, target: &Target, nix: &NixTarget, report: &mut R
     };
     let api = config.as_ref().map_or(&nix.server, |c| &c.api_endpoint);
     let canary = push_canary(http, target, nix, &info, api, report).await;
-    let path = match (&canary, target.known_path) {
-        (Some(canary), _) => Some(*canary.path.hash()),
-        (None, known) => known,
-    };
+    // This run's canary if there is one, else the path the operator named.
+    let path = canary
+        .as_ref()
+        .map(|c| *c.path.hash())
+        .or(target.known_path);
     if let Some(path) = path {
         match narinfo(http, nix, &info, &path, &keys, canary.as_ref()).await {
             Ok((narinfo, detail)) => {

@@ -40,9 +40,9 @@ pub(super) struct ProbeArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
 
-    /// Prints one JSON object (`checks`: name, status, detail) instead of lines.
-    #[arg(long)]
-    json: bool,
+    // `--json`: one object, `checks` (name, status, detail) and the counts.
+    #[command(flatten)]
+    output: super::JsonFlag,
 }
 
 impl ProbeArgs {
@@ -62,7 +62,7 @@ impl ProbeArgs {
                 .exit()
         });
         let report = super::runtime()?.block_on(probe::run(&target, self.timeout));
-        if self.json {
+        if self.output.json {
             println!("{}", report.to_json());
         } else {
             println!("{report}");

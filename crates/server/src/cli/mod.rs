@@ -488,6 +488,27 @@ mod tests {
             }
             flags.push(flag);
         }
+        // Every other command's variable, on the row of its flag.
+        let mut commands: Vec<&clap::Command> = cli
+            .get_subcommands()
+            .filter(|command| command.get_name() != "serve")
+            .collect();
+        while let Some(command) = commands.pop() {
+            commands.extend(command.get_subcommands());
+            for arg in command.get_arguments() {
+                let (Some(long), Some(variable)) = (arg.get_long(), arg.get_env()) else {
+                    continue;
+                };
+                let variable = format!("`{}`", variable.to_string_lossy());
+                let row = REFERENCE
+                    .lines()
+                    .find(|line| line.starts_with('|') && line.contains(&variable))
+                    .unwrap_or_else(|| panic!("{variable} is not in CONFIGURATION.md"));
+                let flag = format!("`--{long}`");
+                assert!(row.contains(&flag), "{variable} stands for {flag}: {row}");
+                flags.push(flag);
+            }
+        }
         for named in REFERENCE.split('`').filter(|word| word.starts_with("--")) {
             let named = format!("`{named}`");
             assert!(

@@ -8,8 +8,9 @@
 //! 2. expired upload sessions, unreferenced blobs and unreferenced chunks go
 //!    after their grace periods; a chunk stored as an object of its own has
 //!    its object deleted between its mark and its forget;
-//! 3. packs left without live bytes are stamped dead, and deleted a grace
-//!    period later; sparse packs are rewritten;
+//! 3. sparse packs are rewritten; packs left without live bytes (by
+//!    collection or by that rewrite) are stamped dead, and deleted a grace
+//!    period later;
 //! 4. objects that no metadata names and older than the orphan grace (the
 //!    packs of writers that crashed) are deleted.
 //!
@@ -171,8 +172,10 @@ pub async fn collect_with_progress(
         progress,
     };
     run.sweep_chunks().await?;
-    run.retire_packs().await?;
+    // Rewriting first: the packs it empties are retired in the same run
+    // (deleted at once when the pack grace is zero), not left to the next.
     run.rewrite_sparse_packs().await?;
+    run.retire_packs().await?;
     run.delete_orphans().await?;
     run.report.duration_ms = elapsed_ms(started);
     Ok(run.report)
